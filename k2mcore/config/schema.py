@@ -1,0 +1,140 @@
+"""The one configuration tree of k2mcore.
+
+Every section is a plain dataclass; presets are YAML files holding the same keys. Field names of
+`ModelConfig` follow the Hugging Face DeepseekV3 config where one exists, so presets can be checked
+against the published `config.json` files line by line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class RopeScalingConfig:
+    """YaRN parameters (HF `rope_scaling`). All explicit: megatron's defaults do not match K2."""
+
+    type: str = "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "k2-tiny"
+    vocab_size: int = 1024
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    q_lora_rank: Optional[int] = 32  # None: plain q_proj (Moonlight)
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    ffn_hidden_size: int = 128  # dense FFN (HF intermediate_size)
+    moe_ffn_hidden_size: int = 32  # per expert (HF moe_intermediate_size)
+    num_experts: int = 8  # routed experts (HF n_routed_experts)
+    num_shared_experts: int = 1
+    moe_topk: int = 2  # HF num_experts_per_tok
+    first_k_dense: int = 1  # HF first_k_dense_replace
+    routed_scaling_factor: float = 2.827
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    rope_theta: float = 50000.0
+    rope_scaling: Optional[RopeScalingConfig] = None
+    rope_interleave: bool = True  # HF checkpoint layout of the rope rows
+    tie_word_embeddings: bool = False
+    init_std: float = 0.006  # HF initializer_range
+    moe_router_bias_update_rate: float = 1e-3  # aux-loss-free expert-bias step
+    moe_aux_loss_coeff: float = 0.0  # K2 uses the bias update, not an aux loss
+    measure_max_attn_logit: bool = False  # per-head running max of the logits, for QK-Clip
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None  # virtual stages per pipeline rank (interleaved 1F1B)
+    ep: int = 1
+    etp: int = 1  # expert tensor parallelism
+    cp: int = 1
+    sp: bool = False  # sequence parallelism (needs tp > 1)
+    # Uneven pipeline splits: either counts for the first/last stage or megatron's layout string
+    # ("Et|(tt|)*30L": E embedding, t decoder layer, L loss, | stage separator).
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
+    pipeline_layout: Optional[str] = None
+    distributed_optimizer: bool = True  # ZeRO-1 over data parallelism
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 20
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    seq_length: int = 64
+    seed: int = 1234
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU (bf16 matmul is ~40x slower there)
+    clip_grad: float = 1.0
+    recompute: str = "none"  # none | selective | full
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | muonclip
+    lr: float = 2e-4
+    min_lr: float = 2e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    warmup_iters: int = 0
+    decay_style: str = "cosine"  # constant | cosine | wsd
+
+
+@dataclass
+class DataConfig:
+    loader: str = "auto"  # auto | dali | torch
+    blend: Optional[str] = None  # "w1 prefix1 w2 prefix2 ..."
+    split: str = "98,2,0"
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # default: <run.dir>/checkpoints
+    interval: int = 0  # 0: only at exit
+    load: Optional[str] = None
+    keep: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    peak_tflops: float = 989.0  # per device, for the MFU estimate (H100/H200 dense bf16)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/k2-tiny"
+    name: Optional[str] = None
+
+
+@dataclass
+class K2Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)

@@ -1,0 +1,80 @@
+"""`k2mcore.load_model`: a Hugging Face K2/DeepseekV3 directory as a 1-rank megatron model."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from k2mcore.config.schema import K2Config, ModelConfig, ParallelConfig
+
+from .hf import HFFormatError, TensorSource, hf_to_mcore, model_config_from_hf, read_hf_config
+
+# Router buffers megatron keeps in the state dict that are statistics, not weights.
+_NON_WEIGHTS = ("local_tokens_per_expert",)
+
+
+class K2CausalLM(torch.nn.Module):
+    """Eval-mode wrapper: input_ids [b, s] -> fp32 logits [b, s, vocab]."""
+
+    def __init__(self, gpt: torch.nn.Module, model_config: ModelConfig) -> None:
+        super().__init__()
+        self.gpt = gpt
+        self.config = model_config
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        device = next(self.gpt.parameters()).device
+        input_ids = input_ids.to(device)
+        positions = torch.arange(input_ids.shape[1], device=device).expand_as(input_ids)
+        return self.gpt(input_ids, positions, None).float()
+
+
+def load_model(path: str, device: str = "cpu") -> K2CausalLM:
+    """Read an HF DeepseekV3/Kimi-K2 directory (config.json + safetensors) in one process.
+
+    Creates a 1-rank process group when none exists. Weights load in fp32 on CPU, bf16 on GPU.
+    """
+    from megatron.core import parallel_state
+
+    from k2mcore.parallel.groups import init_distributed
+
+    from .build import build_model
+
+    hf = read_hf_config(path)
+    model_cfg = model_config_from_hf(hf, source=f"{path}/config.json")
+    source = TensorSource(path)
+    cfg = K2Config(model=model_cfg)
+    cfg.train.dtype = "fp32" if device == "cpu" else "bf16"
+    cfg.train.seq_length = model_cfg.max_position_embeddings
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError("load_model runs in a single process; found a multi-rank process group")
+    if not parallel_state.model_parallel_is_initialized():
+        init_distributed(ParallelConfig(), seed=0)
+    (gpt,) = build_model(cfg, use_te=False)
+    _load_weights(gpt, hf_to_mcore(source, model_cfg), where=path)
+    return K2CausalLM(gpt.to(device).eval(), model_cfg).eval()
+
+
+def _load_weights(gpt: torch.nn.Module, named: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
+    state = gpt.state_dict(keep_vars=True)
+    seen = set()
+    for name, tensor in named:
+        if name not in state:
+            raise HFFormatError(f"{where}: no model tensor {name} for this config")
+        dst = state[name]
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise HFFormatError(
+                f"{where}: {name} has shape {tuple(tensor.shape)}, the config implies "
+                f"{tuple(dst.shape)}"
+            )
+        with torch.no_grad():
+            dst.copy_(tensor.to(dst.dtype))
+        seen.add(name)
+    missing = [
+        k for k in state
+        if k not in seen and not k.endswith(_NON_WEIGHTS) and not k.endswith("_extra_state")
+    ]
+    if missing:
+        raise HFFormatError(f"{where}: no weights for {len(missing)} tensors, e.g. {missing[0]}")
+
