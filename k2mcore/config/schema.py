@@ -63,7 +63,7 @@ class ParallelConfig:
     pp: int = 1
     vpp: Optional[int] = None  # virtual stages per pipeline rank (interleaved 1F1B)
     ep: int = 1
-    etp: int = 1  # expert tensor parallelism
+    etp: Optional[int] = None  # expert tensor parallelism; null: follows tp (megatron's default)
     cp: int = 1
     sp: bool = False  # sequence parallelism (needs tp > 1)
     # Uneven pipeline splits: either counts for the first/last stage or megatron's layout string
@@ -72,6 +72,14 @@ class ParallelConfig:
     last_stage_layers: Optional[int] = None
     pipeline_layout: Optional[str] = None
     distributed_optimizer: bool = True  # ZeRO-1 over data parallelism
+
+    def resolve(self) -> "ParallelConfig":
+        """Fill the defaults that follow other fields. Idempotent."""
+        if self.etp is None:
+            # With ep=1 and etp<tp, megatron would replicate experts over TP ranks that see
+            # different tokens without summing their gradients; etp=tp is its default too.
+            self.etp = self.tp
+        return self
 
 
 @dataclass

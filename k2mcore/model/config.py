@@ -30,7 +30,7 @@ def mla_config(
     use_te: bool = False,
     recompute: str = "none",
 ) -> MLATransformerConfig:
-    parallel = parallel or ParallelConfig()
+    parallel = (parallel or ParallelConfig()).resolve()
     if not model.norm_topk_prob:
         raise ValueError("model.norm_topk_prob=false: megatron's sigmoid router always normalizes")
     dense = model.first_k_dense

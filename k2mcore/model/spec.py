@@ -16,10 +16,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_mlp_module_spec_for_backend,
 )
 from megatron.core.transformer.enums import AttnMaskType, LayerType
-from megatron.core.transformer.multi_latent_attention import (
-    MLASelfAttention,
-    MLASelfAttentionSubmodules,
-)
+from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -33,6 +30,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from .attention import MLACoreAttention
+from .mla import K2MLASelfAttention
 from .norm import LatentRMSNorm, RMSNorm
 
 
@@ -72,7 +70,7 @@ def k2_layer_spec(backend: K2LocalSpecProvider, moe: bool) -> ModuleSpec:
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=MLASelfAttention,
+                module=K2MLASelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=MLASelfAttentionSubmodules(
                     linear_q_proj=backend.column_parallel_linear(),

@@ -8,7 +8,8 @@ block it on a CPU-only torch (see shared/reference/megatron-core-on-cpu.md for h
    `Tensor.type()` report the CUDA type name megatron's optimizers compare against;
 3. the model-parallel RNG tracker forks the CPU generator (its CUDA-vs-CPU drift check would
    otherwise fire on every fork);
-4. gloo adapters: `all_to_all_single` split sizes as int lists, `all_gather` with uneven shapes;
+4. gloo adapters: `all_to_all_single` split sizes as int lists, `all_gather` with uneven shapes,
+   pipeline p2p through megatron's unbatched path (see `_patch_megatron`);
 5. Transformer-Engine-absent fixes: MLA's stale `HAVE_TE`, moe_utils' missing `te_general_gemm`.
 
 It is pinned to the megatron-core release it was tested with, switched on only when CUDA is
@@ -90,7 +91,9 @@ def _patch_torch_cuda() -> None:
     cuda = torch.cuda
     cpu_get, cpu_set = torch.get_rng_state, torch.set_rng_state
     stand_ins = {
-        "current_device": lambda: 0,
+        # a device, not an index: `device=torch.cuda.current_device()` then needs no rewriting,
+        # which matters in autograd's backward, where the TorchFunctionMode below is not active
+        "current_device": lambda: torch.device("cpu"),
         "set_device": lambda *a, **k: None,
         "synchronize": lambda *a, **k: None,
         "get_rng_state": lambda device="cuda": cpu_get(),
@@ -235,6 +238,15 @@ def _patch_megatron() -> None:
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     mrandom.initialize_rng_tracker(force_reset=True)
+
+    # gloo pairs a batch's sends and receives to one peer in posting order. megatron's batched
+    # order (send_prev, recv_prev, send_next, recv_next) then crosses activations and gradients
+    # when prev == next (pp=2 with virtual stages). Its unbatched path orders by rank parity and
+    # keeps the two directions on separate groups.
+    from megatron.core.pipeline_parallel import p2p_communication as p2p
+
+    unbatched = p2p._p2p_ops
+    p2p._batched_p2p_ops = lambda **kw: list(unbatched(**kw).values())
 
     if not _te_importable():
         from megatron.core.transformer import multi_latent_attention as mla

@@ -34,6 +34,7 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
     """
     from megatron.core import parallel_state, tensor_parallel
 
+    parallel.resolve()
     on_cpu = cpu_backend.activate()
     if not dist.is_initialized():
         backend = "gloo" if on_cpu else "nccl"

@@ -1,0 +1,215 @@
+"""Reject configurations megatron-core 0.16.1 would reject later (often after minutes of start-up,
+on every rank, with an AssertionError deep in a stack) as one-line ConfigErrors up front.
+
+Checks run from the most specific to the most general: single fields (enums, ranges), then one
+field against the model, then pipeline splits, then world-size products, then batch arithmetic, so
+the message points at the key that is most likely wrong.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from k2mcore.config.loader import ConfigError
+from k2mcore.config.schema import K2Config
+from k2mcore.parallel.layout import pipeline_stages
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer.name": ("adamw", "muonclip"),
+    "optimizer.decay_style": ("constant", "cosine", "wsd"),
+    "train.dtype": ("auto", "fp32", "bf16"),
+    "train.recompute": ("none", "selective", "full"),
+    "data.loader": ("auto", "dali", "torch"),
+    "model.rope_scaling.type": ("yarn",),
+}
+
+POSITIVE_INTS = (
+    "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_attention_heads",
+    "model.kv_lora_rank", "model.qk_nope_head_dim", "model.qk_rope_head_dim", "model.v_head_dim",
+    "model.ffn_hidden_size", "model.moe_ffn_hidden_size", "model.num_experts", "model.moe_topk",
+    "model.n_group", "model.topk_group", "model.max_position_embeddings",
+    "parallel.tp", "parallel.pp", "parallel.ep", "parallel.etp", "parallel.cp",
+    "train.iters", "train.global_batch_size", "train.micro_batch_size", "train.seq_length",
+    "checkpoint.keep", "logging.interval",
+)
+OPTIONAL_POSITIVE_INTS = (
+    "model.q_lora_rank", "parallel.vpp",
+    "parallel.first_stage_layers", "parallel.last_stage_layers",
+)
+NON_NEGATIVE = (
+    "model.num_shared_experts", "model.first_k_dense", "train.seed", "train.clip_grad",
+    "optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay", "optimizer.adam_eps",
+    "optimizer.warmup_iters", "checkpoint.interval", "model.moe_router_bias_update_rate",
+    "model.moe_aux_loss_coeff",
+)
+POSITIVE_FLOATS = (
+    "model.rms_norm_eps", "model.init_std", "model.rope_theta", "logging.peak_tflops",
+)
+
+
+def _get(cfg: K2Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part) if obj is not None else None
+    return obj
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else repr(value) if isinstance(value, str) else str(value)
+
+
+def _divides(divisor_desc: str, divisor: int, pairs: Iterable[tuple[str, int]]) -> None:
+    """Each (key, value) must be divisible by `divisor` (megatron's `divide` asserts)."""
+    for key, value in pairs:
+        if value % divisor:
+            raise ConfigError(f"{key}={value} is not divisible by {divisor_desc}={divisor}")
+
+
+def _check_fields(cfg: K2Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{key}: {_fmt(value)} is not one of {', '.join(allowed)}")
+    for key in POSITIVE_INTS:
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {_fmt(_get(cfg, key))}")
+    for key in OPTIONAL_POSITIVE_INTS:
+        value = _get(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}: must be >= 1 or null, got {_fmt(value)}")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_fmt(_get(cfg, key))}")
+    for key in POSITIVE_FLOATS:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {_fmt(_get(cfg, key))}")
+    o = cfg.optimizer
+    for key, beta in (("optimizer.adam_beta1", o.adam_beta1),
+                      ("optimizer.adam_beta2", o.adam_beta2)):
+        if not 0 <= beta < 1:
+            raise ConfigError(f"{key}: must be in [0, 1), got {_fmt(beta)}")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optimizer.min_lr={_fmt(o.min_lr)} exceeds optimizer.lr={_fmt(o.lr)}")
+    rs = cfg.model.rope_scaling
+    if rs is not None:
+        if rs.factor < 1:
+            raise ConfigError(f"model.rope_scaling.factor: must be >= 1, got {_fmt(rs.factor)}")
+        if rs.original_max_position_embeddings < 1:
+            raise ConfigError(
+                f"model.rope_scaling.original_max_position_embeddings: must be >= 1, "
+                f"got {rs.original_max_position_embeddings}"
+            )
+
+
+def _check_model(cfg: K2Config) -> None:
+    m = cfg.model
+    if m.moe_topk > m.num_experts:
+        raise ConfigError(f"model.moe_topk={m.moe_topk} exceeds model.num_experts={m.num_experts}")
+    if m.num_experts % m.n_group:
+        raise ConfigError(
+            f"model.n_group={m.n_group} does not divide model.num_experts={m.num_experts}"
+        )
+    if m.topk_group > m.n_group:
+        raise ConfigError(f"model.topk_group={m.topk_group} exceeds model.n_group={m.n_group}")
+    if m.first_k_dense > m.num_layers:
+        raise ConfigError(
+            f"model.first_k_dense={m.first_k_dense} exceeds model.num_layers={m.num_layers}"
+        )
+    if cfg.train.seq_length > m.max_position_embeddings:
+        raise ConfigError(
+            f"train.seq_length={cfg.train.seq_length} exceeds "
+            f"model.max_position_embeddings={m.max_position_embeddings}"
+        )
+
+
+def _check_parallel(cfg: K2Config) -> None:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    has_moe = m.first_k_dense < m.num_layers
+    if p.sp and p.tp == 1:
+        raise ConfigError("parallel.sp=true requires parallel.tp > 1 (got tp=1)")
+    if m.num_attention_heads % p.tp:
+        raise ConfigError(
+            f"parallel.tp={p.tp} does not divide model.num_attention_heads={m.num_attention_heads}"
+        )
+    if has_moe and m.num_experts % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} does not divide model.num_experts={m.num_experts}")
+    # TP-split dimensions (megatron's Column/RowParallelLinear and VocabParallelEmbedding divide
+    # them; the q/kv down-projections are replicated).
+    tp_dims = [("model.vocab_size", m.vocab_size), ("model.ffn_hidden_size", m.ffn_hidden_size)]
+    if has_moe and m.num_shared_experts:
+        tp_dims.append(("model.num_shared_experts * model.moe_ffn_hidden_size",
+                        m.num_shared_experts * m.moe_ffn_hidden_size))
+    _divides("parallel.tp", p.tp, tp_dims)
+    if has_moe:
+        _divides("parallel.etp", p.etp, [("model.moe_ffn_hidden_size", m.moe_ffn_hidden_size)])
+        if p.ep == 1 and p.etp != p.tp:
+            # megatron reduces expert grads over the expert-DP group only when ep > 1; with
+            # ep=1 the TP ranks' token shards would each train their own expert copy.
+            raise ConfigError(
+                f"parallel.etp={p.etp} with parallel.ep=1 must equal parallel.tp={p.tp} "
+                f"(or use parallel.ep>1)"
+            )
+        if p.tp > 1 and not p.sp:  # MoELayer.forward raises this during training
+            raise ConfigError(
+                f"parallel.sp=false: MoE layers with parallel.tp={p.tp} need sequence parallelism "
+                f"(set parallel.sp=true)"
+            )
+    if p.sp and t.seq_length % (p.tp * p.cp):
+        raise ConfigError(
+            f"train.seq_length={t.seq_length} is not divisible by parallel.tp*cp={p.tp * p.cp} "
+            f"(sequence parallelism splits each context-parallel shard over tp)"
+        )
+    if p.cp > 1 and t.seq_length % (2 * p.cp):
+        raise ConfigError(
+            f"train.seq_length={t.seq_length} is not divisible by 2*parallel.cp={2 * p.cp} "
+            f"(context parallelism splits the sequence into 2*cp load-balanced chunks)"
+        )
+    if p.vpp is not None and p.pp == 1:
+        raise ConfigError(f"parallel.vpp={p.vpp} requires parallel.pp > 1 (got pp=1)")
+
+
+def validate(cfg: K2Config, world_size: int) -> None:
+    """Raise ConfigError (one line) if `cfg` cannot run on `world_size` ranks."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
+    cfg.parallel.resolve()
+    _check_fields(cfg)
+    _check_model(cfg)
+    _check_parallel(cfg)
+    p, t = cfg.parallel, cfg.train
+
+    _, vpp = pipeline_stages(cfg.model, p)
+    if vpp is not None and p.pp == 1:
+        raise ConfigError(
+            f"parallel.pipeline_layout={p.pipeline_layout!r} gives {vpp} virtual stages, "
+            f"which require parallel.pp > 1 (got pp=1)"
+        )
+
+    model_size = p.tp * p.pp * p.cp
+    if world_size % model_size:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tp*pp*cp = "
+            f"{p.tp}*{p.pp}*{p.cp} = {model_size}"
+        )
+    expert_size = p.etp * p.ep * p.pp  # megatron: world % (etp*ep*pp), expert-DP is the rest
+    if world_size % expert_size:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.etp*ep*pp = "
+            f"{p.etp}*{p.ep}*{p.pp} = {expert_size}"
+        )
+    dp = world_size // model_size
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size*dp = {t.micro_batch_size}*{dp} = {t.micro_batch_size * dp}"
+        )
+    microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    # Interleaved 1F1B (megatron's default microbatch_group_size_per_vp_stage = pp) needs the
+    # number of microbatches to be a multiple of pp.
+    if vpp is not None and microbatches % p.pp:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size}: {microbatches} microbatches per step "
+            f"(global_batch_size / (micro_batch_size*dp={t.micro_batch_size * dp})) must be a "
+            f"multiple of parallel.pp={p.pp} for the interleaved schedule (vpp={vpp})"
+        )

@@ -1,0 +1,94 @@
+"""One forward/backward over this rank's micro-batches with megatron-core's schedules and DDP."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
+
+
+def wrap_ddp(chunks: Sequence[torch.nn.Module], *, distributed_optimizer: bool) -> list:
+    """megatron DDP around each chunk (fp32 grad buffers), hooked into the schedules."""
+    config = get_model_config(chunks[0])
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    model = [
+        DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=chunk,
+            # only the first chunk's buckets start the first all-reduce (as Megatron-LM does)
+            disable_bucketing=i > 0,
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+    config.finalize_model_grads_func = finalize_model_grads
+    return model
+
+
+def _loss(loss_mask: torch.Tensor, per_token: torch.Tensor):
+    """(sum of masked token losses, token count, report) — megatron's per-token convention."""
+    mask = loss_mask.reshape(-1).float()
+    total = torch.sum(per_token.float().reshape(-1) * mask)
+    count = mask.sum().to(torch.int)
+    return total, count, {"lm loss": torch.stack([total.detach(), mask.sum()])}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    tokens = batch["tokens"]
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    output = model(tokens, positions, None, labels=batch["labels"])
+    return output, partial(_loss, batch["loss_mask"])
+
+
+def forward_backward(
+    model: Sequence[torch.nn.Module],
+    micro_batches: Iterable[dict],
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+) -> float:
+    """Run the schedule over `micro_batches` (dicts of tokens/labels/loss_mask, [mbs, seq]).
+
+    Gradients land in each parameter's `main_grad`, already reduced over data parallelism.
+    Returns the token-averaged loss over the global batch (every rank gets the same value).
+    """
+    micro_batches = list(micro_batches)
+    for chunk in model:
+        if hasattr(chunk, "zero_grad_buffer"):
+            chunk.zero_grad_buffer()
+    iterators = [iter(micro_batches) for _ in model]
+    reports = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iterators if len(model) > 1 else iterators[0],
+        model=list(model) if len(model) > 1 else model[0],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    # The last pipeline stage holds the loss; sum over pipeline and data parallel ranks.
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for report in reports:
+            totals += report["lm loss"].double().to(device)
+    if parallel_state.get_tensor_model_parallel_rank() != 0:
+        totals.zero_()  # TP ranks hold copies
+    dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    dist.all_reduce(totals, group=parallel_state.get_tensor_model_parallel_group())
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return float(totals[0] / totals[1])
