@@ -137,20 +137,28 @@ class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA placements to CPU for every torch call megatron makes."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
+        # Fast path first: this runs for every torch op, and most carry no device at all.
+        if kwargs:
+            dev = kwargs.get("device")
+            if dev is not None and _is_cuda_device(dev):
+                kwargs = {**kwargs, "device": "cpu"}
+        elif func not in _SPECIAL:
+            return func(*args)
+        else:
+            kwargs = {}
         if func is torch.Tensor.cuda:
             return args[0]
-        if func is torch.device and args and _is_cuda_device(args[0]):
-            return torch.device("cpu")  # torch.device(0), torch.device("cuda", 0), ...
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             # megatron's optimizers compare param.type() against 'torch.cuda.FloatTensor'.
             return _CUDA_TYPE_NAMES.get(args[0].dtype) or func(*args)
-        dev = kwargs.get("device")
-        if dev is not None and _is_cuda_device(dev):
-            kwargs["device"] = "cpu"
+        if func is torch.device and args and _is_cuda_device(args[0]):
+            return torch.device("cpu")  # torch.device(0), torch.device("cuda", 0), ...
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+_SPECIAL = frozenset({torch.Tensor.cuda, torch.Tensor.type, torch.device, torch.Tensor.to})
 
 
 # --------------------------------------------------------------------------------------------

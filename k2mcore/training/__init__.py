@@ -1,1 +1,4 @@
-"""Training: forward/backward over megatron's pipeline schedules (the loop comes with the trainer)."""
+"""Training: the loop, one forward/backward step over megatron's schedules."""
+from .loop import train
+
+__all__ = ["train"]

@@ -1,0 +1,31 @@
+"""k2mcore: a megatron-core 3D-parallel trainer for Kimi-K2-class MoE models."""
+from setuptools import find_packages, setup
+
+setup(
+    name="k2mcore",
+    version="0.1.0",
+    description="Megatron-core 3D-parallel trainer for Kimi-K2-class MoE models, CPU-provable",
+    python_requires=">=3.10",
+    packages=find_packages(include=["k2mcore", "k2mcore.*"]),
+    package_data={"k2mcore": ["config/presets/*.yaml"]},
+    install_requires=[
+        # torch is pinned by constraints.txt; the range keeps pip from replacing a GPU build
+        "torch>=2.6",
+        "megatron-core==0.16.1",
+        "numpy",
+        "pyyaml",
+        "safetensors",
+        "psutil",  # megatron dist-checkpointing's writers need it and do not declare it
+        "einops",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda120"],
+        "gpu": ["transformer-engine[pytorch]"],
+        "test": ["pytest", "transformers>=4.57"],
+    },
+    entry_points={
+        "console_scripts": [
+            "k2m-train=k2mcore.cli.train:main",
+        ],
+    },
+)
