@@ -12,7 +12,7 @@ RUN_ARGS ?= --set parallel.tp=2 --set parallel.sp=true --set parallel.ep=2 --set
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[test]'
+	$(PIP) install -q -c constraints.txt -e '.[test,dali]'
 	touch $(STAMP)
 
 install: $(STAMP)

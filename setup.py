@@ -7,7 +7,15 @@ setup(
     description="Megatron-core 3D-parallel trainer for Kimi-K2-class MoE models, CPU-provable",
     python_requires=">=3.10",
     packages=find_packages(include=["k2mcore", "k2mcore.*"]),
-    package_data={"k2mcore": ["config/presets/*.yaml"]},
+    package_data={
+        "k2mcore": [
+            "config/presets/*.yaml",
+            "data/assets/*.md",
+            "data/assets/*.txt",
+            "data/assets/sample/*",
+            "data/assets/tokenizer/*",
+        ]
+    },
     install_requires=[
         # torch is pinned by constraints.txt; the range keeps pip from replacing a GPU build
         "torch>=2.6",
@@ -17,15 +25,19 @@ setup(
         "safetensors",
         "psutil",  # megatron dist-checkpointing's writers need it and do not declare it
         "einops",
+        "tokenizers>=0.20",  # HF tokenizer.json
+        "tiktoken>=0.7",  # Kimi-K2's tokenizer format
+        "tqdm",
     ],
     extras_require={
-        "dali": ["nvidia-dali-cuda120"],
+        "dali": ["nvidia-dali-cuda120>=2.0"],  # the default loader when it imports
         "gpu": ["transformer-engine[pytorch]"],
         "test": ["pytest", "transformers>=4.57"],
     },
     entry_points={
         "console_scripts": [
             "k2m-train=k2mcore.cli.train:main",
+            "k2m-preprocess=k2mcore.data.preprocess:main",
         ],
     },
 )

@@ -92,6 +92,10 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU (bf16 matmul is ~40x slower there)
     clip_grad: float = 1.0
     recompute: str = "none"  # none | selective | full
+    max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
+    # layout_invariant: every layout starts from the 1-rank weights (k2mcore/model/init.py);
+    # megatron: each rank draws its own shard (cheaper for huge models, differs per layout)
+    init: str = "layout_invariant"
 
 
 @dataclass
@@ -104,14 +108,27 @@ class OptimizerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     warmup_iters: int = 0
-    decay_style: str = "cosine"  # constant | cosine | wsd
+    # constant | linear | cosine | wsd (warmup, stable, decay: K2's schedule with wsd_decay_style
+    # cosine over the last wsd_decay_iters steps)
+    decay_style: str = "cosine"
+    wsd_decay_iters: Optional[int] = None  # null: the last 10% of train.iters
+    wsd_decay_style: str = "cosine"  # linear | cosine | exponential | minus_sqrt
 
 
 @dataclass
 class DataConfig:
-    loader: str = "auto"  # auto | dali | torch
-    blend: Optional[str] = None  # "w1 prefix1 w2 prefix2 ..."
-    split: str = "98,2,0"
+    loader: str = "auto"  # auto (DALI when nvidia.dali imports, else torch) | dali | torch
+    # megatron's --data-path: "w1 prefix1 w2 prefix2 ..." (weighted blend) or "prefix1 ..."
+    # (weighted by size); a prefix names <prefix>.bin/.idx, "assets:..." the bundled sample data.
+    # null: megatron's synthetic (mock) data.
+    blend: Optional[str] = None
+    split: str = "98,2,0"  # train,valid,test weights over each dataset's documents
+    tokenizer: Optional[str] = None  # tokenizer.json or tiktoken file the data was made with
+    cache_dir: Optional[str] = None  # megatron's index cache; null: <run.dir>/data_cache
+    eval_samples: int = 128  # samples built for each of the valid and test splits
+    num_workers: int = 2  # loader worker processes (DALI external_source / torch DataLoader)
+    prefetch: int = 2  # micro-batches queued ahead, per worker
+    eod_mask_loss: bool = False  # megatron's option: no loss on end-of-document tokens
 
 
 @dataclass

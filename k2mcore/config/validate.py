@@ -11,13 +11,16 @@ from typing import Any, Iterable
 
 from k2mcore.config.loader import ConfigError
 from k2mcore.config.schema import K2Config
+from k2mcore.data.blend import parse_blend, parse_split
 from k2mcore.parallel.layout import pipeline_stages
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer.name": ("adamw", "muonclip"),
-    "optimizer.decay_style": ("constant", "cosine", "wsd"),
+    "optimizer.decay_style": ("constant", "linear", "cosine", "wsd"),
+    "optimizer.wsd_decay_style": ("linear", "cosine", "exponential", "minus_sqrt"),
     "train.dtype": ("auto", "fp32", "bf16"),
     "train.recompute": ("none", "selective", "full"),
+    "train.init": ("layout_invariant", "megatron"),
     "data.loader": ("auto", "dali", "torch"),
     "model.rope_scaling.type": ("yarn",),
 }
@@ -29,17 +32,18 @@ POSITIVE_INTS = (
     "model.n_group", "model.topk_group", "model.max_position_embeddings",
     "parallel.tp", "parallel.pp", "parallel.ep", "parallel.etp", "parallel.cp",
     "train.iters", "train.global_batch_size", "train.micro_batch_size", "train.seq_length",
-    "checkpoint.keep", "logging.interval",
+    "train.max_consecutive_skips",
+    "checkpoint.keep", "logging.interval", "data.eval_samples", "data.prefetch",
 )
 OPTIONAL_POSITIVE_INTS = (
-    "model.q_lora_rank", "parallel.vpp",
+    "model.q_lora_rank", "parallel.vpp", "optimizer.wsd_decay_iters",
     "parallel.first_stage_layers", "parallel.last_stage_layers",
 )
 NON_NEGATIVE = (
     "model.num_shared_experts", "model.first_k_dense", "train.seed", "train.clip_grad",
     "optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay", "optimizer.adam_eps",
     "optimizer.warmup_iters", "checkpoint.interval", "model.moe_router_bias_update_rate",
-    "model.moe_aux_loss_coeff",
+    "model.moe_aux_loss_coeff", "data.num_workers",
 )
 POSITIVE_FLOATS = (
     "model.rms_norm_eps", "model.init_std", "model.rope_theta", "logging.peak_tflops",
@@ -100,6 +104,23 @@ def _check_fields(cfg: K2Config) -> None:
                 f"model.rope_scaling.original_max_position_embeddings: must be >= 1, "
                 f"got {rs.original_max_position_embeddings}"
             )
+
+
+def _check_data(cfg: K2Config) -> None:
+    """The data section's syntax only: whether the files exist is k2mcore.data.check_data's job
+    (presets name data that is absent where `k2m-train --check` runs)."""
+    d = cfg.data
+    try:
+        parse_split(d.split)
+        if d.blend is not None:
+            parse_blend(d.blend)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if d.blend is not None and not d.tokenizer:
+        raise ConfigError(
+            "data.tokenizer: required when data.blend is set (the tokenizer.json or tiktoken "
+            "file the data was preprocessed with)"
+        )
 
 
 def _check_model(cfg: K2Config) -> None:
@@ -175,6 +196,7 @@ def validate(cfg: K2Config, world_size: int) -> None:
         raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
     cfg.parallel.resolve()
     _check_fields(cfg)
+    _check_data(cfg)
     _check_model(cfg)
     _check_parallel(cfg)
     p, t = cfg.parallel, cfg.train

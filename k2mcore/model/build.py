@@ -11,6 +11,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 from k2mcore.config.schema import K2Config, ModelConfig
 
 from .config import mla_config, resolve_dtype
+from .init import layout_invariant_init
 from .spec import k2_block_spec, transformer_engine_usable
 
 
@@ -40,8 +41,13 @@ def build_gpt_chunk(
     )
 
 
-def build_model(cfg: K2Config, *, use_te: Optional[bool] = None) -> list[GPTModel]:
-    """This rank's model chunks; process groups must exist (k2mcore.parallel.init_distributed)."""
+def build_model(
+    cfg: K2Config, *, use_te: Optional[bool] = None, initialize: bool = True
+) -> list[GPTModel]:
+    """This rank's model chunks; process groups must exist (k2mcore.parallel.init_distributed).
+
+    `initialize=False` skips the layout-invariant init (for weights loaded right after).
+    """
     use_te = transformer_engine_usable() if use_te is None else use_te
     config = mla_config(
         cfg.model, cfg.parallel, dtype=resolve_dtype(cfg.train.dtype), use_te=use_te,
@@ -54,5 +60,7 @@ def build_model(cfg: K2Config, *, use_te: Optional[bool] = None) -> list[GPTMode
                         max_seq_length=cfg.train.seq_length)
         for vp in stages
     ]
+    if initialize and cfg.train.init == "layout_invariant":
+        layout_invariant_init(chunks, cfg.model, cfg.train.seed)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     return [chunk.to(device) for chunk in chunks]

@@ -51,7 +51,7 @@ def load_model(path: str, device: str = "cpu") -> K2CausalLM:
         raise RuntimeError("load_model runs in a single process; found a multi-rank process group")
     if not parallel_state.model_parallel_is_initialized():
         init_distributed(ParallelConfig(), seed=0)
-    (gpt,) = build_model(cfg, use_te=False)
+    (gpt,) = build_model(cfg, use_te=False, initialize=False)
     _load_weights(gpt, hf_to_mcore(source, model_cfg), where=path)
     return K2CausalLM(gpt.to(device).eval(), model_cfg).eval()
 

@@ -247,7 +247,7 @@ INVALID = [
     (["train.dtype=fp16"], 1, "train.dtype: 'fp16' is not one of auto, fp32, bf16"),
     (["train.recompute=all"], 1, "train.recompute: 'all' is not one of none, selective, full"),
     (["data.loader=webdataset"], 1, "data.loader: 'webdataset' is not one of auto, dali, torch"),
-    (["optimizer.decay_style=linear"], 1, "optimizer.decay_style: 'linear' is not one of"),
+    (["optimizer.decay_style=exponential"], 1, "optimizer.decay_style: 'exponential' is not one of"),
     (["model.rope_scaling.type=ntk"], 1, "model.rope_scaling.type: 'ntk' is not one of yarn"),
     (["parallel.tp=2"], 2, "parallel.sp=false: MoE layers with parallel.tp=2 need sequence "
                            "parallelism"),

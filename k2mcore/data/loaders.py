@@ -1,0 +1,230 @@
+"""Micro-batch iterators over megatron's datasets: a DALI pipeline or a torch DataLoader.
+
+Both backends draw the same sample indices (`MicroBatchSampler`) and read them with the same
+`fetch_sample`, so for a given (config, dp rank, consumed samples) they yield identical batches;
+the choice is about where the work runs (DALI: its worker processes and prefetch queue, outputs
+on the GPU when there is one; torch: DataLoader workers, pinned memory).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from k2mcore.config.schema import K2Config
+from k2mcore.data.datasets import SPLITS, DataSummary, build_datasets, check_data
+from k2mcore.data.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
+FIELD_DTYPES = {"tokens": np.int64, "labels": np.int64, "loss_mask": np.float32,
+                "position_ids": np.int64}
+
+
+@dataclass(frozen=True)
+class MicroBatchSampler:
+    """Megatron-LM's MegatronPretrainingSampler (megatron/training/datasets/data_samplers.py,
+    not part of megatron-core), as a pure function of the micro-batch number.
+
+    The global sample stream is the dataset in index order (megatron's datasets are already
+    shuffled); each run of `micro_batch_size * dp_size` samples is one micro-batch on every DP
+    rank, rank r taking slice [r*mbs, (r+1)*mbs). A run resumed at `consumed_samples` (a multiple
+    of mbs*dp, which global-batch steps always are) therefore continues with exactly the samples
+    the uninterrupted run would have drawn, and DP ranks never share a sample. The last partial
+    micro-batch is dropped, as megatron does.
+    """
+
+    total_samples: int
+    consumed_samples: int
+    micro_batch_size: int
+    dp_rank: int
+    dp_size: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.dp_rank < self.dp_size:
+            raise ValueError(f"dp_rank={self.dp_rank} not in [0, dp_size={self.dp_size})")
+        if self.consumed_samples % (self.micro_batch_size * self.dp_size):
+            raise DataError(
+                f"consumed_samples={self.consumed_samples} is not a multiple of "
+                f"micro_batch_size*dp_size={self.micro_batch_size * self.dp_size}"
+            )
+        if self.consumed_samples > self.total_samples:
+            raise DataError(
+                f"consumed_samples={self.consumed_samples} exceeds the {self.total_samples} "
+                f"samples built (was train.iters or train.global_batch_size lowered?)"
+            )
+
+    @property
+    def stride(self) -> int:
+        return self.micro_batch_size * self.dp_size
+
+    def __len__(self) -> int:
+        """Micro-batches left for this rank."""
+        return (self.total_samples - self.consumed_samples) // self.stride
+
+    def indices(self, i: int) -> list[int]:
+        """Dataset indices of this rank's `i`-th remaining micro-batch."""
+        start = self.consumed_samples + i * self.stride + self.dp_rank * self.micro_batch_size
+        return list(range(start, start + self.micro_batch_size))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (self.indices(i) for i in range(len(self)))
+
+
+def fetch_sample(dataset: Any, index: int) -> tuple[np.ndarray, ...]:
+    """One sample as numpy arrays in FIELDS order (megatron returns torch tensors and, for a
+    blend, a dataset id; the attention mask is not built: the model makes the causal mask)."""
+    sample = dataset[index]
+    return tuple(np.asarray(sample[k], dtype=FIELD_DTYPES[k]) for k in FIELDS)
+
+
+class DataIterator:
+    """Iterator[dict] of micro-batches: tokens/labels/position_ids [mbs, seq] int64, loss_mask
+    [mbs, seq] float32. `consumed_samples` (global, all DP ranks) after the batches yielded so
+    far is what a checkpoint stores to resume here."""
+
+    def __init__(self, batches: Iterator[dict], sampler: MicroBatchSampler, backend: str,
+                 close: Optional[Callable[[], None]] = None) -> None:
+        self._batches = batches
+        self.sampler = sampler
+        self.backend = backend
+        self._yielded = 0
+        self._close = close
+
+    @property
+    def consumed_samples(self) -> int:
+        return self.sampler.consumed_samples + self._yielded * self.sampler.stride
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self._yielded
+
+    def __iter__(self) -> "DataIterator":
+        return self
+
+    def __next__(self) -> dict:
+        if self._yielded >= len(self.sampler):
+            self.close()
+            raise StopIteration
+        batch = next(self._batches)
+        self._yielded += 1
+        return batch
+
+    def close(self) -> None:
+        if self._close is not None:
+            close, self._close = self._close, None
+            close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+@functools.lru_cache(maxsize=None)
+def dali_available() -> bool:
+    """DALI is the default backend when it imports (about 0.5 s, hence cached and lazy)."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:  # ImportError, or a wheel built for another CUDA/driver
+        return False
+    return True
+
+
+def resolve_loader(cfg: K2Config) -> str:
+    name = cfg.data.loader
+    if name == "auto":
+        return "dali" if dali_available() else "torch"
+    if name == "dali" and not dali_available():
+        raise DataError("data.loader: 'dali' but nvidia.dali does not import "
+                        "(pip install nvidia-dali-cuda120, or set data.loader=torch)")
+    if name not in ("dali", "torch"):
+        raise DataError(f"data.loader: {name!r} is not one of auto, dali, torch")
+    return name
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def _collate(samples: list[tuple[np.ndarray, ...]]) -> dict:
+    return {k: torch.from_numpy(np.stack([s[i] for s in samples])) for i, k in enumerate(FIELDS)}
+
+
+class _TorchSamples(torch.utils.data.Dataset):
+    """Map-style view with `fetch_sample` items, so DataLoader workers return numpy tuples."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
+        return fetch_sample(self.dataset, index)
+
+
+def _torch_batches(dataset: Any, sampler: MicroBatchSampler, cfg: K2Config,
+                   device: torch.device) -> tuple[Iterator[dict], Callable[[], None]]:
+    workers = cfg.data.num_workers
+    loader = torch.utils.data.DataLoader(
+        _TorchSamples(dataset), batch_sampler=sampler, collate_fn=_collate,
+        num_workers=workers, pin_memory=device.type == "cuda",
+        prefetch_factor=cfg.data.prefetch if workers > 0 else None,
+        persistent_workers=False,
+    )
+    it = iter(loader)
+
+    def batches() -> Iterator[dict]:
+        for batch in it:
+            if device.type != "cpu":
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            yield batch
+
+    def close() -> None:
+        shutdown = getattr(it, "_shutdown_workers", None)  # stop workers now, not at GC
+        if shutdown is not None:
+            shutdown()
+
+    return batches(), close
+
+
+def build_data_iterator(
+    cfg: K2Config,
+    *,
+    dp_rank: int,
+    dp_size: int,
+    consumed_samples: int,
+    split: str = "train",
+    device: Optional[torch.device] = None,
+    summary: Optional[DataSummary] = None,
+) -> DataIterator:
+    """This DP rank's micro-batches of `split`, starting after `consumed_samples` global samples.
+
+    Checks the data first (`check_data`; pass `summary` to reuse an earlier result), then builds
+    megatron's datasets — collective when torch.distributed is initialized: call it on every
+    rank. `device`: where batches land (default: the current CUDA device, else CPU).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+    summary = summary if summary is not None else check_data(cfg)
+    dataset = build_datasets(cfg, summary)[split]
+    if dataset is None:
+        raise DataError(f"data.split: {cfg.data.split!r} gives the {split} split no data")
+    sampler = MicroBatchSampler(len(dataset), consumed_samples, cfg.train.micro_batch_size,
+                                dp_rank, dp_size)
+    device = device if device is not None else default_device()
+    backend = resolve_loader(cfg)
+    if backend == "dali":
+        from k2mcore.data.dali_loader import dali_batches
+
+        batches, close = dali_batches(dataset, sampler, cfg, device)
+    else:
+        batches, close = _torch_batches(dataset, sampler, cfg, device)
+    return DataIterator(batches, sampler, backend, close)
