@@ -64,10 +64,9 @@ def run(name: str, out: str, init_path: str, write_init: bool) -> None:
     counts: list = [None] * dist.get_world_size()
     dist.all_gather_object(counts, (ps.get_pipeline_model_parallel_rank(), held))
     expected = stage_parameters(cfg, layout)
-    if write_init:
-        full = gather_full(model)
-        if dist.get_rank() == 0:
-            torch.save(full, init_path)
+    fresh = gather_full(model)  # as built: train.init=layout_invariant
+    if write_init and dist.get_rank() == 0:
+        torch.save(fresh, init_path)
     scatter_full(model, torch.load(init_path, weights_only=True))
     loss = forward_backward(
         model, micro_batches(cfg.model.vocab_size), seq_length=SEQ, micro_batch_size=1
@@ -75,7 +74,8 @@ def run(name: str, out: str, init_path: str, write_init: bool) -> None:
     grads = gather_full(model, swap=lambda p: p.main_grad)
     if dist.get_rank() == 0:
         torch.save(
-            {"loss": loss, "grads": grads, "param_counts": counts, "expected_counts": expected},
+            {"loss": loss, "grads": grads, "param_counts": counts, "expected_counts": expected,
+             "fresh_weights": fresh},
             os.path.join(out, f"{name}.pt"),
         )
 

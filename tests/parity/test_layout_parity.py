@@ -69,6 +69,15 @@ def test_parameters_per_rank_match_the_plan(results, layout):
         assert held == got["expected_counts"][pp_rank], (pp_rank, held, got["expected_counts"])
 
 
+@pytest.mark.parametrize("layout", TWO_RANK + EIGHT_RANK)
+def test_fresh_weights_do_not_depend_on_the_layout(results, layout):
+    """train.init=layout_invariant: every layout builds exactly the 1-rank initial weights."""
+    ref, got = results["1rank"]["fresh_weights"], results[layout]["fresh_weights"]
+    assert set(got) == set(ref)
+    for key, want in ref.items():
+        assert torch.equal(got[key], want), key
+
+
 def test_reference_gradients_are_not_trivial(results):
     """Guards the comparison itself: every parameter gets a gradient in the reference."""
     for key, grad in results["1rank"]["grads"].items():
