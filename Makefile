@@ -18,8 +18,8 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
-	  $(VENV)/bin/k2m-train --config k2-tiny $(RUN_ARGS)
+	PATH=$(abspath $(VENV))/bin:$$PATH launch/local.sh $(NPROC) --config k2-tiny $(RUN_ARGS)
+	$(VENV)/bin/k2m-plot runs/k2-tiny
 
 check: $(STAMP)
 	$(VENV)/bin/k2m-train --config kimi-k2 --check --world-size 256

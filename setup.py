@@ -28,6 +28,8 @@ setup(
         "tokenizers>=0.20",  # HF tokenizer.json
         "tiktoken>=0.7",  # Kimi-K2's tokenizer format
         "tqdm",
+        "tensorboard",
+        "matplotlib",  # tools/plot_run.py
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120>=2.0"],  # the default loader when it imports
@@ -38,6 +40,7 @@ setup(
         "console_scripts": [
             "k2m-train=k2mcore.cli.train:main",
             "k2m-preprocess=k2mcore.data.preprocess:main",
+            "k2m-plot=k2mcore.training.plot:main",
         ],
     },
 )

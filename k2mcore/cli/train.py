@@ -84,8 +84,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(report(cfg, layout))
         return 0
     from k2mcore.training import train  # heavy (torch, megatron): only when training
+    from k2mcore.training.faults import TooManySkippedSteps
 
-    train(cfg)
+    try:
+        train(cfg)
+    except TooManySkippedSteps as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        # bad input found once ranks exist (a checkpoint or data file): one line, no traceback
+        from k2mcore.data import DataError
+        from k2mcore.training.checkpoint import CheckpointError
+
+        if not isinstance(exc, (ConfigError, DataError, CheckpointError)):
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -111,7 +111,10 @@ class OptimizerConfig:
     # constant | linear | cosine | wsd (warmup, stable, decay: K2's schedule with wsd_decay_style
     # cosine over the last wsd_decay_iters steps)
     decay_style: str = "cosine"
-    wsd_decay_iters: Optional[int] = None  # null: the last 10% of train.iters
+    # the schedule's length (Megatron-LM's --lr-decay-iters); null: train.iters. Set it to keep
+    # the schedule fixed when a run is stopped and extended (3 steps, then resume to 6)
+    decay_iters: Optional[int] = None
+    wsd_decay_iters: Optional[int] = None  # null: the last 10% of the schedule
     wsd_decay_style: str = "cosine"  # linear | cosine | exponential | minus_sqrt
 
 
@@ -134,7 +137,9 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     dir: Optional[str] = None  # default: <run.dir>/checkpoints
-    interval: int = 0  # 0: only at exit
+    # every N steps (make train.iters a multiple to keep the final weights) and when a stop
+    # signal ends the run early; 0: only then
+    interval: int = 0
     load: Optional[str] = None
     keep: int = 2
 

@@ -36,7 +36,7 @@ POSITIVE_INTS = (
     "checkpoint.keep", "logging.interval", "data.eval_samples", "data.prefetch",
 )
 OPTIONAL_POSITIVE_INTS = (
-    "model.q_lora_rank", "parallel.vpp", "optimizer.wsd_decay_iters",
+    "model.q_lora_rank", "parallel.vpp", "optimizer.wsd_decay_iters", "optimizer.decay_iters",
     "parallel.first_stage_layers", "parallel.last_stage_layers",
 )
 NON_NEGATIVE = (

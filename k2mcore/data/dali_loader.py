@@ -8,6 +8,9 @@ same pipeline runs with `device_id=None`.
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -17,6 +20,25 @@ from k2mcore.config.schema import K2Config
 from k2mcore.data.loaders import FIELD_DTYPES, FIELDS, MicroBatchSampler, fetch_sample
 
 
+_ARMED = False
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In a DALI worker: exit when the rank that started it dies. DALI's workers outlive a
+    SIGKILLed parent and keep its output pipes open (torch's DataLoader workers watch theirs)."""
+    global _ARMED
+    if _ARMED:
+        return
+    _ARMED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux/glibc: nothing to arm
+        return
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+
 class SampleSource:
     """DALI per-sample callback: SampleInfo -> (tokens, labels, loss_mask, position_ids)."""
 
@@ -24,8 +46,11 @@ class SampleSource:
         self.dataset = dataset
         self.sampler = sampler
         self.num_batches = len(sampler)
+        self.owner_pid = os.getpid()
 
     def __call__(self, info) -> tuple[np.ndarray, ...]:
+        if os.getpid() != self.owner_pid:
+            _die_with_parent(self.owner_pid)
         if info.iteration >= self.num_batches:
             raise StopIteration  # DALI ends the epoch; the iterator stops before asking
         return fetch_sample(self.dataset, self.sampler.indices(info.iteration)[info.idx_in_batch])

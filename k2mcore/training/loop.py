@@ -1,28 +1,25 @@
-"""The training loop: groups -> model -> DDP -> ZeRO-1 AdamW -> data -> steps -> metrics.
+"""The training loop: groups -> model -> DDP -> optimizer -> data -> steps -> metrics/checkpoints.
 
-Each arrow is one call; checkpoints, fault handling and MuonClip come with their own modules.
+Each arrow is one call into a component package; the loop itself only sequences them.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Iterator, Optional
 
-import torch
 import torch.distributed as dist
 
 from k2mcore.config.schema import K2Config
 
 
 def build_optimizer(cfg: K2Config, model: list):
-    """megatron's optimizer: Adam with decoupled weight decay (AdamW), ZeRO-1 when configured."""
+    """megatron's optimizer (Adam with decoupled weight decay = AdamW; ZeRO-1 when the
+    distributed optimizer is on) and its LR/WD scheduler."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o = cfg.optimizer
-    if o.name != "adamw":
-        raise NotImplementedError(f"optimizer.name={o.name!r}: only adamw is implemented so far")
     opt = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
@@ -33,65 +30,117 @@ def build_optimizer(cfg: K2Config, model: list):
         model,
         use_gloo_process_groups=False,
     )
-    iters = cfg.train.iters
+    iters = o.decay_iters or cfg.train.iters
+    wsd = o.decay_style == "wsd"
     sched = OptimizerParamScheduler(
         opt, init_lr=0.0 if o.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=o.warmup_iters, lr_decay_steps=max(iters, o.warmup_iters + 1),
-        lr_decay_style=o.decay_style if o.decay_style != "wsd" else "WSD",
+        lr_decay_style="WSD" if wsd else o.decay_style,
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=iters,
         wd_incr_style="constant",
-        wsd_decay_steps=max(1, iters // 10) if o.decay_style == "wsd" else None,
+        wsd_decay_steps=(o.wsd_decay_iters or max(1, iters // 10)) if wsd else None,
+        lr_wsd_decay_style=o.wsd_decay_style if wsd else None,
     )
     return opt, sched
 
 
 def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
-    """Train for `cfg.train.iters` steps; returns the metrics rows (rank 0 writes them too)."""
+    """Train until `cfg.train.iters` (resuming from a checkpoint when there is one).
+
+    Returns this rank's metrics rows; rank 0 also writes them to `<run.dir>/metrics.jsonl`.
+    """
     from megatron.core import parallel_state as ps
 
+    from k2mcore.config.loader import dump_yaml
     from k2mcore.model.build import build_model
     from k2mcore.parallel.groups import init_distributed
 
+    from . import checkpoint as ckpt
+    from .faults import SkipCounter, StopRequest, injected_nan_steps, optimizer_step
+    from .metrics import MetricsLogger
     from .step import forward_backward, wrap_ddp
 
+    # before anything slow, so an early SIGTERM is not lost
+    stop = StopRequest(stop_file=os.path.join(cfg.run.dir, "STOP"))
+    if cfg.optimizer.name != "adamw":  # before any process group work
+        from k2mcore.config.loader import ConfigError
+
+        raise ConfigError(f"optimizer.name={cfg.optimizer.name}: not implemented yet, use adamw")
     init_distributed(cfg.parallel, seed=cfg.train.seed)
     model = wrap_ddp(build_model(cfg), distributed_optimizer=cfg.parallel.distributed_optimizer)
     optimizer, scheduler = build_optimizer(cfg, model)
+
+    ckpt_root = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
+    resume_from = cfg.checkpoint.load or ckpt.latest_checkpoint(ckpt_root)
+    step, consumed = 0, 0
+    if resume_from:
+        load_start = time.perf_counter()
+        meta = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        load_s = time.perf_counter() - load_start
+        step, consumed = int(meta["step"]), int(meta["consumed_samples"])
+
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     if data is None:
         from k2mcore.data import build_data_iterator
 
-        data = build_data_iterator(cfg, dp_rank=dp_rank, dp_size=dp_size, consumed_samples=0)
+        data = build_data_iterator(cfg, dp_rank=dp_rank, dp_size=dp_size,
+                                   consumed_samples=consumed)
     t = cfg.train
     n_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
     rank0 = dist.get_rank() == 0
-    metrics_path = os.path.join(cfg.run.dir, "metrics.jsonl")
     if rank0:
         os.makedirs(cfg.run.dir, exist_ok=True)
-        open(metrics_path, "w").close()
-    rows = []
-    for step in range(1, t.iters + 1):
-        start = time.perf_counter()
-        batches = [next(data) for _ in range(n_micro)]
-        loss = forward_backward(model, batches, seq_length=t.seq_length,
-                                micro_batch_size=t.micro_batch_size)
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step applies
-        ok, grad_norm, _ = optimizer.step()
-        if ok:
-            scheduler.step(increment=1)
-        elapsed = time.perf_counter() - start
-        row = {
-            "step": step, "loss": loss, "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_s": t.global_batch_size * t.seq_length / elapsed,
-            "skipped": int(not ok),
-        }
-        rows.append(row)
-        if rank0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if step % cfg.logging.interval == 0 or step == t.iters:
-                print(f"step {step:5d} | loss {loss:.4f} | lr {row['lr']:.2e} | "
-                      f"grad norm {row['grad_norm']:.3f} | {row['tokens_per_s']:.0f} tok/s",
-                      flush=True)
+        dump_yaml(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+        p = cfg.parallel
+        print(f"k2m-train: {cfg.model.name} on {dist.get_world_size()} ranks: TP{p.tp} "
+              f"PP{p.pp}{f' VPP{p.vpp}' if p.vpp else ''} EP{p.ep} ETP{p.etp} DP{dp_size}, "
+              f"{t.global_batch_size} x {t.seq_length} tokens per step, run dir {cfg.run.dir}",
+              flush=True)
+        if resume_from:
+            print(f"resumed from {meta['path']} at step {step} in {load_s:.2f} s", flush=True)
+    logger = MetricsLogger(cfg, world_size=dist.get_world_size(), is_writer=rank0,
+                           start_step=step)
+    skips = SkipCounter(t.max_consecutive_skips)
+    nan_steps = injected_nan_steps()
+    first_step, rows, saved_step = step + 1, [], step
+
+    def save() -> None:
+        nonlocal saved_step
+        if step != saved_step:
+            ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
+                                 consumed_samples=consumed, cfg=cfg)
+            saved_step = step
+
+    try:
+        while step < t.iters:
+            start = time.perf_counter()
+            step += 1
+            # megatron's non-distributed optimizers leave param.grad aliasing main_grad
+            optimizer.zero_grad()
+            loss = forward_backward(model, [next(data) for _ in range(n_micro)],
+                                    seq_length=t.seq_length, micro_batch_size=t.micro_batch_size)
+            if step in nan_steps:
+                loss = float("nan")
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step applies
+            ok, grad_norm = optimizer_step(optimizer, loss)
+            if ok:
+                scheduler.step(increment=1)
+            consumed += t.global_batch_size
+            skips.update(ok, step, loss, grad_norm)
+            row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "skipped": int(not ok), "skipped_total": skips.total}
+            rows.append(logger.log(row, step_time=time.perf_counter() - start,
+                                   first_step=first_step))
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                save()
+            if stop.requested():
+                if rank0:
+                    print(f"stop signal: saving at step {step} and exiting", flush=True)
+                save()
+                break
+    finally:
+        logger.close()
+    if rank0:
+        print(f"metrics: {logger.path}\ntensorboard: {os.path.join(cfg.run.dir, 'tensorboard')}"
+              f"\ncheckpoint: {ckpt.step_dir(ckpt_root, saved_step)}", flush=True)
     return rows

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -80,7 +79,7 @@ def test_k2_tiny_parallel_and_train():
     p, t = cfg.parallel, cfg.train
     assert (p.tp, p.pp, p.vpp, p.ep, p.etp, p.cp, p.sp) == (1, 1, None, 1, 1, 1, False)
     assert (t.iters, t.global_batch_size, t.micro_batch_size, t.seq_length, t.seed) == (
-        20, 8, 1, 64, 1234)
+        80, 8, 1, 64, 1234)
     assert cfg.run.dir == "runs/k2-tiny"
 
 
@@ -255,7 +254,7 @@ INVALID = [
      "model.ffn_hidden_size=129 is not divisible by parallel.tp=2"),
     (["parallel.etp=3"], 3, "model.moe_ffn_hidden_size=32 is not divisible by parallel.etp=3"),
     (["train.seq_length=8192"], 1, "train.seq_length=8192 exceeds model.max_position_embeddings"),
-    (["optimizer.min_lr=1.0"], 1, "optimizer.min_lr=1.0 exceeds optimizer.lr=0.0002"),
+    (["optimizer.lr=2e-4", "optimizer.min_lr=1.0"], 1, "optimizer.min_lr=1.0 exceeds optimizer.lr=0.0002"),
 ]
 
 
@@ -359,10 +358,10 @@ def test_cli_check_imports_neither_torch_nor_megatron():
 def test_cli_train_calls_training_module(monkeypatch):
     from k2mcore.cli.train import main
 
+    import k2mcore.training
+
     seen = []
-    fake = types.ModuleType("k2mcore.training")
-    fake.train = seen.append
-    monkeypatch.setitem(sys.modules, "k2mcore.training", fake)
+    monkeypatch.setattr(k2mcore.training, "train", seen.append)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["--set", "train.iters=2"]) == 0
     assert len(seen) == 1 and seen[0].train.iters == 2

@@ -17,7 +17,7 @@ from k2mcore.config.loader import INTENDED_WORLD_SIZE, ConfigError, load_config
 from k2mcore.config.schema import ModelConfig, ParallelConfig
 from k2mcore.parallel.layout import (
     count_parameters, megatron_param_shapes, params_per_rank, parse_pipeline_layout,
-    pipeline_stages, resolve_layout, stage_parameters,
+    pipeline_stages, resolve_layout,
 )
 
 

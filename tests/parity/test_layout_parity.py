@@ -6,11 +6,10 @@ running six layouts in turn, and one 8-rank launch (TP2 x PP2 x EP2 with DP2).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from launching import launch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "layout_worker.py")
@@ -21,14 +20,8 @@ GRAD_RTOL = 1e-5  # of the tensor's largest |grad|: fp32 reductions in another o
 
 
 def _launch(out: str, layouts: list[str], nproc: int, *extra: str) -> None:
-    cmd = [sys.executable, WORKER, "--out", out, "--layouts", ",".join(layouts), *extra]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", *cmd[1:]]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(layouts)} failed:\n{proc.stderr[-4000:]}")
+    launch(WORKER, ["--out", out, "--layouts", ",".join(layouts), *extra], nproc,
+           what=" ".join(layouts))
 
 
 @pytest.fixture(scope="module")

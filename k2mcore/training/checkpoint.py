@@ -1,0 +1,833 @@
+"""Checkpoints: model and optimizer through megatron's dist-checkpointing (torch_dist), the rest
+as JSON.
+
+One checkpoint is a directory:
+
+    <root>/step_00000042/
+        metadata.json          completion marker, written last: step, consumed samples, layout,
+                               scheduler, Adam step, size + CRC32 of every other file
+        config.yaml            the resolved config
+        dist/                  torch_dist checkpoint of model and optimizer (reshardable: keys are
+                               global tensor names, shards carry their global offsets)
+        rng/rank_00000.json    each rank's RNG states (restored only at the same layout)
+
+Atomic: everything is written under `<root>/.tmp_step_00000042`; after a barrier rank 0 writes the
+marker and renames the directory into place, so a crash leaves the previous checkpoint the newest
+complete one. No unrestricted pickle on load: DCP's `.metadata` (a pickle) goes through an
+allow-listed unpickler, every `torch.load` runs with weights_only forced on, our own files are JSON.
+
+The optimizer state is saved in megatron's 'fully_reshardable' form (model-space tensors keyed by
+parameter name), the only form of megatron-core 0.16.1 that reshards over TP/PP/EP *and* DP: its
+default 'fully_sharded_model_space' relies on `flattened_range`, which 0.16.1's ShardedTensor
+rejects, and 'dp_reshardable' only reshards DP. The non-tensor optimizer state (param groups) is
+not saved: hyperparameters come from the config and the scheduler, and the one counter that
+matters, Adam's step, is kept in metadata.json. This also makes a checkpoint independent of how
+megatron splits the optimizer (1 optimizer at EP=1, dense + expert ones at EP>1).
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import time
+import zlib
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from k2mcore.config.schema import K2Config
+
+MARKER = "metadata.json"
+FORMAT, FORMAT_VERSION = "k2mcore-checkpoint", 1
+OPTIMIZER_SHARDING = "fully_reshardable"
+_OPTIM_METADATA = {"distrib_optim_sharding_type": OPTIMIZER_SHARDING,
+                   "chained_optim_avoid_prefix": True}
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_CRC_CHUNK = 1 << 22
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, in one line naming the directory or file."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+# --------------------------------------------------------------------------------------------
+# Finding checkpoints
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:08d}")
+
+
+def _complete_steps(root: str) -> list[tuple[int, str]]:
+    """(step, path) of every directory under root that has a readable marker, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.isfile(os.path.join(path, MARKER)):
+            try:
+                with open(os.path.join(path, MARKER)) as f:
+                    meta = json.load(f)
+            except (OSError, ValueError):
+                continue  # unreadable marker: not complete
+            if isinstance(meta, dict) and meta.get("format") == FORMAT:
+                found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The newest complete checkpoint under root (`.tmp_*` and unmarked dirs ignored), or None."""
+    done = _complete_steps(root)
+    return done[-1][1] if done else None
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory, or a root holding `step_*` ones (-> its newest complete one)."""
+    name = os.path.basename(os.path.normpath(path))
+    if (_STEP_DIR.match(name) or name.startswith(".tmp_step_")
+            or os.path.exists(os.path.join(path, MARKER))
+            or os.path.isdir(os.path.join(path, "dist"))):
+        return path  # a checkpoint directory, complete or not: validation says which
+    newest = latest_checkpoint(path)
+    if newest is None:
+        what = "does not exist" if not os.path.exists(path) else "holds no complete checkpoint"
+        raise CheckpointError(f"{path}: {what} (expected a step_NNNNNNNN directory or its root)")
+    return newest
+
+
+# --------------------------------------------------------------------------------------------
+# Save
+def save_checkpoint(
+    ckpt_root: str,
+    step: int,
+    model: list,
+    optimizer: Any,
+    scheduler: Any,
+    *,
+    consumed_samples: int,
+    cfg: K2Config,
+) -> str:
+    """Write `<ckpt_root>/step_<N>` (collective over all ranks), prune to the last `keep`.
+
+    Returns the checkpoint directory. Raises CheckpointError on every rank if any rank failed.
+    """
+    from megatron.core import dist_checkpointing
+
+    from k2mcore.config.loader import dump_yaml
+
+    start = time.perf_counter()
+    rank = dist.get_rank()
+    final = step_dir(ckpt_root, step)
+    tmp = os.path.join(ckpt_root, f".tmp_step_{step:08d}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crashed save of this step
+        os.makedirs(os.path.join(tmp, "dist"))
+        os.makedirs(os.path.join(tmp, "rng"))
+    dist.barrier()
+
+    state, adam_step = _state_for_save(model, optimizer)
+    try:
+        dist_checkpointing.save(state, os.path.join(tmp, "dist"),
+                                sharded_strategy=_save_strategy())
+    except CheckpointException as exc:  # DCP gathered a failure (e.g. disk full) to all ranks
+        raise CheckpointError(f"{final}: save failed: {_describe(exc)}") from exc
+    _write_json(os.path.join(tmp, "rng", f"rank_{rank:05d}.json"), _rng_state())
+    if rank == 0:
+        dump_yaml(cfg, os.path.join(tmp, "config.yaml"))
+    adam_steps = _all_gather(adam_step)
+    dist.barrier()
+    files = _checksums(tmp)
+
+    meta = {
+        "format": FORMAT, "version": FORMAT_VERSION, "step": step,
+        "consumed_samples": int(consumed_samples),
+        "layout": {**_current_layout(model), "pipeline_layout": cfg.parallel.pipeline_layout,
+                   "first_stage_layers": cfg.parallel.first_stage_layers,
+                   "last_stage_layers": cfg.parallel.last_stage_layers,
+                   "distributed_optimizer": cfg.parallel.distributed_optimizer},
+        "optimizer": None if optimizer is None else {
+            "name": cfg.optimizer.name, "sharding": OPTIMIZER_SHARDING,
+            "adam_step": _agreed_step(adam_steps)},
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "model": cfg.model.name,
+        "versions": _versions(),
+        "files": files,
+    }
+    error = None
+    if rank == 0:
+        try:
+            _commit(tmp, final, meta)
+        except Exception as exc:  # reported to every rank below, so none hangs in a barrier
+            error = f"{final}: save failed before it was complete ({type(exc).__name__}: {exc})"
+    error = _broadcast(error)
+    if error:
+        raise CheckpointError(error)
+    if rank == 0:
+        try:
+            _prune(ckpt_root, keep=cfg.checkpoint.keep, newest=final)
+        except OSError as exc:  # the new checkpoint is complete; old ones stay a while longer
+            print(f"checkpoint: could not prune {ckpt_root}: {exc}", flush=True)
+        print(f"saved checkpoint {final} in {time.perf_counter() - start:.2f} s", flush=True)
+    dist.barrier()  # every rank returns with the checkpoint committed and pruned
+    return final
+
+
+def _state_for_save(model: list, optimizer: Any) -> tuple[dict, Optional[float]]:
+    """The sharded state to write, and the Adam step (0 if it never stepped; None without an
+    optimizer)."""
+    state = _model_state(model)
+    adam_step = None
+    if optimizer is not None:
+        opt_state = _optimizer_state(optimizer, state, is_loading=False)
+        adam_step = _find_step(opt_state) or 0.0
+        state["optimizer"] = _drop_common(opt_state)
+    return state, adam_step
+
+
+def _commit(tmp: str, final: str, meta: dict) -> None:
+    """Rank 0: marker last, then one rename — the checkpoint appears complete or not at all."""
+    _write_json(os.path.join(tmp, MARKER), meta)
+    _fsync_dir(tmp)
+    root = os.path.dirname(final)
+    if os.path.exists(final):  # the same step saved again (e.g. after a resume): replace it
+        trash = os.path.join(root, f".trash_{os.path.basename(final)}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(final, trash)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    shutil.rmtree(os.path.join(root, f".trash_{os.path.basename(final)}"), ignore_errors=True)
+
+
+def _prune(root: str, keep: int, newest: str) -> None:
+    """Keep the last `keep` complete checkpoints (keep <= 0: all); drop stale temporaries.
+
+    Each victim is renamed to `.trash_*` first, so a crash mid-delete never leaves a
+    half-deleted directory that still carries its marker.
+    """
+    done = [p for _, p in _complete_steps(root)]
+    victims = [p for p in done[:-keep] if p != newest] if keep > 0 else []
+    victims += [os.path.join(root, n) for n in os.listdir(root) if n.startswith(".tmp_step_")]
+    for path in victims:
+        trash = os.path.join(root, ".trash_" + os.path.basename(path).lstrip("."))
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Load
+def load_checkpoint(path: str, model: list, optimizer: Any = None, scheduler: Any = None) -> dict:
+    """Load a checkpoint (or the newest complete one under a root) into this rank's objects.
+
+    Collective. Works at any layout: tensors are resharded by dist-checkpointing. RNG states are
+    restored only when the layout (world size and every parallel size) equals the saved one,
+    since per-rank generator streams have no meaning at another layout. Pass optimizer/scheduler
+    None to load the model only. Returns metadata.json plus `path` and `rng_restored`.
+    A CheckpointError after validation may leave the objects partly overwritten: treat it as fatal.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    start = time.perf_counter()
+    path = resolve_checkpoint(path)
+    meta = _collective_validate(path)
+    _check_common(os.path.join(path, "dist", "common.pt"))
+    state = _model_state(model)
+    saved_opt = meta["optimizer"] or {}
+    if optimizer is not None:
+        if not saved_opt:
+            raise CheckpointError(f"{path}: holds no optimizer state (saved without one)")
+        opt_state = _optimizer_state(optimizer, state, is_loading=True)
+        state["optimizer"] = _drop_common(opt_state)
+    try:
+        with _restricted_unpickling():
+            loaded, _, not_in_ckpt = dist_checkpointing.load(
+                state, os.path.join(path, "dist"),
+                sharded_strategy=TorchDistLoadShardedStrategy(),
+                strict=StrictHandling.RETURN_UNEXPECTED,  # requested keys absent from the ckpt
+            )
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
+        raise CheckpointError(
+            f"{path}: cannot load model/optimizer state "
+            f"(saved as model {meta.get('model')!r}, optimizer {saved_opt.get('name')!r}):"
+            f" {_describe(exc)}"
+        ) from exc
+    missing = sorted(set().union(*_all_gather(sorted(not_in_ckpt))))
+    if missing:
+        raise CheckpointError(
+            f"{path}: {len(missing)} tensors of this model/optimizer are not in the checkpoint "
+            f"(e.g. {missing[0]}); saved as model {meta.get('model')!r}, optimizer "
+            f"{saved_opt.get('name')!r}"
+        )
+
+    for key, chunk in zip(_model_keys(model), model):
+        getattr(chunk, "module", chunk).load_state_dict(loaded[key], strict=True)
+    if optimizer is not None:
+        _set_step(loaded["optimizer"], saved_opt["adam_step"])
+        for i, child in enumerate(_optimizers(optimizer)):
+            with _torch_adam_fixes(child):
+                child.load_state_dict(loaded["optimizer"][i])
+    if scheduler is not None and meta.get("scheduler"):
+        _load_scheduler(scheduler, meta["scheduler"])
+    same_layout = _layout_key(meta["layout"]) == _layout_key(_current_layout(model))
+    if same_layout:
+        _set_rng_state(_read_json(os.path.join(path, "rng", f"rank_{dist.get_rank():05d}.json")))
+    if dist.get_rank() == 0:
+        note = "" if same_layout else " (other layout: RNG states not restored)"
+        print(f"loaded checkpoint {path} (step {meta['step']}) in "
+              f"{time.perf_counter() - start:.2f} s{note}", flush=True)
+    return {**meta, "path": path, "rng_restored": same_layout}
+
+
+def _load_scheduler(scheduler: Any, saved: dict) -> None:
+    """Restore the step count; the schedule's shape follows the current config (so a run can be
+    extended with a larger train.iters), and differences are reported."""
+    current = scheduler.state_dict()
+    diffs = [f"{k} {saved[k]} -> {v}" for k, v in current.items()
+             if k != "num_steps" and k in saved and saved[k] != v]
+    if diffs and dist.get_rank() == 0:
+        print(f"checkpoint: LR/WD schedule differs from the saved one ({', '.join(diffs)}); "
+              f"using the current config", flush=True)
+    scheduler.num_steps = 0
+    scheduler.step(increment=int(saved["num_steps"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+def validate_checkpoint(path: str, *, checksums: bool = True) -> dict:
+    """Check one checkpoint directory on this process alone; returns its metadata.
+
+    Raises CheckpointError naming the directory or the first bad file.
+    """
+    meta = _read_marker(path)
+    errors = _check_files(path, meta, share=(0, 1), checksums=checksums)
+    if errors:
+        raise CheckpointError(errors[0])
+    return meta
+
+
+def _read_marker(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    marker = os.path.join(path, MARKER)
+    if not os.path.isfile(marker):
+        raise CheckpointError(
+            f"{path}: incomplete checkpoint (no {MARKER}) — it was not finished")
+    try:
+        with open(marker) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{marker}: corrupt checkpoint metadata ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{marker}: not a {FORMAT} metadata file")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{marker}: format version {meta.get('version')}, "
+                              f"this k2mcore reads {FORMAT_VERSION}")
+    for key in ("step", "consumed_samples", "layout", "optimizer", "files"):
+        if key not in meta:
+            raise CheckpointError(f"{marker}: corrupt checkpoint metadata (no {key!r})")
+    return meta
+
+
+def _check_files(path: str, meta: dict, share: tuple[int, int], checksums: bool) -> list[str]:
+    """Problems with the listed files: every file's size, CRC32 of this rank's share."""
+    errors = []
+    for i, (rel, want) in enumerate(sorted(meta["files"].items())):
+        full = os.path.join(path, rel)
+        if os.path.isabs(rel) or ".." in rel.split(os.sep) or not isinstance(want, dict):
+            errors.append(f"{os.path.join(path, MARKER)}: corrupt checkpoint metadata "
+                          f"(file entry {rel!r})")
+        elif not os.path.isfile(full):
+            errors.append(f"{full}: missing from the checkpoint")
+        elif os.path.getsize(full) != want["size"]:
+            errors.append(f"{full}: corrupt ({os.path.getsize(full)} bytes, the checkpoint "
+                          f"recorded {want['size']}; truncated or overwritten)")
+        elif checksums and i % share[1] == share[0] and _crc32(full) != want["crc32"]:
+            errors.append(f"{full}: corrupt (CRC32 differs from the one recorded at save)")
+    return errors
+
+
+def _collective_validate(path: str) -> dict:
+    """Every rank checks sizes and a share of the checksums; all raise the same first error."""
+    try:
+        meta = _read_marker(path)
+        errors = _check_files(path, meta, (dist.get_rank(), dist.get_world_size()), True)
+    except CheckpointError as exc:
+        meta, errors = None, [str(exc)]
+    everyone = _all_gather(errors[:1])
+    first = next((e[0] for e in everyone if e), None)
+    if first:
+        raise CheckpointError(first)
+    return meta
+
+
+def _check_common(path: str) -> None:
+    """megatron's common.pt (empty here, but a pickle): tensors and plain data only."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: {_describe(exc)}") from None
+
+
+def _checksums(tmp: str) -> dict:
+    """{relative path: {size, crc32}} of the files under tmp; the reading is shared by ranks."""
+    names = None
+    if dist.get_rank() == 0:
+        names = sorted(
+            os.path.relpath(os.path.join(d, f), tmp)
+            for d, _, fs in os.walk(tmp) for f in fs
+        )
+    names = _broadcast(names)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {n: {"size": os.path.getsize(os.path.join(tmp, n)),
+                "crc32": _crc32(os.path.join(tmp, n))}
+            for i, n in enumerate(names) if i % world == rank}
+    merged: dict = {}
+    for part in _all_gather(mine):
+        merged.update(part)
+    return dict(sorted(merged.items()))
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CRC_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+# --------------------------------------------------------------------------------------------
+# State dicts
+def _model_keys(model: list) -> list[str]:
+    # Megatron-LM's names: 'model' without virtual stages, 'model0', 'model1', ... with them.
+    # Only the dict structure uses them; tensors are keyed by global names (layer numbers are
+    # global), so VPP and non-VPP checkpoints load into each other.
+    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+
+
+def _model_state(model: list) -> dict:
+    return {key: getattr(chunk, "module", chunk).sharded_state_dict()
+            for key, chunk in zip(_model_keys(model), model)}
+
+
+def _optimizers(optimizer: Any) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _optimizer_state(optimizer: Any, model_state: dict, is_loading: bool) -> dict:
+    """Each of megatron's (chained) optimizers' sharded state, {index: state}."""
+    out = {}
+    for i, child in enumerate(_optimizers(optimizer)):
+        _prime_state(child)
+        out[i] = child.sharded_state_dict(model_state, is_loading=is_loading,
+                                          metadata=_OPTIM_METADATA)
+    return out
+
+
+def _prime_state(child: Any) -> None:
+    """Allocate the state of an optimizer that has not stepped yet, so it has tensors to save
+    or load into. Zero moments (and step 0) are exactly what its first step would start from.
+
+    torch's Adam also needs a per-parameter 'step' once its state is non-empty, and megatron's
+    DistributedOptimizer.state_dict() asserts on it when it drives torch's Adam (no TE/Apex).
+    """
+    inner = getattr(child, "optimizer", None)
+    init = getattr(child, "init_state_fn", None)
+    if inner is None or init is None or len(inner.state) > 0:
+        return
+    init(inner, child.config)
+    if isinstance(inner, torch.optim.Adam):  # AdamW too; TE's FusedAdam keeps step per group
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p].setdefault("step", torch.tensor(0.0))
+
+
+@contextlib.contextmanager
+def _torch_adam_fixes(child: Any) -> Iterator[None]:
+    """Work around two megatron-core 0.16.1 bugs in DistributedOptimizer.load_state_dict when
+    it drives torch's Adam (no TE/Apex, as on CPU):
+
+    1. `load_parameter_state_from_fully_reshardable` leaves 'step' out of the tensors it hands to
+       `_set_main_param_and_optimizer_states`, which copies every state key: KeyError 'step'.
+       The step was already set from the param groups, so it is copied onto itself here.
+    2. It gives every parameter the *same* 'step' tensor; torch's Adam increments each
+       parameter's step in place, so after one update the shared step has grown by the number of
+       parameters and the bias correction is wrong. Each parameter gets its own copy here.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if (not isinstance(child, distrib_optimizer.DistributedOptimizer)
+            or distrib_optimizer.HAVE_APEX_OR_TE):
+        yield
+        return
+    original = child._set_main_param_and_optimizer_states
+
+    def set_states(model_param: Any, tensors: dict) -> None:
+        current = child._get_main_param_and_optimizer_states(model_param)
+        if "step" in current and "step" not in tensors:
+            tensors = {**tensors, "step": current["step"]}
+        original(model_param, tensors)
+
+    child._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        del child._set_main_param_and_optimizer_states  # back to the class method
+    for state in child.optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def _drop_common(tree: dict) -> dict:
+    """Wrap every non-tensor leaf as non-persistent: not saved, and handed back as it is on load
+    (from the freshly built optimizer) — see the module docstring."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+
+    def wrap(v: Any) -> Any:
+        return v if isinstance(v, (ShardedBase, LocalNonpersistentObject)) \
+            else LocalNonpersistentObject(v)
+
+    return dict_list_map_inplace(wrap, tree)
+
+
+_STEP_KEYS = ("step", "common_step")  # DistributedOptimizer param groups / megatron's others
+
+
+def _walk_steps(tree: Any) -> Iterator[tuple[Any, Any]]:
+    """(container, key) of every Adam step counter in an optimizer state tree."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k in _STEP_KEYS and not isinstance(v, (dict, list)):
+                yield tree, k
+            else:
+                yield from _walk_steps(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _walk_steps(v)
+
+
+def _find_step(tree: Any) -> Optional[float]:
+    values = {float(c[k]) for c, k in _walk_steps(tree) if c[k] is not None}
+    if len(values) > 1:
+        raise CheckpointError(f"optimizer step counters disagree: {sorted(values)}")
+    return values.pop() if values else None
+
+
+def _set_step(tree: dict, value: float) -> None:
+    """Put the saved Adam step where each optimizer's load_state_dict reads it."""
+    for child in tree.values():
+        if "param_state_sharding_type" in child:  # DistributedOptimizer: in its param groups
+            for group in child["optimizer"]["param_groups"]:
+                group["step"] = int(value)
+        else:  # megatron's other optimizers: one shared state['common_step']
+            child.get("optimizer", child)["state"]["common_step"] = torch.tensor(float(value))
+
+
+def _agreed_step(steps: list) -> Optional[float]:
+    values = {s for s in steps if s is not None}
+    if len(values) > 1:
+        raise CheckpointError(f"optimizer step counters disagree across ranks: {sorted(values)}")
+    return values.pop() if values else None
+
+
+# --------------------------------------------------------------------------------------------
+# Layout and RNG
+def _current_layout(model: list) -> dict:
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_model_config
+
+    return {
+        "world_size": dist.get_world_size(),
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(),
+        "etp": ps.get_expert_tensor_parallel_world_size(),
+        "cp": ps.get_context_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+        "sp": bool(get_model_config(getattr(model[0], "module", model[0])).sequence_parallel),
+    }
+
+
+def _layout_key(layout: dict) -> tuple:
+    keys = ("world_size", "tp", "pp", "vpp", "ep", "etp", "cp", "dp", "sp")
+    return tuple(layout.get(k) for k in keys)
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    tracker = {}
+    for name, st in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+        # CUDA generator objects (megatron's graph-safe tracker) hold their state in get_state()
+        tracker[name] = _b64(st.get_state() if isinstance(st, torch.Generator) else st)
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": np_state["state"]["key"].tolist(), "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "torch": _b64(torch.get_rng_state()),
+        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if _real_cuda() else None,
+        "tracker": tracker,
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"], "has_gauss": n["has_gauss"],
+                         "gauss": n["gauss"],
+                         "state": {"key": np.array(n["key"], dtype=np.uint32), "pos": n["pos"]}})
+    torch.set_rng_state(_unb64(state["torch"]))
+    if state.get("cuda") and _real_cuda():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    current = tracker.get_states()
+    restored = {}
+    for name, text in state["tracker"].items():
+        if isinstance(current.get(name), torch.Generator):
+            current[name].set_state(_unb64(text))
+            restored[name] = current[name]
+        else:
+            restored[name] = _unb64(text)
+    tracker.set_states(restored)
+
+
+def _real_cuda() -> bool:
+    return torch.cuda.is_available()  # False under k2mcore's CPU backend, whose stand-ins it skips
+
+
+# --------------------------------------------------------------------------------------------
+# torch_dist without writer processes, and without unrestricted unpickling
+def _save_strategy() -> Any:
+    """The in-process torch_dist writer, with the writing spread over data-parallel replicas.
+
+    Without the spreading, every replicated tensor (all of them, under the distributed
+    optimizer's model-space format) is written by data-parallel rank 0 alone. As Megatron-LM's
+    default `--ckpt-fully-parallel-save`.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    return FullyParallelSaveStrategyWrapper(
+        _in_process_save_strategy(), ps.get_data_parallel_group(with_context_parallel=True))
+
+
+def _in_process_save_strategy() -> Any:
+    """megatron's torch_dist format, written by torch DCP's FileSystemWriter in this process.
+
+    megatron's own writer (FileSystemWriterAsync) forks a process per file and keeps a
+    spawn-mode multiprocessing Manager for the results: ~3 s of start-up on a 2-core machine,
+    and entry scripts need a __main__ guard. The `.distcp` files and `.metadata` written here
+    are the same DCP format megatron's torch_dist loader reads.
+    """
+    from megatron.core.dist_checkpointing.strategies import torch as mtorch
+    from torch.distributed import checkpoint as dcp
+
+    class InProcessTorchDistSave(mtorch.TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict: dict, checkpoint_dir: Any) -> None:
+            flat, _, _ = mtorch._replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica)
+            dcp.save(
+                mtorch.mcore_to_pyt_state_dict(flat, is_loading=False),
+                storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1,
+                                                    sync_files=True),
+                planner=mtorch.MCoreSavePlanner(flatten_state_dict=False,
+                                                can_run_decentralized_global_plan=False),
+            )
+
+    return InProcessTorchDistSave("torch_dist", 1)
+
+
+# What a DCP `.metadata` pickle may name: torch's metadata dataclasses, dtypes, Size, layouts,
+# and the path the writer records as checkpoint id. All are inert to construct.
+_DCP_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    *(("torch.distributed.checkpoint.planner", n) for n in (
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
+
+
+def read_dcp_metadata(path: str) -> Any:
+    """DCP's `.metadata` through the allow-listed unpickler; file names checked to stay inside."""
+    try:
+        with open(path, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing from the checkpoint") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: corrupt or unsafe DCP metadata "
+                              f"({type(exc).__name__}: {_first_line(exc)})") from None
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(md, Metadata) or not isinstance(md.storage_data, dict):
+        raise CheckpointError(f"{path}: corrupt DCP metadata (not a Metadata object)")
+    for info in md.storage_data.values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or os.path.basename(rel) != rel or rel in ("", ".", ".."):
+            raise CheckpointError(f"{path}: corrupt DCP metadata (file name {rel!r})")
+    return md
+
+
+def _safe_reader_class():
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeMetadataReader(FileSystemReader):
+        """FileSystemReader whose `.metadata` goes through `read_dcp_metadata` (once)."""
+
+        def __init__(self, path: Any) -> None:
+            super().__init__(path)
+            self._metadata = None
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("rank") is not None:
+                raise CheckpointError(f"{self.path}: per-rank DCP metadata is not supported")
+            if self._metadata is None:
+                self._metadata = read_dcp_metadata(os.path.join(str(self.path), ".metadata"))
+            if getattr(self._metadata, "storage_meta", None) is None:
+                self._metadata.storage_meta = StorageMeta()
+            self._metadata.storage_meta.load_id = self.load_id
+            return self._metadata
+
+    return SafeMetadataReader
+
+
+@contextlib.contextmanager
+def _restricted_unpickling() -> Iterator[None]:
+    """While loading: megatron's DCP reader reads `.metadata` through the allow-list, and every
+    torch.load (common.pt, ShardedObject bytes, which torch's planner loads with
+    weights_only=False) is forced to weights_only=True."""
+    from megatron.core.dist_checkpointing.strategies import torch as mtorch
+
+    original = mtorch._get_filesystem_reader  # megatron-core 0.16.1: the loader's one reader
+    reader = _safe_reader_class()
+    used = []
+
+    def get_reader(checkpoint_dir: Any, cache_metadata: bool = False) -> Any:
+        used.append(checkpoint_dir)
+        return reader(checkpoint_dir)
+
+    saved_env = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
+                                                 "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    mtorch._get_filesystem_reader = get_reader
+    try:
+        yield
+        if not used:  # a megatron that reads another way must not slip past the allow-list
+            raise CheckpointError("megatron's torch_dist loader did not use the restricted reader")
+    finally:
+        mtorch._get_filesystem_reader = original
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+def _write_json(path: str, obj: Any) -> None:
+    part = path + ".part"
+    with open(part, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _all_gather(obj: Any) -> list:
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # no terminal colour codes
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception from deep inside a load (DCP wraps each rank's failure)."""
+    failures = getattr(exc, "failures", None)  # torch.distributed.checkpoint CheckpointException
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        exc = inner[0] if isinstance(inner, tuple) else inner
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    if refused:
+        return (f"refused to unpickle {refused.group(1)} (only tensors and plain data are "
+                f"loaded from a checkpoint)")
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"{exc.filename}: missing from the checkpoint"
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def _versions() -> dict:
+    import megatron.core
+
+    return {"torch": torch.__version__, "megatron_core": megatron.core.__version__}

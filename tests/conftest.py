@@ -1,0 +1,5 @@
+"""Test-wide setup: tests/ on sys.path for the shared helpers (tests/launching.py)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -1,0 +1,212 @@
+"""Checkpoints: resharding, exact resume, atomic saves, keep-K, clear errors, no pickle.
+
+Two launches of ckpt_worker.py: 4 ranks (train and save at TP2 x EP2, interrupt a save, resume
+at the same layout and at PP2 x VPP2 x EP2) and 1 rank (resume at 1 rank, damaged copies, the
+non-distributed optimizer). Filesystem-only behaviour is unit-tested without launching anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from launching import launch
+
+from k2mcore.training import checkpoint as ck
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "ckpt_worker.py")
+RESHARDED = ["1rank", "pp2-vpp2-ep2"]
+LOSS_RTOL = 1e-6  # fp32 reductions in another order
+PARAM_ATOL = 1e-6  # after two AdamW steps of ~2e-4 each; a wrong optimizer state is ~1e-4 off
+
+
+def _launch(out: str, phase: str, nproc: int) -> str:
+    return launch(WORKER, ["--out", out, "--phase", phase], nproc, what=f"{phase} phase",
+                  timeout=600)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ckpt"))
+    log = _launch(out, "save", 4) + _launch(out, "load", 1)
+    saved = torch.load(os.path.join(out, "save_phase.pt"), weights_only=True)
+    loaded = torch.load(os.path.join(out, "load_phase.pt"), weights_only=True)
+    return {"out": out, "log": log, "save": saved, "same": saved["same_layout"],
+            "pp2-vpp2-ep2": saved["other_layout"], "1rank": loaded}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b), set(a) ^ set(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _assert_exact(got: dict, want: dict, what: str) -> None:
+    assert set(got) == set(want), f"{what}: keys differ: {sorted(set(got) ^ set(want))[:5]}"
+    for key, ref in want.items():
+        assert not torch.isnan(got[key]).any(), f"{what} {key}: part of it was never gathered"
+        assert torch.equal(got[key], ref), f"{what} {key}: {(got[key] - ref).abs().max():.3e}"
+
+
+# --------------------------------------------------------------------------------------------
+# Resume and reshard
+def test_same_layout_resume_is_bit_exact(results):
+    ref, got = results["save"], results["same"]
+    assert got["meta"]["step"] == 2 and got["meta"]["consumed_samples"] == 8
+    assert got["meta"]["rng_restored"] and got["rng_equal_all_ranks"]
+    _assert_exact(got["loaded"]["params"], ref["step2"]["params"], "params")
+    _assert_exact(got["loaded"]["optim"], ref["step2"]["optim"], "optimizer")
+    assert got["losses"] == ref["losses"]
+    assert _max_diff(got["after"], ref["after"]) == 0.0
+
+
+@pytest.mark.parametrize("layout", RESHARDED)
+def test_resharded_load_restores_model_and_optimizer_exactly(results, layout):
+    """TP2 x EP2 (DP2) -> another layout: weights, fp32 main params, exp_avg and exp_avg_sq of
+    every parameter equal the saved ones (resharding only moves data)."""
+    ref, got = results["save"]["step2"], results[layout]
+    assert got["meta"]["step"] == 2 and not got["meta"]["rng_restored"]
+    _assert_exact(got["loaded"]["params"], ref["params"], "params")
+    _assert_exact(got["loaded"]["optim"], ref["optim"], "optimizer")
+    kinds = {key.split(".")[2] for key in ref["optim"]}
+    assert kinds == {"param", "exp_avg", "exp_avg_sq"}, kinds  # megatron's names
+
+
+@pytest.mark.parametrize("layout", RESHARDED)
+def test_resharded_training_continues_with_the_same_losses(results, layout):
+    ref, got = results["save"], results[layout]
+    assert got["lr"] == ref["lr3"]  # the scheduler resumed at step 2
+    for have, want in zip(got["losses"], ref["losses"]):
+        assert abs(have - want) <= LOSS_RTOL * abs(want), (got["losses"], ref["losses"])
+    moved = _max_diff(ref["after"], ref["step2"]["params"])
+    diff = _max_diff(got["after"], ref["after"])
+    print(f"{layout}: losses {got['losses']} (saved run {ref['losses']}), "
+          f"weights after 2 more steps within {diff:.1e} (they moved {moved:.1e})")
+    assert moved > 100 * PARAM_ATOL  # the comparison can tell a wrong optimizer state apart
+    assert diff <= PARAM_ATOL
+
+
+def test_non_distributed_optimizer_round_trip(results):
+    plain = results["1rank"]["plain_adam"]
+    assert plain["losses"][0] == plain["losses"][1]
+    assert _max_diff(*plain["after"]) == 0.0
+
+
+def test_load_from_a_root_takes_its_newest_checkpoint(results):
+    assert results["1rank"]["latest_from_root"] == 4
+
+
+def test_timings_are_reported(results):
+    save_s, load_s = results["save"]["save_s"], results["1rank"]["load_s"]
+    print(f"k2-tiny: save at 4 ranks {save_s[1]:.2f} s, load at 4 ranks "
+          f"{results['same']['load_s']:.2f} s, at 1 rank {load_s:.2f} s")
+    assert max(save_s) < 30 and load_s < 30
+
+
+# --------------------------------------------------------------------------------------------
+# Atomicity, pruning, errors, pickle
+def test_interrupted_save_leaves_the_previous_checkpoint_newest(results):
+    r = results["save"]
+    assert "step_00000005: save failed before it was complete" in r["interrupted_error"]
+    assert ".tmp_step_00000005" in r["after_interrupt"]
+    assert "step_00000005" not in r["after_interrupt"]
+    assert r["latest_after_interrupt"].endswith("step_00000004")
+    assert "incomplete checkpoint (no metadata.json)" in results["1rank"]["errors"]["tmp_dir"]
+
+
+def test_keep_last_two(results):
+    assert results["save"]["after_keep"] == ["step_00000002", "step_00000004"]
+
+
+DAMAGE = {
+    "no_marker": ("step_00000002",
+                  "incomplete checkpoint (no metadata.json) — it was not finished"),
+    "bad_marker": ("step_00000002/metadata.json", "corrupt checkpoint metadata"),
+    "truncated": (".distcp", "truncated"),
+    "flipped": (".distcp", "CRC32 differs"),
+    "missing_rng": ("rng/rank_00000.json", "missing from the checkpoint"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DAMAGE))
+def test_damaged_checkpoint_gives_one_line_naming_the_file(results, name):
+    message = results["1rank"]["errors"][name]
+    where, what = DAMAGE[name]
+    assert message is not None, f"{name}: loaded without error"
+    assert "\n" not in message and where in message and what in message, message
+    assert f"bad/{name}/step_00000002" in message, message
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("pickle_metadata", "io.open is not allowed in DCP metadata"),
+    ("pickle_common", "dist/common.pt: refused to unpickle io.open"),
+    ("pickle_sharded_object", "refused to unpickle io.open"),
+])
+def test_planted_pickle_is_refused_not_run(results, name, expected):
+    errors = results["1rank"]["errors"]
+    assert errors[name] is not None and expected in errors[name], errors[name]
+    assert not errors["payload_ran"]
+    assert not os.path.exists(os.path.join(results["out"], "pickle_payload_ran"))
+
+
+# --------------------------------------------------------------------------------------------
+# Filesystem-only units (no launch)
+def _fake(root, name: str, marker: object = None) -> str:
+    path = os.path.join(root, name)
+    os.makedirs(path)
+    if marker is not None:
+        with open(os.path.join(path, ck.MARKER), "w") as f:
+            f.write(marker if isinstance(marker, str) else json.dumps(marker))
+    return path
+
+
+def test_latest_checkpoint_ignores_temporary_incomplete_and_unreadable(tmp_path):
+    good = {"format": ck.FORMAT}
+    assert ck.latest_checkpoint(str(tmp_path / "missing")) is None
+    _fake(tmp_path, "step_00000003", good)
+    _fake(tmp_path, "step_00000004", good)
+    _fake(tmp_path, "step_00000005")  # no marker: unfinished
+    _fake(tmp_path, "step_00000006", "{truncated")  # unreadable marker
+    _fake(tmp_path, ".tmp_step_00000007", good)
+    _fake(tmp_path, "notes")
+    assert ck.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_00000004")
+    assert ck.resolve_checkpoint(str(tmp_path)) == str(tmp_path / "step_00000004")
+    with pytest.raises(ck.CheckpointError, match="notes: holds no complete checkpoint"):
+        ck.resolve_checkpoint(str(tmp_path / "notes"))
+
+
+def test_prune_keeps_the_newest_and_drops_temporaries(tmp_path):
+    good = {"format": ck.FORMAT}
+    for step in (1, 2, 3, 10):
+        _fake(tmp_path, f"step_{step:08d}", good)
+    _fake(tmp_path, "step_00000011")  # incomplete: not counted, not deleted by pruning
+    _fake(tmp_path, ".tmp_step_00000012")
+    ck._prune(str(tmp_path), keep=2, newest=str(tmp_path / "step_00000010"))
+    assert sorted(os.listdir(tmp_path)) == ["step_00000003", "step_00000010", "step_00000011"]
+    ck._prune(str(tmp_path), keep=0, newest=str(tmp_path / "step_00000010"))  # 0: keep all
+    assert len(os.listdir(tmp_path)) == 3
+
+
+def test_validate_reports_the_missing_marker(tmp_path):
+    path = _fake(tmp_path, "step_00000001")
+    with pytest.raises(ck.CheckpointError, match=r"step_00000001: incomplete checkpoint"):
+        ck.validate_checkpoint(path)
+
+
+class _Evil:
+    def __init__(self, mark: str) -> None:
+        self.mark = mark
+
+    def __reduce__(self):
+        return (open, (self.mark, "w"))
+
+
+def test_dcp_metadata_reader_refuses_unlisted_globals(tmp_path):
+    mark, path = str(tmp_path / "ran"), str(tmp_path / ".metadata")
+    with open(path, "wb") as f:
+        pickle.dump(_Evil(mark), f)
+    with pytest.raises(ck.CheckpointError, match="io.open is not allowed"):
+        ck.read_dcp_metadata(path)
+    assert not os.path.exists(mark)

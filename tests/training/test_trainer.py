@@ -1,0 +1,226 @@
+"""k2m-train end to end, through its command line: parity across layouts, resume (also under
+another layout), SIGTERM, kill -9 of a rank, NaN steps, metrics and the plot."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+BIN = os.path.dirname(sys.executable)
+K2M_TRAIN = os.path.join(BIN, "k2m-train")
+COMMON = ["--config", "k2-tiny", "--set", "train.global_batch_size=4", "--set",
+          "train.seq_length=32", "--set", "optimizer.name=adamw", "--set", "optimizer.lr=2e-3",
+          "--set", "optimizer.warmup_iters=2", "--set", "optimizer.decay_iters=10",
+          "--set", "train.seed=77",
+          "--set", "logging.tensorboard=true"]
+LAYOUTS = {
+    "dp2-zero1": (2, []),
+    "pp2-vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
+    "tp2-ep2": (2, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.etp=1"]),
+    "tp2-pp2-ep2": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.sp=true"]),
+}
+
+
+def _cmd(nproc: int, sets: list[str], run_dir: str, iters: int) -> list[str]:
+    args = [*COMMON, "--set", f"train.iters={iters}", "--set", f"run.dir={run_dir}"]
+    for s in sets:
+        args += ["--set", s]
+    if nproc == 1:
+        return [K2M_TRAIN, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", K2M_TRAIN, *args]
+
+
+def _env(**extra: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PATH=BIN + os.pathsep + os.environ["PATH"])
+    env.update(extra)
+    return env
+
+
+def _run(nproc, sets, run_dir, iters, *, expect=0, **env):
+    proc = subprocess.run(_cmd(nproc, sets, run_dir, iters), env=_env(**env),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == expect, proc.stderr[-3000:] + proc.stdout[-2000:]
+    return proc
+
+
+def _losses(run_dir: str) -> dict[int, float]:
+    rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl")) if l.strip()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _rows(run_dir: str) -> list[dict]:
+    return [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl")) if l.strip()]
+
+
+def _close(a: dict, b: dict, steps, rtol: float) -> float:
+    worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in steps)
+    assert worst <= rtol, (worst, {s: (a[s], b[s]) for s in steps})
+    return worst
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """1 rank, 6 uninterrupted steps: the losses every other run is held to."""
+    run = str(tmp_path_factory.mktemp("ref"))
+    _run(1, [], run, 6)
+    return run
+
+
+def test_metrics_tensorboard_and_plot(reference):
+    rows = _rows(reference)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for r in rows:
+        for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "skipped", "mfu", "eta_s"):
+            assert key in r, key
+    losses = [r["loss"] for r in rows]
+    assert losses[-1] < losses[0]  # it learns
+    # megatron's warmup: 0, then lr * step / warmup_iters
+    assert [r["lr"] for r in rows[:3]] == pytest.approx([0.0, 1e-3, 2e-3])
+    assert any(f.startswith("events.out.tfevents") for f in
+               os.listdir(os.path.join(reference, "tensorboard")))
+    out = subprocess.run([sys.executable, "-m", "k2mcore.training.plot", reference],
+                         capture_output=True, text=True, env=_env())
+    png = os.path.join(reference, "metrics.png")
+    assert out.returncode == 0 and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_adamw_losses_match_one_rank(reference, layout, tmp_path):
+    nproc, sets = LAYOUTS[layout]
+    _run(nproc, sets, str(tmp_path), 5)
+    worst = _close(_losses(reference), _losses(str(tmp_path)), range(1, 6), 1e-5)
+    print(f"{layout}: 5 AdamW steps, worst relative loss difference {worst:.1e}")
+
+
+def test_resume_equals_uninterrupted_also_under_another_layout(reference, tmp_path):
+    ck = str(tmp_path / "ck")
+    ep2 = ["parallel.ep=2"]
+    _run(2, ep2 + [f"checkpoint.dir={ck}", "checkpoint.interval=3"], str(tmp_path / "a"), 3)
+    assert os.path.isdir(os.path.join(ck, "step_00000003"))
+    # same layout, resumed automatically from checkpoint.dir
+    _run(2, ep2 + [f"checkpoint.dir={ck}"], str(tmp_path / "b"), 6)
+    # another layout (1 rank, and TP2 x PP2 on 4 ranks) from the EP2 checkpoint
+    _run(1, [f"checkpoint.load={ck}"], str(tmp_path / "c"), 6)
+    _run(4, ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2", f"checkpoint.load={ck}"],
+         str(tmp_path / "d"), 6)
+    ref = _losses(reference)
+    for run in "bcd":
+        losses = _losses(str(tmp_path / run))
+        assert sorted(losses) == [4, 5, 6], (run, sorted(losses))
+        _close(ref, losses, [4, 5, 6], 1e-5)
+
+
+def _wait_for_step(run_dir: str, step: int, proc: subprocess.Popen, timeout: float = 300):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    end = time.time() + timeout
+    while time.time() < end:
+        assert proc.poll() is None, "the run ended before it was interrupted"
+        if os.path.exists(path) and len(_rows(run_dir)) >= step:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"no step {step} in {path}")
+
+
+def test_sigterm_saves_and_exits_zero_then_resume(reference, tmp_path):
+    run = str(tmp_path / "run")
+    proc = subprocess.Popen(_cmd(1, [], run, 6), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    stopped_at = len(_rows(run))
+    assert stopped_at < 6 and "stop signal" in out
+    assert os.path.isdir(os.path.join(run, "checkpoints", f"step_{stopped_at:08d}"))
+    _run(1, [], run, 6)  # automatic resume from <run.dir>/checkpoints
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    _close(_losses(reference), {r["step"]: r["loss"] for r in rows}, range(1, 7), 1e-5)
+
+
+def test_kill_9_of_a_rank_then_automatic_resume(reference, tmp_path):
+    run = str(tmp_path / "run")
+    sets = ["parallel.ep=2", "checkpoint.interval=2"]
+    proc = subprocess.Popen(_cmd(2, sets, run, 6), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run, 3, proc)
+    workers = psutil.Process(proc.pid).children()  # torchrun's own children: the ranks
+    assert len(workers) == 2
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    _run(2, sets, run, 6)
+    losses = _losses(run)  # appended after the crash: the resumed steps follow the rows kept
+    _close(_losses(reference), losses, range(1, 7), 1e-5)
+
+
+def test_nan_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
+    run = str(tmp_path / "skip")
+    _run(1, [], run, 5, K2M_FAULT_NAN_STEPS="2,3")
+    rows = _rows(run)
+    assert [r["skipped"] for r in rows] == [0, 1, 1, 0, 0]
+    assert math.isnan(rows[1]["loss"]) and rows[-1]["skipped_total"] == 2
+    # a skipped step does not advance the schedule: step 4 applies step 2's warmup rate
+    assert rows[3]["lr"] == pytest.approx(rows[1]["lr"])
+    proc = _run(1, ["train.max_consecutive_skips=2"], str(tmp_path / "stop"), 5, expect=1,
+                K2M_FAULT_NAN_STEPS="2,3")
+    assert "2 updates in a row skipped" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_fake_slurm_two_nodes_preempted_requeued_and_resumed(reference, tmp_path):
+    """slurm/train.sbatch with stand-in srun/scontrol: 2 "nodes" x 2 ranks rendezvous over
+    loopback (c10d); USR1 to the batch shell -> ranks save and exit 0 -> requeue; the requeued
+    job resumes from the checkpoint and finishes with the uninterrupted run's losses."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(here))
+    run_dir, log = str(tmp_path / "run"), str(tmp_path / "slurm.log")
+    with socket_free_port() as port:
+        env = _env(
+            PATH=os.pathsep.join([os.path.join(here, "fake_slurm"), BIN, os.environ["PATH"]]),
+            SLURM_JOB_NODELIST="node[1-2]", SLURM_NNODES="2", SLURM_JOB_ID="4242",
+            SLURM_JOB_NAME="k2m-test", GPUS_PER_NODE="2", MASTER_PORT=str(port),
+            RUN_DIR=run_dir, K2M_TRAIN=K2M_TRAIN, FAKE_SLURM_LOG=log,
+        )
+    args = ["bash", os.path.join(root, "slurm", "train.sbatch"), *COMMON,
+            "--set", "train.iters=6", "--set", "parallel.ep=2", "--set", "parallel.pp=2"]
+    job = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    _wait_for_step(run_dir, 2, job)
+    job.send_signal(signal.SIGUSR1)  # Slurm's --signal=B:USR1@... preemption notice
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, out[-3000:]
+    assert "on 4 ranks" in out and "requeueing job 4242" in out
+    assert open(log).read().strip() == "requeue 4242"
+    stopped_at = len(_rows(run_dir))
+    assert stopped_at < 6
+    # the requeued job: same script, same arguments; resumes on its own
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert f"at step {stopped_at}" in again.stdout
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    _close(_losses(reference), {r["step"]: r["loss"] for r in rows}, range(1, 7), 1e-5)
+
+
+class socket_free_port:
+    """A TCP port free on loopback right now (for the fake cluster's rendezvous)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        return None
