@@ -115,8 +115,10 @@ def mla_config(
     if recompute == "full":
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":
+        # K2's selective set: norms, MLA up-projections, SwiGLU, MoE. megatron recomputes just
+        # the experts' activation only with grouped GEMM (TE); otherwise the whole MoE layer.
         kw.update(
             recompute_granularity="selective",
-            recompute_modules=["layernorm", "mla_up_proj", "mlp", "moe_act"],
+            recompute_modules=["layernorm", "mla_up_proj", "mlp", "moe_act" if use_te else "moe"],
         )
     return MLATransformerConfig(**kw)

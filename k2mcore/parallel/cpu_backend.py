@@ -10,7 +10,8 @@ block it on a CPU-only torch (see shared/reference/megatron-core-on-cpu.md for h
    otherwise fire on every fork);
 4. gloo adapters: `all_to_all_single` split sizes as int lists, `all_gather` with uneven shapes,
    pipeline p2p through megatron's unbatched path (see `_patch_megatron`);
-5. Transformer-Engine-absent fixes: MLA's stale `HAVE_TE`, moe_utils' missing `te_general_gemm`.
+5. Transformer-Engine-absent fixes: MLA's stale `HAVE_TE`, moe_utils' missing `te_general_gemm`,
+   selective recompute's FP8 path switched on by a `fp8 is not None` test.
 
 It is pinned to the megatron-core release it was tested with, switched on only when CUDA is
 absent (`activate()` is a no-op otherwise), and nothing outside `k2mcore.parallel` imports it.
@@ -265,3 +266,13 @@ def _patch_megatron() -> None:
             setattr(mla, name, None)
         if not hasattr(moe_utils, "te_general_gemm"):
             moe_utils.te_general_gemm = None
+        # CheckpointWithoutOutput sets `fp8 = fp8 is not None`, so its default False turns the
+        # TE FP8 path on, and selective recompute dies on TE's undefined FP8GlobalStateManager.
+        cwo = mrandom.CheckpointWithoutOutput
+        cwo_init = cwo.__init__
+
+        def _init(self, fp8=False):
+            cwo_init(self, fp8)
+            self.fp8 = bool(fp8)
+
+        cwo.__init__ = _init

@@ -25,6 +25,10 @@ LAYOUTS = {
     "pp2-vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
     "tp2-ep2": (2, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.etp=1"]),
     "tp2-pp2-ep2": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.sp=true"]),
+    # activation recompute changes memory, not numbers
+    "full-recompute": (1, ["train.recompute=full"]),
+    "tp2-sp-selective-recompute": (2, ["parallel.tp=2", "parallel.sp=true",
+                                       "train.recompute=selective"]),
 }
 
 
