@@ -622,7 +622,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _real_cuda() -> bool:
-    return torch.cuda.is_available()  # False under k2mcore's CPU backend, whose stand-ins it skips
+    return torch.cuda.is_available()  # only then are there CUDA generators of their own
 
 
 # --------------------------------------------------------------------------------------------
