@@ -57,7 +57,7 @@ def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
 
     from . import checkpoint as ckpt
     from .faults import SkipCounter, StopRequest, injected_nan_steps, optimizer_step
-    from .metrics import MetricsLogger
+    from .metrics import MetricsLogger, take_max_attn_logit
     from .step import forward_backward, wrap_ddp
 
     # before anything slow, so an early SIGTERM is not lost
@@ -129,6 +129,8 @@ def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
             skips.update(ok, step, loss, grad_norm)
             row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "skipped": int(not ok), "skipped_total": skips.total}
+            if cfg.model.measure_max_attn_logit:
+                row["max_attn_logit"] = take_max_attn_logit(model)
             rows.append(logger.log(row, step_time=time.perf_counter() - start,
                                    first_step=first_step))
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:

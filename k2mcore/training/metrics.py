@@ -8,6 +8,8 @@ import time
 import warnings
 from typing import Any
 
+import torch.distributed as dist
+
 from k2mcore.config.schema import K2Config, ModelConfig
 
 
@@ -23,6 +25,28 @@ def flops_per_token(model: ModelConfig, seq_length: int) -> float:
     d_qk = model.qk_nope_head_dim + model.qk_rope_head_dim
     attn = 6 * model.num_layers * model.num_attention_heads * (d_qk + model.v_head_dim)
     return 6.0 * active + attn * seq_length
+
+
+def take_max_attn_logit(chunks) -> float:
+    """The largest pre-softmax attention logit of the step over every layer, head and token,
+    on all ranks (TP splits heads, PP layers, DP/CP tokens), then the probes are reset.
+
+    Collective: every rank must call it. Needs `model.measure_max_attn_logit`.
+    """
+    import torch
+
+    from k2mcore.optim.qk_clip import mla_attentions
+
+    found = [a.core_attention.current_max_attn_logits for a in mla_attentions(chunks)
+             if getattr(a.core_attention, "current_max_attn_logits", None) is not None]
+    for a in mla_attentions(chunks):
+        a.core_attention.current_max_attn_logits = None
+    local = max((float(t.max()) for t in found), default=float("-inf"))
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    value = torch.tensor([local], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value.item())
 
 
 class MetricsLogger:

@@ -19,7 +19,7 @@ COMMON = ["--config", "k2-tiny", "--set", "train.global_batch_size=4", "--set",
           "train.seq_length=32", "--set", "optimizer.name=adamw", "--set", "optimizer.lr=2e-3",
           "--set", "optimizer.warmup_iters=2", "--set", "optimizer.decay_iters=10",
           "--set", "train.seed=77",
-          "--set", "logging.tensorboard=true"]
+          "--set", "logging.tensorboard=true", "--set", "model.measure_max_attn_logit=true"]
 LAYOUTS = {
     "dp2-zero1": (2, []),
     "pp2-vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
@@ -83,7 +83,8 @@ def test_metrics_tensorboard_and_plot(reference):
     rows = _rows(reference)
     assert [r["step"] for r in rows] == list(range(1, 7))
     for r in rows:
-        for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "skipped", "mfu", "eta_s"):
+        for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "skipped", "mfu", "eta_s",
+                    "max_attn_logit"):
             assert key in r, key
     losses = [r["loss"] for r in rows]
     assert losses[-1] < losses[0]  # it learns
@@ -103,6 +104,11 @@ def test_adamw_losses_match_one_rank(reference, layout, tmp_path):
     _run(nproc, sets, str(tmp_path), 5)
     worst = _close(_losses(reference), _losses(str(tmp_path)), range(1, 6), 1e-5)
     print(f"{layout}: 5 AdamW steps, worst relative loss difference {worst:.1e}")
+    # the logged max attention logit is the max over all heads, layers and tokens: the same
+    # whichever ranks hold which heads (TP), layers (PP) or tokens (DP)
+    logits = {r["step"]: r["max_attn_logit"] for r in _rows(reference)}
+    _close(logits, {r["step"]: r["max_attn_logit"] for r in _rows(str(tmp_path))},
+           range(1, 6), 1e-5)
 
 
 def test_resume_equals_uninterrupted_also_under_another_layout(reference, tmp_path):
