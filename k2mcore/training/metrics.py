@@ -127,7 +127,7 @@ class MetricsLogger:
             f"skipped {row['skipped_total']}",
         ]
         if row.get("max_attn_logit") is not None:
-            parts.append(f"max logit {row['max_attn_logit']:.1f}")
+            parts.append(f"max logit {row['max_attn_logit']:.3g}")
         return " | ".join(parts)
 
     def close(self) -> None:
