@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+from k2mcore.parallel.local_launch import local_command, local_env
+
 BIN = os.path.dirname(sys.executable)
 K2M_TRAIN = os.path.join(BIN, "k2m-train")
 COMMON = ["--config", "k2-tiny", "--set", "logging.tensorboard=false", "--set",
@@ -38,15 +40,10 @@ def _cmd(nproc: int, sets: list[str]) -> list[str]:
     args = list(COMMON)
     for s in sets:
         args += ["--set", s]
-    if nproc == 1:
-        return [K2M_TRAIN, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", K2M_TRAIN, *args]
+    return local_command(nproc, K2M_TRAIN, args)
 
 
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-                PATH=BIN + os.pathsep + os.environ["PATH"])
+_env = local_env
 
 
 def _rows(run: str) -> list[dict]:

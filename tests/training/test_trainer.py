@@ -13,6 +13,8 @@ import time
 import psutil
 import pytest
 
+from k2mcore.parallel.local_launch import local_command, local_env
+
 BIN = os.path.dirname(sys.executable)
 K2M_TRAIN = os.path.join(BIN, "k2m-train")
 COMMON = ["--config", "k2-tiny", "--set", "train.global_batch_size=4", "--set",
@@ -36,17 +38,10 @@ def _cmd(nproc: int, sets: list[str], run_dir: str, iters: int) -> list[str]:
     args = [*COMMON, "--set", f"train.iters={iters}", "--set", f"run.dir={run_dir}"]
     for s in sets:
         args += ["--set", s]
-    if nproc == 1:
-        return [K2M_TRAIN, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", K2M_TRAIN, *args]
+    return local_command(nproc, K2M_TRAIN, args)
 
 
-def _env(**extra: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PATH=BIN + os.pathsep + os.environ["PATH"])
-    env.update(extra)
-    return env
+_env = local_env
 
 
 def _run(nproc, sets, run_dir, iters, *, expect=0, **env):
