@@ -29,6 +29,37 @@ def rms_match_scale(shape: torch.Size | tuple[int, ...]) -> float:
     return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
 
 
+def nesterov_input(grad: Tensor, momentum_buf: Tensor, *, momentum: float = 0.95, nesterov: bool = True) -> Tensor:
+    """Update momentum_buf in place (EMA) and return Newton-Schulz's input U_t.
+
+    Element-wise, so it runs on any shard of a matrix (a ZeRO slice) with its matching buffer.
+    """
+    momentum_buf.lerp_(grad.to(momentum_buf.dtype), 1 - momentum)
+    return grad.to(momentum_buf.dtype).lerp(momentum_buf, momentum) if nesterov else momentum_buf
+
+
+def orthogonalized_update(
+    u: Tensor,
+    *,
+    ns_steps: int = 5,
+    coefficients: Coefficients = "k2",
+    eps: float = 1e-7,
+    ns_dtype: Optional[torch.dtype] = None,
+    split_rows: int = 1,
+) -> Tensor:
+    """O_t = NS(U_t) * 0.2 sqrt(max dims), fp32, for a full matrix [n, m] or a stack [E, n, m].
+
+    split_rows=k orthogonalizes k equal row blocks [n/k, m] on their own (a fused SwiGLU fc1
+    [gate; up] as HF's separate gate_proj and up_proj), scaled by 0.2 sqrt(max(n/k, m)).
+    """
+    n, m = u.shape[-2:]
+    if split_rows < 1 or n % split_rows:
+        raise ValueError(f"split_rows={split_rows} does not divide the {n} rows of a {tuple(u.shape)} matrix")
+    blocks = u.reshape(-1, n // split_rows, m) if split_rows > 1 else u
+    o = newton_schulz(blocks, ns_steps, coefficients, eps, dtype=ns_dtype).float()
+    return o.mul_(rms_match_scale(blocks.shape)).view(u.shape)
+
+
 def muon_update(
     grad: Tensor,
     momentum_buf: Tensor,
@@ -44,17 +75,11 @@ def muon_update(
     """Update momentum_buf in place and return O_t (NS output x 0.2 sqrt(max dims)), fp32.
 
     grad/momentum_buf: a full matrix [n, m] or expert stack [E, n, m] (each expert on its own).
-    split_rows=k orthogonalizes k equal row blocks [n/k, m] on their own (a fused SwiGLU fc1
-    [gate; up] as HF's separate gate_proj and up_proj), scaled by 0.2 sqrt(max(n/k, m)).
+    See orthogonalized_update for split_rows.
     """
-    momentum_buf.lerp_(grad.to(momentum_buf.dtype), 1 - momentum)
-    u = grad.to(momentum_buf.dtype).lerp(momentum_buf, momentum) if nesterov else momentum_buf
-    n, m = u.shape[-2:]
-    if split_rows < 1 or n % split_rows:
-        raise ValueError(f"split_rows={split_rows} does not divide the {n} rows of a {tuple(u.shape)} matrix")
-    blocks = u.reshape(-1, n // split_rows, m) if split_rows > 1 else u
-    o = newton_schulz(blocks, ns_steps, coefficients, eps, dtype=ns_dtype).float()
-    return o.mul_(rms_match_scale(blocks.shape)).view(u.shape)
+    u = nesterov_input(grad, momentum_buf, momentum=momentum, nesterov=nesterov)
+    return orthogonalized_update(u, ns_steps=ns_steps, coefficients=coefficients, eps=eps,
+                                 ns_dtype=ns_dtype, split_rows=split_rows)
 
 
 def apply_muon_update(param: Tensor, update: Tensor, *, lr: float, weight_decay: float) -> None:

@@ -14,7 +14,7 @@ its offset) are separate so a distributed optimizer can apply the same clip to i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -117,6 +117,21 @@ class QKClipStats:
         return max(self.layer_max_logits.values()) if self.layer_max_logits else None
 
 
+def _measured(chunks) -> list[MultiLatentAttention]:
+    return [a for a in mla_attentions(chunks)
+            if getattr(a.core_attention, "current_max_attn_logits", None) is not None]
+
+
+def _reduced_logits(layers: list[MultiLatentAttention], group: Optional[dist.ProcessGroup]) -> list[Tensor]:
+    """Each layer's per-head max logits, MAX-reduced over `group` in one all_reduce."""
+    logits = [a.core_attention.current_max_attn_logits.detach().float() for a in layers]
+    if group is not None and dist.get_world_size(group) > 1 and logits:
+        flat = torch.cat(logits)
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+        logits = list(flat.split([t.numel() for t in logits]))
+    return logits
+
+
 @torch.no_grad()
 def clip_qk_in_model(
     chunks: Union[nn.Module, Iterable[nn.Module]],
@@ -132,17 +147,92 @@ def clip_qk_in_model(
     rank of the group must hold the same measured layers.
     """
     _check_threshold(threshold)
-    layers = [a for a in mla_attentions(chunks) if getattr(a.core_attention, "current_max_attn_logits", None) is not None]
+    layers = _measured(chunks)
     stats = QKClipStats()
-    if not layers:
-        return stats
-    logits = [a.core_attention.current_max_attn_logits.detach().float() for a in layers]
-    if group is not None and dist.get_world_size(group) > 1:
-        flat = torch.cat(logits)
-        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
-        logits = list(flat.split([t.numel() for t in logits]))
-    for attention, s in zip(layers, logits):
+    for attention, s in zip(layers, _reduced_logits(layers, group)):
         stats.layer_max_logits[attention.layer_number] = float(s.max())
         stats.clipped_heads += qk_clip_(attention, s, threshold, alpha=alpha)
         attention.core_attention.current_max_attn_logits = None
     return stats
+
+
+ShardLookup = Callable[[nn.Parameter], Optional[tuple[Tensor, int]]]
+
+
+class ShardedQKClip:
+    """QK-Clip on the fp32 master shards of a distributed optimizer, as its post-step hook.
+
+    `shard_of(weight)` gives this rank's master shard of a model weight and its flat offset
+    (None when the rank holds none of it). Rows are scaled on the shards only; the optimizer
+    then copies masters to the model weights and all-gathers them, so both stay consistent.
+    Probes are left for `attn_logit_report` to read and reset; `last_stats` holds this rank's
+    layers (heads of its TP rank, maxima over `group`), clipped heads counted on every replica.
+    """
+
+    def __init__(self, chunks: Sequence[nn.Module], threshold: float, *, alpha: float = 0.5,
+                 group: Optional[dist.ProcessGroup] = None, shard_of: ShardLookup) -> None:
+        _check_threshold(threshold)
+        self.chunks, self.threshold, self.alpha = list(chunks), float(threshold), alpha
+        self.group, self.shard_of = group, shard_of
+        self.last_stats: Optional[QKClipStats] = None
+
+    @torch.no_grad()
+    def __call__(self, _optimizer: Any = None) -> None:
+        layers = _measured(self.chunks)
+        stats = QKClipStats()
+        for attention, s in zip(layers, _reduced_logits(layers, self.group)):
+            stats.layer_max_logits[attention.layer_number] = float(s.max())
+            cfg = attention.config
+            q_scale, kv_scale, clipped = mla_clip_row_scales(
+                s, self.threshold, qk_nope=cfg.qk_head_dim, qk_rope=cfg.qk_pos_emb_head_dim,
+                v_dim=cfg.v_head_dim, alpha=self.alpha)
+            stats.clipped_heads += int(clipped.sum())
+            if not clipped.any():
+                continue
+            q_w, q_lin, kv_w, kv_lin = _weights(attention)
+            for w, lin, scale in ((q_w, q_lin, q_scale), (kv_w, kv_lin, kv_scale)):
+                if getattr(lin, "bias", None) is not None:
+                    raise NotImplementedError("sharded QK-Clip: MLA projections with biases")
+                found = self.shard_of(w)
+                if found is not None:
+                    shard, offset = found
+                    scale_rows_(shard, scale, cols=w.shape[1], flat_offset=offset)
+        self.last_stats = stats
+
+
+def attn_logit_report(
+    chunks: Union[nn.Module, Iterable[nn.Module]],
+    num_layers: int,
+    stats: Optional[QKClipStats] = None,
+    *,
+    count_clipped: bool = True,
+) -> dict:
+    """The step's attention-logit figures over all ranks, then the probes are reset.
+
+    {'max_attn_logit': float, 'max_attn_logit_per_layer': [L floats, None where unmeasured],
+    'clipped_heads': int}. Per-layer maxima come from `stats` (QK-Clip ran) or the probes.
+    Collective over the world; `count_clipped` False on all but one rank of each group of
+    replicas (DP x CP) so each clipped head counts once.
+    """
+    layers = mla_attentions(chunks)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    per_layer = torch.full((num_layers,), float("-inf"), dtype=torch.float64, device=device)
+    if stats is not None:
+        for number, value in stats.layer_max_logits.items():
+            per_layer[number - 1] = value
+    else:
+        for a in layers:
+            probe = getattr(a.core_attention, "current_max_attn_logits", None)
+            if probe is not None:
+                per_layer[a.layer_number - 1] = float(probe.max())
+    for a in layers:
+        a.core_attention.current_max_attn_logits = None
+    clipped = torch.tensor([float(stats.clipped_heads if stats and count_clipped else 0)],
+                           dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(per_layer, op=dist.ReduceOp.MAX)
+        dist.all_reduce(clipped)
+    values = [float(v) if v > float("-inf") else None for v in per_layer.tolist()]
+    measured = [v for v in values if v is not None]
+    return {"max_attn_logit": max(measured) if measured else None,
+            "max_attn_logit_per_layer": values, "clipped_heads": int(clipped.item())}

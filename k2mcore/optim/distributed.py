@@ -1,0 +1,321 @@
+"""MuonClip inside megatron-core's DistributedOptimizer: AdamW stays ZeRO-1, and every Muon
+matrix's Newton-Schulz runs once, on the full matrix, on one rank.
+
+megatron's DistributedOptimizer keeps doing what it does for every parameter: gradients are
+reduce-scattered over data parallelism into fp32 main-param shards (element-wise ZeRO-1 slices
+of its flat buffers), clipped, handed to an inner torch optimizer, copied back to the model
+weights and all-gathered. `ShardedMuonClip` is that inner optimizer. It steps AdamW on the
+non-matrix shards and, for the Muon matrices:
+
+1. momentum and Nesterov input on the local shard (element-wise, so the state is a ZeRO slice that
+   megatron's fully-reshardable checkpoint saves and reshards across layouts, under `exp_avg`);
+2. one all_to_all over the ranks that hold the matrix (its TP or ETP shards times its DP or
+   expert-DP replicas) sends each piece to the matrix's owner, picked to balance Newton-Schulz
+   FLOPs (longest job first);
+3. the owner rebuilds the full matrix (TP shards and SwiGLU gate/up blocks put back in place),
+   orthogonalizes it, batched over equal shapes, and a second all_to_all returns to every holder
+   the slice of the update that matches its shard;
+4. each holder applies W <- W - lr (O + wd W) to its fp32 master shard; then post-step hooks run
+   (QK-Clip scales rows of the master shards), before megatron copies the masters to the model
+   weights and all-gathers them, so weights and master copies stay consistent.
+
+Why not megatron's own Muon (megatron.core.optimizer.muon): it needs the `emerging_optimizers`
+package, does not combine with this element-wise distributed optimizer (its layer-wise optimizer
+saves state for one DP size), and its TP "blockwise" mode orthogonalizes TP shards on their own,
+so the update depends on the TP degree.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .muon import nesterov_input, orthogonalized_update
+from .newton_schulz import default_ns_dtype, ns_flops
+
+
+@dataclass(frozen=True)
+class MuonHyperParams:
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    eps: float = 1e-7
+    ns_dtype: Optional[torch.dtype] = None  # default: bf16 on CUDA, fp32 on CPU
+
+
+def state_placeholder(like: Tensor) -> Tensor:
+    """A zero-stride zero tensor shaped like `like`: stands for Adam's `exp_avg_sq` on a Muon
+    shard, which megatron's checkpoint code requires for every parameter, without its memory."""
+    return torch.zeros((), dtype=torch.float32, device=like.device).expand(like.shape)
+
+
+def is_state_placeholder(t: Any) -> bool:
+    return isinstance(t, Tensor) and t.numel() > 1 and all(s == 0 for s in t.stride())
+
+
+@dataclass
+class _Matrix:
+    """One Muon matrix as held by the ranks of a holder group (identical on all of them)."""
+
+    name: str
+    local_shape: tuple[int, int]  # this TP rank's shard, as the parameter is stored
+    tp_size: int  # number of TP shards (1: replicated over TP, or TP=1)
+    partition_dim: int  # dim along which TP shards are concatenated
+    split_rows: int  # SwiGLU fc1: 2 blocks [gate; up] in every TP shard
+
+    @property
+    def full_shape(self) -> tuple[int, int]:
+        shape = list(self.local_shape)
+        shape[self.partition_dim] *= self.tp_size
+        return tuple(shape)  # type: ignore[return-value]
+
+    @property
+    def cost(self) -> int:
+        n, m = self.full_shape
+        return self.split_rows * ns_flops(n // self.split_rows, m)
+
+    def assemble(self, shards: Tensor) -> Tensor:
+        """[tp_size, *local_shape] -> full matrix, gate/up blocks of every shard in place."""
+        if self.tp_size == 1:
+            return shards[0]
+        if self.partition_dim == 1:
+            return torch.cat(list(shards), dim=1)
+        k = self.split_rows
+        blocks = shards.view(self.tp_size, k, -1, self.local_shape[1])  # [tp, k, rows/k, cols]
+        return blocks.transpose(0, 1).reshape(self.full_shape)
+
+    def split(self, full: Tensor) -> Tensor:
+        """Inverse of assemble: full matrix -> [tp_size, *local_shape]."""
+        if self.tp_size == 1:
+            return full.unsqueeze(0)
+        if self.partition_dim == 1:
+            return torch.stack(full.chunk(self.tp_size, dim=1))
+        k = self.split_rows
+        blocks = full.view(k, self.tp_size, -1, self.local_shape[1]).transpose(0, 1)
+        return blocks.reshape(self.tp_size, *self.local_shape)
+
+
+@dataclass
+class _Piece:
+    """What one rank holds of one matrix: a slice [start, end) of its flattened TP shard."""
+
+    tp_rank: int  # which TP shard (0 for a TP-replicated matrix)
+    start: int
+    end: int
+    source: bool  # sends its piece (a TP-replicated matrix's copies on TP rank > 0 only receive)
+
+
+@dataclass
+class ExchangePlan:
+    """Who owns which matrix and which pieces move where; the same on every holder rank."""
+
+    group: Optional[dist.ProcessGroup]
+    size: int
+    rank: int
+    matrices: list[_Matrix]
+    pieces: list[list[Optional[_Piece]]]  # [group rank][matrix]
+    owner: list[int]  # [matrix] -> group rank
+    ns_flops: list[int] = field(default_factory=list)  # [group rank] Newton-Schulz FLOPs per step
+
+    def is_source(self, r: int, i: int) -> bool:
+        piece = self.pieces[r][i]
+        return piece is not None and piece.source
+
+    def sent_to(self, src: int, dst: int) -> list[int]:
+        return [i for i, o in enumerate(self.owner) if o == dst and self.is_source(src, i)]
+
+    def returned_to(self, owner: int, dst: int) -> list[int]:
+        return [i for i, o in enumerate(self.owner) if o == owner and self.pieces[dst][i] is not None]
+
+
+def balance(costs: Sequence[int], size: int) -> list[int]:
+    """Owner per job, greedy longest-processing-time first; deterministic (ties by index)."""
+    owner = [0] * len(costs)
+    heap = [(0, r) for r in range(size)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        load, r = heapq.heappop(heap)
+        owner[i] = r
+        heapq.heappush(heap, (load + costs[i], r))
+    return owner
+
+
+def build_plan(
+    matrices: list[_Matrix], local: list[Optional[_Piece]], group: Optional[dist.ProcessGroup]
+) -> ExchangePlan:
+    """Collective over `group` (None or size 1: this rank alone holds everything)."""
+    size = 1 if group is None else dist.get_world_size(group)
+    rank = 0 if group is None else dist.get_rank(group)
+    pieces: list[list[Optional[_Piece]]] = [local]
+    if size > 1:
+        gathered: list[Any] = [None] * size
+        dist.all_gather_object(gathered, ([m.name for m in matrices], local), group=group)
+        if any(names != [m.name for m in matrices] for names, _ in gathered):
+            raise RuntimeError("MuonClip: ranks holding the same parameters list different Muon matrices")
+        pieces = [p for _, p in gathered]
+    owner = balance([m.cost for m in matrices], size)
+    flops = [0] * size
+    for i, o in enumerate(owner):
+        flops[o] += matrices[i].cost
+    return ExchangePlan(group, size, rank, matrices, pieces, owner, flops)
+
+
+class ShardedMuonClip(torch.optim.AdamW):
+    """The inner optimizer of a megatron DistributedOptimizer: AdamW on every shard, except
+    the `muon` shards, which take the distributed Muon update (module docstring).
+
+    `muon`: (main-param shard, matrix index) of this rank's Muon pieces; `plan`: the exchange.
+    `post_step_hooks` run after the update on the fp32 master shards (QK-Clip).
+    """
+
+    @classmethod
+    def from_adamw(
+        cls, inner: torch.optim.AdamW, *, plan: ExchangePlan, muon: list[tuple[Tensor, int]],
+        hparams: MuonHyperParams,
+    ) -> "ShardedMuonClip":
+        """Take over megatron's inner AdamW: its param groups already hold the main-param shards
+        (views that torch's constructor would refuse as non-leaf tensors), its defaults and
+        its (empty) state."""
+        if not isinstance(inner, torch.optim.AdamW) or len(inner.state):
+            raise TypeError("ShardedMuonClip takes over a fresh torch.optim.AdamW")
+        self = cls.__new__(cls)
+        self.__dict__.update(inner.__dict__)
+        self.plan = plan
+        self.hparams = hparams
+        self.muon = muon
+        self._muon_ids = {id(p) for p, _ in muon}
+        self.post_step_hooks: list[Callable[["ShardedMuonClip"], None]] = []
+        self.comm_bytes = 0  # bytes this rank sent in Muon exchanges since the last reset
+        return self
+
+    def init_state(self, opt: Any = None, config: Any = None) -> None:
+        """megatron's init_state_fn: Adam moments for AdamW shards, momentum for Muon shards."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if len(state):
+                    continue
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = state_placeholder(p) if id(p) in self._muon_ids else torch.zeros_like(p)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for p, _ in self.muon]
+        for p, _ in self.muon:  # AdamW skips parameters without a gradient
+            p.grad = None
+        try:
+            super().step()
+        finally:
+            for (p, _), g in zip(self.muon, grads):
+                p.grad = g
+        self._muon_step()
+        for hook in self.post_step_hooks:
+            hook(self)
+        return loss
+
+    def _muon_step(self) -> None:
+        h = self.hparams
+        # looked up each step: load_state_dict replaces the group dicts the scheduler updates
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        inputs: dict[int, Tensor] = {}
+        for p, i in self.muon:
+            state = self.state[p]
+            if len(state) == 0:
+                self.init_state()
+            state["step"] += 1
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            inputs[i] = nesterov_input(grad, state["exp_avg"], momentum=h.momentum, nesterov=h.nesterov).reshape(-1)
+        updates = self._exchange_and_orthogonalize(inputs)
+        for p, i in self.muon:
+            group = group_of[id(p)]
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(updates[i].view_as(p).to(p.dtype), alpha=-group["lr"])
+
+    def _exchange_and_orthogonalize(self, inputs: dict[int, Tensor]) -> dict[int, Tensor]:
+        """Pieces to owners, Newton-Schulz on full matrices, update slices back to holders."""
+        plan, me = self.plan, self.plan.rank
+        device = next(iter(inputs.values())).device if inputs else _device()
+        # 1. every source piece to its matrix's owner
+        send = [inputs[i] for dst in range(plan.size) for i in plan.sent_to(me, dst)]
+        send_sizes = [sum(inputs[i].numel() for i in plan.sent_to(me, dst)) for dst in range(plan.size)]
+        recv_sizes = [sum(_numel(plan.pieces[src][i]) for i in plan.sent_to(src, me)) for src in range(plan.size)]
+        received = self._all_to_all(send, send_sizes, recv_sizes, device)
+        # 2. rebuild and orthogonalize the owned matrices
+        owned = [i for i, o in enumerate(plan.owner) if o == me]
+        shards = {i: torch.zeros(plan.matrices[i].tp_size, _prod(plan.matrices[i].local_shape),
+                                 dtype=torch.float32, device=device) for i in owned}
+        chunks = iter(received.split([_numel(plan.pieces[src][i]) for src in range(plan.size)
+                                      for i in plan.sent_to(src, me)]))
+        for src in range(plan.size):
+            for i in plan.sent_to(src, me):
+                piece = plan.pieces[src][i]
+                shards[i][piece.tp_rank, piece.start:piece.end] = next(chunks)
+        results = self._orthogonalize({i: plan.matrices[i].assemble(
+            shards[i].view(-1, *plan.matrices[i].local_shape)) for i in owned})
+        local = {i: plan.matrices[i].split(results[i]).reshape(plan.matrices[i].tp_size, -1) for i in owned}
+        # 3. every holder's slice of the update back to it
+        send, send_sizes = [], []
+        for dst in range(plan.size):
+            ids = plan.returned_to(me, dst)
+            parts = [local[i][plan.pieces[dst][i].tp_rank, plan.pieces[dst][i].start:plan.pieces[dst][i].end]
+                     for i in ids]
+            send += parts
+            send_sizes.append(sum(t.numel() for t in parts))
+        recv_sizes = [sum(_numel(plan.pieces[me][i]) for i in plan.returned_to(src, me)) for src in range(plan.size)]
+        back = self._all_to_all(send, send_sizes, recv_sizes, device)
+        order = [i for src in range(plan.size) for i in plan.returned_to(src, me)]
+        return dict(zip(order, back.split([_numel(plan.pieces[me][i]) for i in order])))
+
+    def _orthogonalize(self, full: dict[int, Tensor]) -> dict[int, Tensor]:
+        """Batched over matrices of the same shape and SwiGLU split."""
+        h, plan = self.hparams, self.plan
+        by_shape: dict[tuple, list[int]] = {}
+        for i, t in full.items():
+            by_shape.setdefault((tuple(t.shape), plan.matrices[i].split_rows), []).append(i)
+        out: dict[int, Tensor] = {}
+        for (shape, k), ids in by_shape.items():
+            stack = torch.stack([full[i] for i in ids]).view(-1, shape[0] // k, shape[1])
+            dtype = h.ns_dtype or default_ns_dtype(stack.device)
+            o = orthogonalized_update(stack, ns_steps=h.ns_steps, coefficients=h.coefficients,
+                                      eps=h.eps, ns_dtype=dtype)
+            for j, i in enumerate(o.view(len(ids), *shape)):
+                out[ids[j]] = i
+        return out
+
+    def _all_to_all(self, parts: list[Tensor], send_sizes: list[int], recv_sizes: list[int],
+                    device: Any) -> Tensor:
+        send = torch.cat(parts) if parts else torch.zeros(0, device=device)
+        if self.plan.size == 1:
+            return send
+        out = torch.empty(sum(recv_sizes), dtype=torch.float32, device=device)
+        dist.all_to_all_single(out, send.float().contiguous(), recv_sizes, send_sizes, group=self.plan.group)
+        self.comm_bytes += 4 * (sum(send_sizes) - send_sizes[self.plan.rank])
+        return out
+
+    def zero_comm_counter(self) -> int:
+        sent, self.comm_bytes = self.comm_bytes, 0
+        return sent
+
+
+def _numel(piece: Optional[_Piece]) -> int:
+    return 0 if piece is None else piece.end - piece.start
+
+
+def _prod(shape: Sequence[int]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def _device() -> Any:
+    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,129 @@
+"""Turn megatron-core's (chained) DistributedOptimizer into MuonClip: each child's inner torch
+AdamW is replaced by a ShardedMuonClip over the same parameter groups and shards.
+
+Dense parameters are held by the ranks of one pipeline stage (TP x CP x DP); expert parameters by
+the ranks of one (stage, expert-parallel rank) pair (ETP x EDP). One process group per kind of
+holder set carries the Muon exchange; QK-Clip reduces logits over DP x CP.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .distributed import ExchangePlan, MuonHyperParams, ShardedMuonClip, _Matrix, _Piece, build_plan
+from .param_groups import split_params
+from .qk_clip import ShardedQKClip
+
+
+def _holder_groups() -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(dense holders, expert holders) of this rank: collective over the world."""
+    from megatron.core import parallel_state as ps
+
+    key = (ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank())
+    keys: list = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, key)
+    mine = {}
+    for kind, pick in (("dense", lambda k: k[0]), ("expert", lambda k: k)):
+        for value in sorted({pick(k) for k in keys}):
+            ranks = [r for r, k in enumerate(keys) if pick(k) == value]
+            group = dist.new_group(ranks)  # every rank creates every group, in the same order
+            if value == pick(key):
+                mine[kind] = group
+    return mine["dense"], mine["expert"]
+
+
+def _tp(expert: bool) -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    if expert:
+        return ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+    return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+
+
+def _main_shard(child, param: nn.Parameter) -> Optional[tuple[Tensor, int]]:
+    """This rank's fp32 master shard of a model weight and its flat offset, or None."""
+    index = child.model_param_group_index_map.get(param)
+    if index is None:
+        return None
+    group, order = index
+    shard = child.optimizer.param_groups[group]["params"][order]
+    return shard, child._get_model_param_range_map(param)["param"].start
+
+
+def install_muonclip(
+    optimizer,
+    chunks: Sequence[nn.Module],
+    hparams: MuonHyperParams,
+    *,
+    router_in_muon: bool = True,
+    split_gated: bool = True,
+    qk_clip_threshold: Optional[float] = 100.0,
+    qk_clip_alpha: float = 0.5,
+) -> list[ShardedMuonClip]:
+    """Replace the inner optimizer of every DistributedOptimizer in `optimizer` (collective).
+
+    `chunks`: the unwrapped model chunks (GPTModel), in order. Returns the new inner optimizers;
+    the first one of the dense parameters carries the QK-Clip hook.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    children = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    if not all(isinstance(c, DistributedOptimizer) for c in children):
+        raise ValueError("MuonClip needs megatron's distributed optimizer (parallel.distributed_optimizer: true)")
+    split = split_params(chunks, router_in_muon=router_in_muon)
+    gated = set(split.gated_names) if split_gated else set()
+    named_muon = list(zip(split.muon_names, split.muon_params))
+    for name, p in named_muon:
+        if p.ndim != 2:
+            raise ValueError(f"MuonClip (distributed): {name} has shape {tuple(p.shape)}; "
+                             "experts must be per-expert matrices (SequentialMLP or TE's grouped MLP)")
+    dense_group, expert_group = _holder_groups()
+    installed = []
+    for child in children:
+        held = {p for buf in child.buffers for p in buf.param_index_map}
+        mine = [(n, p) for n, p in named_muon if p in held]
+        kinds = {not getattr(p, "allreduce", True) for p in held}
+        # at EP=1 megatron may put dense and expert buffers in one optimizer; their holder
+        # sets are then the same ranks (ETP = TP is enforced at EP=1 by the config)
+        expert = kinds == {True}
+        matrices, local, shards = [], [], []
+        for i, (name, p) in enumerate(mine):
+            tp_size, tp_rank = _tp(not getattr(p, "allreduce", True))
+            sharded = bool(getattr(p, "tensor_model_parallel", False)) and tp_size > 1
+            matrices.append(_Matrix(
+                name=name, local_shape=tuple(p.shape), tp_size=tp_size if sharded else 1,
+                partition_dim=int(getattr(p, "partition_dim", 0)) if sharded else 0,
+                split_rows=2 if name in gated else 1))
+            found = _main_shard(child, p)
+            if found is None:
+                local.append(None)
+                continue
+            shard, start = found
+            local.append(_Piece(tp_rank=tp_rank if sharded else 0, start=start,
+                                end=start + shard.numel(), source=sharded or tp_rank == 0))
+            shards.append((shard, i))
+        plan: ExchangePlan = build_plan(matrices, local, expert_group if expert else dense_group)
+        inner = child.optimizer
+        new = ShardedMuonClip.from_adamw(inner, plan=plan, muon=shards, hparams=hparams)
+        child.optimizer = new
+        child.init_state_fn = new.init_state
+        installed.append((expert, new, child))
+    dense = [(new, child) for expert, new, child in installed if not expert]
+    if qk_clip_threshold is not None and dense:
+        new, child = dense[0]
+        new.post_step_hooks.append(ShardedQKClip(
+            chunks, qk_clip_threshold, alpha=qk_clip_alpha,
+            group=ps.get_data_parallel_group(with_context_parallel=True),
+            shard_of=lambda w, child=child: _main_shard(child, w)))
+    return [new for _, new, _ in installed]
+
+
+def qk_clip_hook(inner: Sequence[ShardedMuonClip]) -> Optional[ShardedQKClip]:
+    for opt in inner:
+        for hook in opt.post_step_hooks:
+            if isinstance(hook, ShardedQKClip):
+                return hook
+    return None
