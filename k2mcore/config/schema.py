@@ -99,6 +99,29 @@ class TrainConfig:
 
 
 @dataclass
+class MuonConfig:
+    """Muon's half of MuonClip (optimizer.name: muonclip); lr, weight decay and the schedule are
+    the optimizer section's (Muon's update RMS is matched to AdamW's, so K2 shares them)."""
+
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    coefficients: str = "k2"  # a named Newton-Schulz coefficient set (k2mcore.optim.NS_COEFFICIENTS)
+    ns_dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU | fp32 | bf16
+    router_in_muon: bool = True  # the MoE router weight: Muon (true) or AdamW
+    split_gated: bool = True  # orthogonalize SwiGLU gate and up projections separately (as HF's)
+
+
+@dataclass
+class QKClipConfig:
+    """K2's QK-Clip, applied after each MuonClip step (needs optimizer.name: muonclip)."""
+
+    threshold: float = 100.0  # tau: heads whose max pre-softmax logit exceeds it are rescaled
+    alpha: float = 0.5  # query share of the no-RoPE scaling (K2: 0.5)
+    enabled: bool = True
+
+
+@dataclass
 class OptimizerConfig:
     name: str = "adamw"  # adamw | muonclip
     lr: float = 2e-4
@@ -116,6 +139,7 @@ class OptimizerConfig:
     decay_iters: Optional[int] = None
     wsd_decay_iters: Optional[int] = None  # null: the last 10% of the schedule
     wsd_decay_style: str = "cosine"  # linear | cosine | exponential | minus_sqrt
+    muon: MuonConfig = field(default_factory=MuonConfig)
 
 
 @dataclass
@@ -164,7 +188,13 @@ class K2Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    qk_clip: QKClipConfig = field(default_factory=QKClipConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def qk_clip_active(self) -> bool:
+        """QK-Clip runs after each step (and needs the per-head max-logit probes)."""
+        return self.optimizer.name == "muonclip" and self.qk_clip.enabled

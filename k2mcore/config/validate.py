@@ -23,6 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.init": ("layout_invariant", "megatron"),
     "data.loader": ("auto", "dali", "torch"),
     "model.rope_scaling.type": ("yarn",),
+    "optimizer.muon.ns_dtype": ("auto", "fp32", "bf16"),
 }
 
 POSITIVE_INTS = (
@@ -32,7 +33,7 @@ POSITIVE_INTS = (
     "model.n_group", "model.topk_group", "model.max_position_embeddings",
     "parallel.tp", "parallel.pp", "parallel.ep", "parallel.etp", "parallel.cp",
     "train.iters", "train.global_batch_size", "train.micro_batch_size", "train.seq_length",
-    "train.max_consecutive_skips",
+    "train.max_consecutive_skips", "optimizer.muon.ns_steps",
     "checkpoint.keep", "logging.interval", "data.eval_samples", "data.prefetch",
 )
 OPTIONAL_POSITIVE_INTS = (
@@ -95,6 +96,7 @@ def _check_fields(cfg: K2Config) -> None:
             raise ConfigError(f"{key}: must be in [0, 1), got {_fmt(beta)}")
     if o.min_lr > o.lr:
         raise ConfigError(f"optimizer.min_lr={_fmt(o.min_lr)} exceeds optimizer.lr={_fmt(o.lr)}")
+    _check_muonclip(cfg)
     rs = cfg.model.rope_scaling
     if rs is not None:
         if rs.factor < 1:
@@ -104,6 +106,24 @@ def _check_fields(cfg: K2Config) -> None:
                 f"model.rope_scaling.original_max_position_embeddings: must be >= 1, "
                 f"got {rs.original_max_position_embeddings}"
             )
+
+
+def _check_muonclip(cfg: K2Config) -> None:
+    from k2mcore.optim.newton_schulz import NS_COEFFICIENTS
+
+    m, q = cfg.optimizer.muon, cfg.qk_clip
+    if not 0 <= m.momentum < 1:
+        raise ConfigError(f"optimizer.muon.momentum: must be in [0, 1), got {_fmt(m.momentum)}")
+    if m.coefficients not in NS_COEFFICIENTS:
+        raise ConfigError(f"optimizer.muon.coefficients: unknown Newton-Schulz coefficient set "
+                          f"{_fmt(m.coefficients)}; known: {', '.join(sorted(NS_COEFFICIENTS))}")
+    if not q.threshold > 0:
+        raise ConfigError(f"qk_clip.threshold: must be > 0, got {_fmt(q.threshold)}")
+    if not 0 <= q.alpha <= 1:
+        raise ConfigError(f"qk_clip.alpha: must be in [0, 1], got {_fmt(q.alpha)}")
+    if cfg.optimizer.name == "muonclip" and not cfg.parallel.distributed_optimizer:
+        raise ConfigError("optimizer.name=muonclip needs parallel.distributed_optimizer=true "
+                          "(its Muon exchange works on the distributed optimizer's shards)")
 
 
 def _check_data(cfg: K2Config) -> None:

@@ -1,6 +1,7 @@
 """Build this rank's K2 model chunks (one per virtual pipeline stage) on megatron's GPTModel."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -49,14 +50,17 @@ def build_model(
     `initialize=False` skips the layout-invariant init (for weights loaded right after).
     """
     use_te = transformer_engine_usable() if use_te is None else use_te
+    model_cfg = cfg.model
+    if cfg.qk_clip_active and not model_cfg.measure_max_attn_logit:
+        model_cfg = dataclasses.replace(model_cfg, measure_max_attn_logit=True)
     config = mla_config(
-        cfg.model, cfg.parallel, dtype=resolve_dtype(cfg.train.dtype), use_te=use_te,
+        model_cfg, cfg.parallel, dtype=resolve_dtype(cfg.train.dtype), use_te=use_te,
         recompute=cfg.train.recompute,
     )
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = range(vpp) if vpp and vpp > 1 else [None]
     chunks = [
-        build_gpt_chunk(cfg.model, config, use_te=use_te, vp_stage=vp,
+        build_gpt_chunk(model_cfg, config, use_te=use_te, vp_stage=vp,
                         max_seq_length=cfg.train.seq_length)
         for vp in stages
     ]

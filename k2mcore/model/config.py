@@ -88,6 +88,9 @@ def mla_config(
         moe_router_dtype="fp32",
         moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=use_te,
+        # TE's core attention records the per-head max logit (`current_max_attn_logits`, the
+        # attribute k2mcore's own core attention fills) only when asked
+        log_max_attention_logit=use_te and model.measure_max_attn_logit,
         # parallelism
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,

@@ -249,6 +249,10 @@ def load_checkpoint(path: str, model: list, optimizer: Any = None, scheduler: An
     if optimizer is not None:
         if not saved_opt:
             raise CheckpointError(f"{path}: holds no optimizer state (saved without one)")
+        if saved_opt.get("name", "adamw") != optimizer_name(optimizer):
+            raise CheckpointError(
+                f"{path}: optimizer state is {saved_opt.get('name')!r}, this run uses "
+                f"{optimizer_name(optimizer)!r} (Muon momentum is not Adam state)")
         opt_state = _optimizer_state(optimizer, state, is_loading=True)
         state["optimizer"] = _drop_common(opt_state)
     try:
@@ -428,6 +432,14 @@ def _optimizers(optimizer: Any) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def optimizer_name(optimizer: Any) -> str:
+    """'muonclip' when megatron's optimizer drives k2mcore's MuonClip, else 'adamw'."""
+    from k2mcore.optim.distributed import ShardedMuonClip
+
+    inner = [getattr(c, "optimizer", None) for c in _optimizers(optimizer)]
+    return "muonclip" if any(isinstance(o, ShardedMuonClip) for o in inner) else "adamw"
+
+
 def _optimizer_state(optimizer: Any, model_state: dict, is_loading: bool) -> dict:
     """Each of megatron's (chained) optimizers' sharded state, {index: state}."""
     out = {}
@@ -459,7 +471,7 @@ def _prime_state(child: Any) -> None:
 @contextlib.contextmanager
 def _torch_adam_fixes(child: Any) -> Iterator[None]:
     """Work around two megatron-core 0.16.1 bugs in DistributedOptimizer.load_state_dict when
-    it drives torch's Adam (no TE/Apex, as on CPU):
+    it drives torch's Adam (no TE/Apex, as on CPU, or k2mcore's MuonClip):
 
     1. `load_parameter_state_from_fully_reshardable` leaves 'step' out of the tensors it hands to
        `_set_main_param_and_optimizer_states`, which copies every state key: KeyError 'step'.
@@ -470,17 +482,22 @@ def _torch_adam_fixes(child: Any) -> Iterator[None]:
     """
     from megatron.core.optimizer import distrib_optimizer
 
+    from k2mcore.optim.distributed import is_state_placeholder
+
     if (not isinstance(child, distrib_optimizer.DistributedOptimizer)
-            or distrib_optimizer.HAVE_APEX_OR_TE):
+            or not isinstance(child.optimizer, torch.optim.Adam)):  # AdamW, MuonClip too
         yield
         return
-    original = child._set_main_param_and_optimizer_states
 
     def set_states(model_param: Any, tensors: dict) -> None:
         current = child._get_main_param_and_optimizer_states(model_param)
         if "step" in current and "step" not in tensors:
             tensors = {**tensors, "step": current["step"]}
-        original(model_param, tensors)
+        # a Muon shard's exp_avg_sq is a memory-free zero placeholder (optim/distributed.py)
+        tensors = {k: v for k, v in tensors.items() if not is_state_placeholder(current.get(k))}
+        current = {k: v for k, v in current.items() if not is_state_placeholder(v)}
+        for key, value in current.items():
+            value.copy_(tensors[key])
 
     child._set_main_param_and_optimizer_states = set_states
     try:

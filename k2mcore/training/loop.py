@@ -41,7 +41,55 @@ def build_optimizer(cfg: K2Config, model: list):
         wsd_decay_steps=(o.wsd_decay_iters or max(1, iters // 10)) if wsd else None,
         lr_wsd_decay_style=o.wsd_decay_style if wsd else None,
     )
+    if o.name == "muonclip":
+        _install_muonclip(cfg, opt, model)
     return opt, sched
+
+
+def _install_muonclip(cfg: K2Config, opt, model: list) -> None:
+    """megatron's distributed AdamW becomes MuonClip: Muon on the hidden matrices (sharded
+    Newton-Schulz), AdamW on the rest, QK-Clip after each step (k2mcore.optim.megatron_muonclip)."""
+    import torch
+
+    from k2mcore.optim.distributed import MuonHyperParams
+    from k2mcore.optim.megatron_muonclip import install_muonclip
+    from k2mcore.optim.newton_schulz import resolve_coefficients
+
+    m = cfg.optimizer.muon
+    hparams = MuonHyperParams(
+        momentum=m.momentum, nesterov=m.nesterov, ns_steps=m.ns_steps,
+        coefficients=resolve_coefficients(m.coefficients), eps=1e-7,
+        ns_dtype={"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[m.ns_dtype],
+    )
+    install_muonclip(
+        opt, [getattr(c, "module", c) for c in model], hparams,
+        router_in_muon=m.router_in_muon, split_gated=m.split_gated,
+        qk_clip_threshold=cfg.qk_clip.threshold if cfg.qk_clip_active else None,
+        qk_clip_alpha=cfg.qk_clip.alpha,
+    )
+
+
+def attention_report(cfg: K2Config, optimizer, model: list, stepped: bool) -> dict:
+    """max_attn_logit (+ per layer, clipped_heads under QK-Clip) over all ranks; resets probes."""
+    from megatron.core import parallel_state as ps
+
+    from k2mcore.optim.megatron_muonclip import qk_clip_hook
+    from k2mcore.optim.qk_clip import attn_logit_report
+
+    hook = qk_clip_hook(_inner_optimizers(optimizer)) if cfg.qk_clip_active else None
+    stats = hook.last_stats if hook is not None and stepped else None
+    if hook is not None:
+        hook.last_stats = None
+    report = attn_logit_report(
+        [getattr(c, "module", c) for c in model], cfg.model.num_layers, stats,
+        count_clipped=ps.get_data_parallel_rank(with_context_parallel=True) == 0)
+    if hook is None:
+        return {"max_attn_logit": report["max_attn_logit"]}
+    return report
+
+
+def _inner_optimizers(optimizer) -> list:
+    return [c.optimizer for c in getattr(optimizer, "chained_optimizers", [optimizer])]
 
 
 def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
@@ -57,15 +105,11 @@ def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
 
     from . import checkpoint as ckpt
     from .faults import SkipCounter, StopRequest, injected_nan_steps, optimizer_step
-    from .metrics import MetricsLogger, take_max_attn_logit
+    from .metrics import MetricsLogger
     from .step import forward_backward, wrap_ddp
 
     # before anything slow, so an early SIGTERM is not lost
     stop = StopRequest(stop_file=os.path.join(cfg.run.dir, "STOP"))
-    if cfg.optimizer.name != "adamw":  # before any process group work
-        from k2mcore.config.loader import ConfigError
-
-        raise ConfigError(f"optimizer.name={cfg.optimizer.name}: not implemented yet, use adamw")
     init_distributed(cfg.parallel, seed=cfg.train.seed)
     model = wrap_ddp(build_model(cfg), distributed_optimizer=cfg.parallel.distributed_optimizer)
     optimizer, scheduler = build_optimizer(cfg, model)
@@ -129,8 +173,8 @@ def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
             skips.update(ok, step, loss, grad_norm)
             row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "skipped": int(not ok), "skipped_total": skips.total}
-            if cfg.model.measure_max_attn_logit:
-                row["max_attn_logit"] = take_max_attn_logit(model)
+            if cfg.model.measure_max_attn_logit or cfg.qk_clip_active:
+                row.update(attention_report(cfg, optimizer, model, stepped=ok))
             rows.append(logger.log(row, step_time=time.perf_counter() - start,
                                    first_step=first_step))
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:

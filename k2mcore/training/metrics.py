@@ -8,7 +8,6 @@ import time
 import warnings
 from typing import Any
 
-import torch.distributed as dist
 
 from k2mcore.config.schema import K2Config, ModelConfig
 
@@ -25,28 +24,6 @@ def flops_per_token(model: ModelConfig, seq_length: int) -> float:
     d_qk = model.qk_nope_head_dim + model.qk_rope_head_dim
     attn = 6 * model.num_layers * model.num_attention_heads * (d_qk + model.v_head_dim)
     return 6.0 * active + attn * seq_length
-
-
-def take_max_attn_logit(chunks) -> float:
-    """The largest pre-softmax attention logit of the step over every layer, head and token,
-    on all ranks (TP splits heads, PP layers, DP/CP tokens), then the probes are reset.
-
-    Collective: every rank must call it. Needs `model.measure_max_attn_logit`.
-    """
-    import torch
-
-    from k2mcore.optim.qk_clip import mla_attentions
-
-    found = [a.core_attention.current_max_attn_logits for a in mla_attentions(chunks)
-             if getattr(a.core_attention, "current_max_attn_logits", None) is not None]
-    for a in mla_attentions(chunks):
-        a.core_attention.current_max_attn_logits = None
-    local = max((float(t.max()) for t in found), default=float("-inf"))
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    value = torch.tensor([local], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return float(value.item())
 
 
 class MetricsLogger:
@@ -107,6 +84,9 @@ class MetricsLogger:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tb.add_scalar(f"train/{key}", value, row["step"])
+            for i, value in enumerate(row.get("max_attn_logit_per_layer") or []):
+                if value is not None:
+                    self.tb.add_scalar(f"attn_logit/layer_{i + 1:03d}", value, row["step"])
         if self.wandb is not None:
             self.wandb.log(row, step=row["step"])
         if row["step"] % self.cfg.logging.interval == 0 or row["step"] == t.iters:
@@ -128,6 +108,11 @@ class MetricsLogger:
         ]
         if row.get("max_attn_logit") is not None:
             parts.append(f"max logit {row['max_attn_logit']:.3g}")
+        if "clipped_heads" in row:
+            parts.append(f"clipped heads {row['clipped_heads']}")
+        per_layer = row.get("max_attn_logit_per_layer")
+        if per_layer and len(per_layer) <= 16:  # one figure per layer fits a console line
+            parts.append("per layer " + " ".join("-" if v is None else f"{v:.3g}" for v in per_layer))
         return " | ".join(parts)
 
     def close(self) -> None:

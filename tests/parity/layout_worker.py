@@ -33,14 +33,23 @@ LAYOUTS: dict[str, dict] = {
     "tp2-ep2": {"parallel.tp": 2, "parallel.sp": True, "parallel.ep": 2, "parallel.etp": 1},
     "tp2-pp2-ep2": {"parallel.tp": 2, "parallel.pp": 2, "parallel.ep": 2, "parallel.sp": True},
 }
+TWO_RANK = ["tp2-sp", "pp2", "pp2-vpp2", "pp2-uneven", "ep2", "dp2", "tp2-ep2"]
+EIGHT_RANK = ["tp2-pp2-ep2"]
+ALL = ["1rank", *TWO_RANK, *EIGHT_RANK]
 GLOBAL_BATCH, SEQ, SEED = 4, 32, 1234
+# MuonClip phase: steps on fresh batches, with a QK-Clip threshold the toy's logits exceed
+MUON_STEPS, MUON_TAU = 5, 0.05
+# QK-Clip phase (TP layouts): lr 0, so the clip is the only change to the weights; a threshold
+# inside the initial logits' range (about 0.08 to 0.13), so some heads clip and some do not
+CLIP_TAU = 0.11
+CLIP_LAYOUTS = ("1rank", "tp2-sp", "tp2-ep2", "tp2-pp2-ep2")
 
 
-def micro_batches(vocab: int) -> list[dict]:
+def micro_batches(vocab: int, seed: int = SEED) -> list[dict]:
     """This data-parallel rank's share of a fixed global batch, one sequence per micro-batch."""
     from megatron.core import parallel_state as ps
 
-    g = torch.Generator().manual_seed(SEED)
+    g = torch.Generator().manual_seed(seed)
     data = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g)
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per_rank = GLOBAL_BATCH // dp
@@ -80,6 +89,64 @@ def run(name: str, out: str, init_path: str, write_init: bool) -> None:
         )
 
 
+def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, tau: float,
+                 tag: str) -> None:
+    """`steps` MuonClip steps from the shared initial weights; saves losses, attention reports,
+    the full weights after every step and each rank's Newton-Schulz FLOPs."""
+    from k2mcore.training.loop import attention_report, build_optimizer
+
+    overrides = [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[name].items()]
+    cfg = load_config("k2-tiny", overrides + [
+        f"train.seq_length={SEQ}", "train.dtype=fp32", "optimizer.name=muonclip",
+        f"optimizer.lr={lr}", "optimizer.min_lr=0", "optimizer.warmup_iters=0",
+        "optimizer.decay_style=constant", f"qk_clip.threshold={tau}",
+        # the clip phase re-measures logits on the same batch: keep routing fixed
+        f"model.moe_router_bias_update_rate={1e-3 if lr else 0.0}"])
+    resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    init_distributed(cfg.parallel, seed=SEED)
+    model = wrap_ddp(build_model(cfg), distributed_optimizer=True)
+    scatter_full(model, torch.load(init_path, weights_only=True))
+    optimizer, _ = build_optimizer(cfg, model)
+    inner = [c.optimizer for c in getattr(optimizer, "chained_optimizers", [optimizer])]
+    flops = sum(o.plan.ns_flops[o.plan.rank] for o in inner)
+    rows, weights = [], [gather_full(model)]
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = forward_backward(model, micro_batches(cfg.model.vocab_size, SEED + step),
+                                seq_length=SEQ, micro_batch_size=1)
+        ok, _, _ = optimizer.step()
+        rows.append({"loss": loss, "ok": ok, **attention_report(cfg, optimizer, model, stepped=ok)})
+        weights.append(gather_full(model))
+    # one more forward on the last batch: the logits the clipped weights give
+    forward_backward(model, micro_batches(cfg.model.vocab_size, SEED + steps - 1), seq_length=SEQ,
+                     micro_batch_size=1, forward_only=True)
+    heads = _per_head_logits(model)
+    all_flops: list = [None] * dist.get_world_size()
+    dist.all_gather_object(all_flops, flops)
+    if dist.get_rank() == 0:
+        torch.save({"rows": rows, "weights": weights, "ns_flops": all_flops, "heads_after": heads},
+                   os.path.join(out, f"{name}.{tag}.pt"))
+
+
+def _per_head_logits(model) -> dict:
+    """{layer number: max logit per head, all heads}; resets the probes (collective)."""
+    from megatron.core import parallel_state as ps
+
+    from k2mcore.optim.qk_clip import mla_attentions
+
+    local = {}
+    for a in mla_attentions([c.module for c in model]):
+        probe = a.core_attention.current_max_attn_logits
+        a.core_attention.current_max_attn_logits = None
+        dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        parts = [torch.zeros_like(probe) for _ in range(ps.get_tensor_model_parallel_world_size())]
+        dist.all_gather(parts, probe, group=ps.get_tensor_model_parallel_group())
+        local[a.layer_number] = torch.cat(parts)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return {k: v for d in gathered for k, v in d.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -89,6 +156,10 @@ def main() -> None:
     init_path = os.path.join(args.out, "init.pt")
     for name in args.layouts.split(","):
         run(name, args.out, init_path, args.write_init)
+        run_muonclip(name, args.out, init_path, lr=3e-3, steps=MUON_STEPS, tau=MUON_TAU,
+                     tag="muonclip")
+        if name in CLIP_LAYOUTS:
+            run_muonclip(name, args.out, init_path, lr=0.0, steps=1, tau=CLIP_TAU, tag="clip")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -1,39 +1,16 @@
 """Every parallel layout gives the 1-rank loss and gradients (fp32, gathered to full shape).
 
-Three launches: the 1-rank reference (which also fixes the initial weights), one 2-rank launch
-running six layouts in turn, and one 8-rank launch (TP2 x PP2 x EP2 with DP2).
+The launches are shared with test_muonclip_parity.py (conftest.py's `results`).
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from launching import launch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(HERE, "layout_worker.py")
-TWO_RANK = ["tp2-sp", "pp2", "pp2-vpp2", "pp2-uneven", "ep2", "dp2", "tp2-ep2"]
-EIGHT_RANK = ["tp2-pp2-ep2"]
+from layout_worker import EIGHT_RANK, TWO_RANK
+
 LOSS_RTOL = 1e-6
 GRAD_RTOL = 1e-5  # of the tensor's largest |grad|: fp32 reductions in another order
-
-
-def _launch(out: str, layouts: list[str], nproc: int, *extra: str) -> None:
-    launch(WORKER, ["--out", out, "--layouts", ",".join(layouts), *extra], nproc,
-           what=" ".join(layouts))
-
-
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("parity"))
-    _launch(out, ["1rank"], 1, "--write-init")
-    _launch(out, TWO_RANK, 2)
-    _launch(out, EIGHT_RANK, 8)
-    return {
-        name: torch.load(os.path.join(out, f"{name}.pt"), weights_only=True)
-        for name in ["1rank", *TWO_RANK, *EIGHT_RANK]
-    }
 
 
 @pytest.mark.parametrize("layout", TWO_RANK + EIGHT_RANK)

@@ -124,6 +124,37 @@ def test_resume_equals_uninterrupted_also_under_another_layout(reference, tmp_pa
         _close(ref, losses, [4, 5, 6], 1e-5)
 
 
+MUONCLIP = ["optimizer.name=muonclip", "qk_clip.threshold=0.08"]
+
+
+@pytest.fixture(scope="module")
+def muon_reference(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("muon_ref"))
+    _run(1, MUONCLIP, run, 6)
+    return run
+
+
+def test_muonclip_resume_under_other_layouts_equals_uninterrupted(muon_reference, tmp_path):
+    """Muon momentum saved ZeRO-sharded over DP2 reloads at 1 rank and at TP2 x EP2; every run
+    continues with the uninterrupted 1-rank losses and clips the same number of heads."""
+    ck = str(tmp_path / "ck")
+    _run(2, MUONCLIP + [f"checkpoint.dir={ck}", "checkpoint.interval=3"], str(tmp_path / "a"), 3)
+    _run(1, MUONCLIP + [f"checkpoint.load={ck}"], str(tmp_path / "b"), 6)
+    _run(2, MUONCLIP + ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.etp=1",
+                        f"checkpoint.load={ck}"], str(tmp_path / "c"), 6)
+    ref = {r["step"]: r for r in _rows(muon_reference)}
+    assert sum(r["clipped_heads"] for r in ref.values()) > 0
+    for run in "bc":
+        rows = {r["step"]: r for r in _rows(str(tmp_path / run))}
+        assert sorted(rows) == [4, 5, 6], (run, sorted(rows))
+        _close({s: ref[s]["loss"] for s in ref}, {s: rows[s]["loss"] for s in rows}, [4, 5, 6], 1e-5)
+        assert [rows[s]["clipped_heads"] for s in (4, 5, 6)] == [ref[s]["clipped_heads"] for s in (4, 5, 6)]
+        assert len(rows[4]["max_attn_logit_per_layer"]) == 4
+    # Muon momentum is not Adam state: an AdamW run refuses the checkpoint in one line
+    proc = _run(1, [f"checkpoint.load={ck}"], str(tmp_path / "d"), 6, expect=2)
+    assert "optimizer state is 'muonclip', this run uses 'adamw'" in proc.stderr.strip().splitlines()[-1]
+
+
 def _wait_for_step(run_dir: str, step: int, proc: subprocess.Popen, timeout: float = 300):
     path = os.path.join(run_dir, "metrics.jsonl")
     end = time.time() + timeout

@@ -1,0 +1,51 @@
+"""The layout-parity launches, shared by the gradient and the MuonClip parity tests.
+
+Three launches: the 1-rank reference (which also fixes the initial weights), one 2-rank launch
+running seven layouts in turn, and one 8-rank launch (TP2 x PP2 x EP2 with DP2). For each layout
+the worker runs one forward/backward, then 5 MuonClip steps, then (TP layouts) a QK-Clip-only
+step; see layout_worker.py.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from launching import launch
+from layout_worker import ALL, CLIP_LAYOUTS, EIGHT_RANK, TWO_RANK
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "layout_worker.py")
+
+
+def _launch(out: str, layouts: list[str], nproc: int, *extra: str) -> None:
+    launch(WORKER, ["--out", out, "--layouts", ",".join(layouts), *extra], nproc,
+           what=" ".join(layouts), timeout=1500)
+
+
+@pytest.fixture(scope="session")
+def parity_dir(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("parity"))
+    _launch(out, ["1rank"], 1, "--write-init")
+    _launch(out, TWO_RANK, 2)
+    _launch(out, EIGHT_RANK, 8)
+    return out
+
+
+def _load(out: str, name: str) -> dict:
+    return torch.load(os.path.join(out, name), weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def results(parity_dir) -> dict:
+    return {name: _load(parity_dir, f"{name}.pt") for name in ALL}
+
+
+@pytest.fixture(scope="session")
+def muonclip_results(parity_dir) -> dict:
+    return {name: _load(parity_dir, f"{name}.muonclip.pt") for name in ALL}
+
+
+@pytest.fixture(scope="session")
+def clip_results(parity_dir) -> dict:
+    return {name: _load(parity_dir, f"{name}.clip.pt") for name in CLIP_LAYOUTS}
