@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .muon import nesterov_input, orthogonalized_update
-from .newton_schulz import default_ns_dtype, ns_flops
+from .muon import nesterov_input, rms_match_scale
+from .newton_schulz import default_ns_dtype, newton_schulz, ns_flops
 
 
 @dataclass(frozen=True)
@@ -237,22 +237,31 @@ class ShardedMuonClip(torch.optim.AdamW):
         updates = self._exchange_and_orthogonalize(inputs)
         for p, i in self.muon:
             group = group_of[id(p)]
+            m = self.plan.matrices[i]
+            # the RMS-matching scale, applied here in fp32 (the exchange carries NS's raw output)
+            scale = rms_match_scale((m.full_shape[0] // m.split_rows, m.full_shape[1]))
             p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(updates[i].view_as(p).to(p.dtype), alpha=-group["lr"])
+            p.add_(updates[i].view_as(p).to(p.dtype), alpha=-group["lr"] * scale)
 
     def _exchange_and_orthogonalize(self, inputs: dict[int, Tensor]) -> dict[int, Tensor]:
-        """Pieces to owners, Newton-Schulz on full matrices, update slices back to holders."""
+        """Pieces to owners, Newton-Schulz on full matrices, its output's slices back to holders.
+
+        Both exchanges carry Newton-Schulz's compute dtype (bf16 on GPU): the owner would cast
+        its input to it first and its output is in it, so nothing is lost on the wire.
+        """
         plan, me = self.plan, self.plan.rank
         device = next(iter(inputs.values())).device if inputs else _device()
+        wire = self.hparams.ns_dtype or default_ns_dtype(torch.device(device))
+        inputs = {i: t.to(wire) for i, t in inputs.items()}
         # 1. every source piece to its matrix's owner
         send = [inputs[i] for dst in range(plan.size) for i in plan.sent_to(me, dst)]
         send_sizes = [sum(inputs[i].numel() for i in plan.sent_to(me, dst)) for dst in range(plan.size)]
         recv_sizes = [sum(_numel(plan.pieces[src][i]) for i in plan.sent_to(src, me)) for src in range(plan.size)]
-        received = self._all_to_all(send, send_sizes, recv_sizes, device)
+        received = self._all_to_all(send, send_sizes, recv_sizes, device, wire)
         # 2. rebuild and orthogonalize the owned matrices
         owned = [i for i, o in enumerate(plan.owner) if o == me]
         shards = {i: torch.zeros(plan.matrices[i].tp_size, _prod(plan.matrices[i].local_shape),
-                                 dtype=torch.float32, device=device) for i in owned}
+                                 dtype=wire, device=device) for i in owned}
         chunks = iter(received.split([_numel(plan.pieces[src][i]) for src in range(plan.size)
                                       for i in plan.sent_to(src, me)]))
         for src in range(plan.size):
@@ -271,12 +280,12 @@ class ShardedMuonClip(torch.optim.AdamW):
             send += parts
             send_sizes.append(sum(t.numel() for t in parts))
         recv_sizes = [sum(_numel(plan.pieces[me][i]) for i in plan.returned_to(src, me)) for src in range(plan.size)]
-        back = self._all_to_all(send, send_sizes, recv_sizes, device)
+        back = self._all_to_all(send, send_sizes, recv_sizes, device, wire)
         order = [i for src in range(plan.size) for i in plan.returned_to(src, me)]
         return dict(zip(order, back.split([_numel(plan.pieces[me][i]) for i in order])))
 
     def _orthogonalize(self, full: dict[int, Tensor]) -> dict[int, Tensor]:
-        """Batched over matrices of the same shape and SwiGLU split."""
+        """Newton-Schulz (unscaled) batched over matrices of the same shape and SwiGLU split."""
         h, plan = self.hparams, self.plan
         by_shape: dict[tuple, list[int]] = {}
         for i, t in full.items():
@@ -284,21 +293,19 @@ class ShardedMuonClip(torch.optim.AdamW):
         out: dict[int, Tensor] = {}
         for (shape, k), ids in by_shape.items():
             stack = torch.stack([full[i] for i in ids]).view(-1, shape[0] // k, shape[1])
-            dtype = h.ns_dtype or default_ns_dtype(stack.device)
-            o = orthogonalized_update(stack, ns_steps=h.ns_steps, coefficients=h.coefficients,
-                                      eps=h.eps, ns_dtype=dtype)
+            o = newton_schulz(stack, h.ns_steps, h.coefficients, h.eps, dtype=stack.dtype)
             for j, i in enumerate(o.view(len(ids), *shape)):
                 out[ids[j]] = i
         return out
 
     def _all_to_all(self, parts: list[Tensor], send_sizes: list[int], recv_sizes: list[int],
-                    device: Any) -> Tensor:
-        send = torch.cat(parts) if parts else torch.zeros(0, device=device)
+                    device: Any, dtype: torch.dtype) -> Tensor:
+        send = torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
         if self.plan.size == 1:
             return send
-        out = torch.empty(sum(recv_sizes), dtype=torch.float32, device=device)
-        dist.all_to_all_single(out, send.float().contiguous(), recv_sizes, send_sizes, group=self.plan.group)
-        self.comm_bytes += 4 * (sum(send_sizes) - send_sizes[self.plan.rank])
+        out = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+        dist.all_to_all_single(out, send.contiguous(), recv_sizes, send_sizes, group=self.plan.group)
+        self.comm_bytes += send.element_size() * (sum(send_sizes) - send_sizes[self.plan.rank])
         return out
 
     def zero_comm_counter(self) -> int:

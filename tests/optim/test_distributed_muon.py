@@ -114,8 +114,8 @@ def test_from_adamw_refuses_anything_else():
 @pytest.mark.parametrize("sets,needle", [
     (["qk_clip.threshold=0"], "qk_clip.threshold: must be > 0, got 0.0"),
     (["qk_clip.threshold=-5"], "qk_clip.threshold: must be > 0, got -5.0"),
-    (["optimizer.muon.coefficients=quartic"], "optimizer.muon.coefficients: unknown Newton-Schulz "
-                                               "coefficient set 'quartic'; known: k2, muon"),
+    (["optimizer.muon.coefficients=quartic"],
+     "optimizer.muon.coefficients: 'quartic' is not one of k2, muon"),
     (["optimizer.muon.momentum=1.0"], "optimizer.muon.momentum: must be in [0, 1), got 1.0"),
     (["optimizer.muon.ns_steps=0"], "optimizer.muon.ns_steps: must be >= 1, got 0"),
     (["optimizer.muon.ns_dtype=fp16"], "optimizer.muon.ns_dtype: 'fp16' is not one of auto, fp32, bf16"),
@@ -128,3 +128,10 @@ def test_bad_muonclip_config_is_one_line_before_any_process_group(sets, needle):
         resolve_layout(cfg, 1)
     message = str(info.value)
     assert needle in message and "\n" not in message
+
+
+def test_config_knows_every_coefficient_set():
+    from k2mcore.config.validate import CHOICES
+    from k2mcore.optim.newton_schulz import NS_COEFFICIENTS
+
+    assert set(CHOICES["optimizer.muon.coefficients"]) == set(NS_COEFFICIENTS)

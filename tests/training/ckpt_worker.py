@@ -53,6 +53,9 @@ def build(layout: str):
     cfg = load_config("k2-tiny", overrides + [
         f"train.seq_length={SEQ}", "train.dtype=fp32", f"train.global_batch_size={GLOBAL_BATCH}",
         "checkpoint.keep=2", "train.iters=20",
+        # the init PARAM_ATOL was calibrated on: at k2-tiny's 0.02 a few near-zero output-layer
+        # gradients whose sign reduction order flips make Adam differ by ~3e-6 after resharding
+        "model.init_std=0.006",
     ])
     init_distributed(cfg.parallel, seed=SEED)
     model = wrap_ddp(build_model(cfg), distributed_optimizer=cfg.parallel.distributed_optimizer)
