@@ -1,0 +1,219 @@
+"""MuonClip against ZeRO-1 AdamW per parallel layout, and Newton-Schulz against torch.optim.Muon.
+
+    python benchmarks/bench_muonclip.py [--steps 6]
+
+Per layout (a widened k2-tiny on gloo ranks, both optimizers built by the trainer's
+build_optimizer and stepped on the same batches):
+  - Newton-Schulz FLOPs per rank (max and min) and the redundancy factor: their sum over all
+    ranks / the model's total (one NS per matrix: target 1.00);
+  - optimizer communication bytes per step, summed over ranks: ZeRO-1 AdamW's gradient
+    reduce-scatter plus parameter all-gather (from megatron's DDP buffers: (dp-1)/dp of each
+    buffer per rank and collective), and MuonClip's (the same plus its measured Muon exchange);
+  - median optimizer-step and whole-step times (slowest rank) of both.
+Then, on this CPU, Newton-Schulz for the widened model's matrices: k2mcore's (fp32, batched by
+shape) against torch.optim.Muon's step on the same matrices (bf16, one at a time).
+Ranks share this machine's cores: compare ratios within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+LAYOUTS = {
+    1: {"1rank": {}},
+    2: {
+        "dp2": {},
+        "tp2-sp": {"parallel.tp": 2, "parallel.sp": True},
+        "pp2": {"parallel.pp": 2},
+        "ep2": {"parallel.ep": 2},
+        "tp2-ep2": {"parallel.tp": 2, "parallel.sp": True, "parallel.ep": 2, "parallel.etp": 1},
+    },
+    8: {"tp2-pp2-ep2": {"parallel.tp": 2, "parallel.pp": 2, "parallel.ep": 2,
+                        "parallel.sp": True}},
+}
+WIDE = ["model.hidden_size=128", "model.ffn_hidden_size=512", "model.moe_ffn_hidden_size=64",
+        "model.kv_lora_rank=64", "model.q_lora_rank=64"]
+GLOBAL_BATCH, SEQ = 8, 64
+
+
+def _zero1_bytes(model) -> int:
+    """Bytes this rank sends in one ZeRO-1 step: grad reduce-scatter + param all-gather."""
+    total = 0
+    for chunk in model:
+        for buf in chunk.buffers + chunk.expert_parallel_buffers:
+            dp = buf.data_parallel_world_size
+            share = (dp - 1) / dp
+            total += share * buf.grad_data.numel() * buf.grad_data.element_size()
+            if buf.param_data is not None:
+                total += share * buf.param_data.numel() * buf.param_data.element_size()
+    return int(total)
+
+
+def _batches(vocab: int, step: int) -> list[dict]:
+    import torch
+    from megatron.core import parallel_state as ps
+
+    g = torch.Generator().manual_seed(step)
+    data = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = data.chunk(dp)[rank]
+    return [{"tokens": s[None, :-1], "labels": s[None, 1:], "loss_mask": torch.ones(1, SEQ)}
+            for s in mine]
+
+
+def _run_layout(overrides: dict, optimizer: str, steps: int) -> dict:
+    import torch.distributed as dist
+
+    from k2mcore.config.loader import load_config
+    from k2mcore.model.build import build_model
+    from k2mcore.parallel.groups import init_distributed
+    from k2mcore.parallel.layout import resolve_layout
+    from k2mcore.training.loop import attention_report, build_optimizer
+    from k2mcore.training.step import forward_backward, wrap_ddp
+
+    sets = [f"{k}={json.dumps(v)}" for k, v in overrides.items()] + WIDE + [
+        f"train.seq_length={SEQ}", "train.dtype=fp32", f"optimizer.name={optimizer}",
+        "optimizer.warmup_iters=0", "optimizer.decay_style=constant"]
+    cfg = load_config("k2-tiny", sets)
+    resolve_layout(cfg, dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1")))
+    init_distributed(cfg.parallel, seed=1)
+    model = wrap_ddp(build_model(cfg), distributed_optimizer=True)
+    opt, _ = build_optimizer(cfg, model)
+    inner = [c.optimizer for c in getattr(opt, "chained_optimizers", [opt])]
+    muon = [o for o in inner if hasattr(o, "plan")]
+    step_s, opt_s, exchange = [], [], []
+    for step in range(steps):
+        dist.barrier()
+        start = time.perf_counter()
+        opt.zero_grad()
+        forward_backward(model, _batches(cfg.model.vocab_size, step), seq_length=SEQ,
+                         micro_batch_size=1)
+        dist.barrier()
+        before = time.perf_counter()
+        opt.step()
+        dist.barrier()
+        end = time.perf_counter()
+        if cfg.qk_clip_active:
+            attention_report(cfg, opt, model, stepped=True)
+        step_s.append(end - start)
+        opt_s.append(end - before)
+        exchange.append(sum(o.zero_comm_counter() for o in muon))
+    warm = slice(2, None)  # first steps allocate state
+    return {"step_s": statistics.median(step_s[warm]), "opt_s": statistics.median(opt_s[warm]),
+            "bytes": _zero1_bytes(model) + statistics.median(exchange[warm]),
+            "ns_flops": sum(o.plan.ns_flops[o.plan.rank] for o in muon)}
+
+
+def worker(world: int, steps: int, out: str) -> None:
+    import torch.distributed as dist
+
+    rows = {}
+    for name, overrides in LAYOUTS[world].items():
+        rows[name] = {}
+        for optimizer in ("adamw", "muonclip"):
+            mine = _run_layout(overrides, optimizer, steps)
+            every: list = [None] * dist.get_world_size()
+            dist.all_gather_object(every, mine)
+            rows[name][optimizer] = {
+                "step_s": max(r["step_s"] for r in every), "opt_s": max(r["opt_s"] for r in every),
+                "bytes": sum(r["bytes"] for r in every),
+                "ns_flops": [r["ns_flops"] for r in every]}
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(rows, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def ns_versus_torch_muon(repeats: int = 3) -> None:
+    """Newton-Schulz on the widened model's Muon matrices: ours (fp32, batched by shape)
+    against torch.optim.Muon.step on the same matrices (its NS is bf16, per matrix)."""
+    import torch
+
+    from k2mcore.optim.muon import orthogonalized_update
+
+    torch.manual_seed(0)
+    hidden, ffn, moe, heads, lora = 128, 512, 64, 4, 64
+    shapes = ([(heads * 24, lora), (lora, hidden), (lora + 8, hidden), (heads * 32, lora),
+               (hidden, heads * 16)] * 4 + [(ffn, hidden), (hidden, ffn // 2)]
+              + [(2 * moe, hidden), (hidden, moe)] * (8 + 1) * 3 + [(8, hidden)] * 3)
+    mats = [torch.randn(s) for s in shapes]
+    by_shape: dict = {}
+    for m in mats:
+        by_shape.setdefault(tuple(m.shape), []).append(m)
+
+    def ours(dtype):
+        for group in by_shape.values():
+            orthogonalized_update(torch.stack(group), ns_dtype=dtype)
+
+    params = [torch.nn.Parameter(m.clone()) for m in mats]
+    muon = torch.optim.Muon(params, lr=0.01, adjust_lr_fn="match_rms_adamw")
+    for p, m in zip(params, mats):
+        p.grad = m
+
+    def theirs():
+        muon.step()
+
+    timings = {}
+    for name, fn in (("k2mcore fp32 batched", lambda: ours(torch.float32)),
+                     ("k2mcore bf16 batched", lambda: ours(torch.bfloat16)),
+                     ("torch.optim.Muon (bf16)", theirs)):
+        fn()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        timings[name] = min(samples)
+    base = timings["torch.optim.Muon (bf16)"]
+    print(f"\nNewton-Schulz on {len(mats)} CPU matrices ({len(by_shape)} shapes), 1 thread:")
+    for name, t in timings.items():
+        print(f"  {name:26s} {1e3 * t:8.1f} ms  ({t / base:.2f}x torch.optim.Muon)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--worker", type=int, default=0)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, args.steps, args.out)
+        return
+    from k2mcore.parallel.local_launch import local_command, local_env
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in LAYOUTS:
+            out = os.path.join(tmp, f"{world}.json")
+            cmd = local_command(world, __file__, ["--worker", str(world), "--steps",
+                                                  str(args.steps), "--out", out])
+            subprocess.run(cmd, env=local_env(), check=True, capture_output=True)
+            with open(out) as f:
+                rows.update(json.load(f))
+    total = sum(rows["1rank"]["muonclip"]["ns_flops"])
+    print(f"MuonClip vs ZeRO-1 AdamW, widened k2-tiny ({GLOBAL_BATCH} x {SEQ} tokens per step, "
+          f"fp32, gloo), model NS total {total / 1e9:.3f} GFLOP per step")
+    print(f"{'layout':12s} {'NS GFLOP/rank max..min':>23s} {'redund.':>8s} {'AdamW MB':>9s} "
+          f"{'Muon MB':>8s} {'bytes x':>8s} {'opt ms A/M':>12s} {'opt x':>6s} {'step ms A/M':>13s} "
+          f"{'step x':>6s}")
+    for name, r in rows.items():
+        a, m = r["adamw"], r["muonclip"]
+        flops = m["ns_flops"]
+        ratio = f"{m['bytes'] / a['bytes']:.2f}" if a["bytes"] else "n/a"
+        print(f"{name:12s} {max(flops) / 1e9:11.3f}..{min(flops) / 1e9:<9.3f} "
+              f"{sum(flops) / total:8.2f} {a['bytes'] / 1e6:9.2f} {m['bytes'] / 1e6:8.2f} "
+              f"{ratio:>8s} {1e3 * a['opt_s']:5.1f}/{1e3 * m['opt_s']:<6.1f} "
+              f"{m['opt_s'] / a['opt_s']:6.2f} {1e3 * a['step_s']:6.1f}/{1e3 * m['step_s']:<6.1f} "
+              f"{m['step_s'] / a['step_s']:6.2f}")
+    ns_versus_torch_muon()
+
+
+if __name__ == "__main__":
+    main()
