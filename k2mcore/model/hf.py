@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
 from k2mcore.config.schema import ModelConfig, RopeScalingConfig
+from k2mcore.convert.safetensors_io import SafetensorsError, SafetensorsFile
 
 HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
 
@@ -153,28 +154,103 @@ def hf_to_mcore(
         yield "output_layer.weight", get("lm_head.weight")
 
 
+def mcore_to_hf(get: Callable[[str], torch.Tensor], model: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) from a getter of 1-rank megatron tensors: hf_to_mcore's inverse."""
+    yield "model.embed_tokens.weight", get("embedding.word_embeddings.weight")
+    for i in range(model.num_layers):
+        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
+        pairs = _ATTN + (_Q_LORA if model.q_lora_rank else _Q_PLAIN)
+        moe = i >= model.first_k_dense
+        if moe:
+            pairs = pairs + _ROUTER
+        for m_name, h_name in pairs:
+            t = get(mc + m_name)
+            if not model.rope_interleave:
+                t = _maybe_deinterleave(m_name, t, model, inverse=True)
+            yield hf + h_name, t
+        if not moe:
+            yield from _ungated(get, mc + "mlp.", hf + "mlp.")
+            continue
+        for e in range(model.num_experts):
+            yield from _ungated(get, f"{mc}mlp.experts.local_experts.{e}.", f"{hf}mlp.experts.{e}.")
+        if model.num_shared_experts:
+            yield from _ungated(get, mc + "mlp.shared_experts.", hf + "mlp.shared_experts.")
+    yield "model.norm.weight", get("decoder.final_layernorm.weight")
+    if not model.tie_word_embeddings:
+        yield "lm_head.weight", get("output_layer.weight")
+
+
+def _ungated(get: Callable[[str], torch.Tensor], mc: str, hf: str) -> Iterator[tuple[str, torch.Tensor]]:
+    gate, up = get(mc + "linear_fc1.weight").chunk(2, dim=0)
+    yield hf + "gate_proj.weight", gate
+    yield hf + "up_proj.weight", up
+    yield hf + "down_proj.weight", get(mc + "linear_fc2.weight")
+
+
+def hf_config_from_model(model: ModelConfig, dtype: str = "bfloat16") -> dict[str, Any]:
+    """A config.json for transformers' DeepseekV3ForCausalLM (model_config_from_hf's inverse)."""
+    rope = model.rope_scaling
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": model.vocab_size, "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size, "moe_intermediate_size": model.moe_ffn_hidden_size,
+        "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.num_attention_heads, "n_shared_experts": model.num_shared_experts,
+        "n_routed_experts": model.num_experts, "num_experts_per_tok": model.moe_topk,
+        "routed_scaling_factor": model.routed_scaling_factor, "kv_lora_rank": model.kv_lora_rank,
+        "q_lora_rank": model.q_lora_rank, "qk_rope_head_dim": model.qk_rope_head_dim,
+        "qk_nope_head_dim": model.qk_nope_head_dim, "v_head_dim": model.v_head_dim,
+        "n_group": model.n_group, "topk_group": model.topk_group,
+        "first_k_dense_replace": model.first_k_dense, "norm_topk_prob": model.norm_topk_prob,
+        "hidden_act": "silu", "max_position_embeddings": model.max_position_embeddings,
+        "initializer_range": model.init_std, "rms_norm_eps": model.rms_norm_eps,
+        "rope_theta": model.rope_theta,
+        "rope_scaling": None if rope is None else {
+            "type": "yarn", "rope_type": "yarn", "factor": rope.factor,
+            "original_max_position_embeddings": rope.original_max_position_embeddings,
+            "beta_fast": rope.beta_fast, "beta_slow": rope.beta_slow, "mscale": rope.mscale,
+            "mscale_all_dim": rope.mscale_all_dim},
+        "rope_interleave": model.rope_interleave, "tie_word_embeddings": model.tie_word_embeddings,
+        "attention_bias": False, "attention_dropout": 0.0, "use_cache": True,
+        "torch_dtype": dtype, "bos_token_id": 0, "eos_token_id": 1,
+    }
+
+
 def _gated(get: "TensorSource", hf: str, mc: str) -> Iterator[tuple[str, torch.Tensor]]:
     gate, up = get(hf + "gate_proj.weight"), get(hf + "up_proj.weight")
     yield mc + "linear_fc1.weight", torch.cat([gate, up], dim=0)
     yield mc + "linear_fc2.weight", get(hf + "down_proj.weight")
 
 
-def _maybe_deinterleave(name: str, t: torch.Tensor, m: ModelConfig) -> torch.Tensor:
+def _rope_interleave(w: torch.Tensor, heads: int, head_dim: int, rope_dim: int) -> torch.Tensor:
+    """_rope_deinterleave's inverse: old[j] = new[2j], old[j + d/2] = new[2j+1]."""
+    w = w.reshape(heads, head_dim, -1).clone()
+    rope = w[:, head_dim - rope_dim :]
+    w[:, head_dim - rope_dim :] = torch.cat([rope[:, 0::2], rope[:, 1::2]], 1)
+    return w.flatten(0, 1)
+
+
+def _maybe_deinterleave(name: str, t: torch.Tensor, m: ModelConfig, inverse: bool = False) -> torch.Tensor:
+    permute = _rope_interleave if inverse else _rope_deinterleave
     qk = m.qk_nope_head_dim + m.qk_rope_head_dim
     if name.endswith(("linear_q_up_proj.weight", "linear_q_proj.weight")):
-        return _rope_deinterleave(t, m.num_attention_heads, qk, m.qk_rope_head_dim)
+        return permute(t, m.num_attention_heads, qk, m.qk_rope_head_dim)
     if name.endswith("linear_kv_down_proj.weight"):
-        return _rope_deinterleave(t, 1, m.kv_lora_rank + m.qk_rope_head_dim, m.qk_rope_head_dim)
+        return permute(t, 1, m.kv_lora_rank + m.qk_rope_head_dim, m.qk_rope_head_dim)
     return t
 
 
 class TensorSource:
-    """Reads named tensors lazily from an HF directory's safetensors shards."""
+    """Reads named tensors lazily from an HF directory's safetensors shards.
 
-    def __init__(self, path: str) -> None:
-        from safetensors import safe_open
+    Block-FP8 weights (a `<name>_scale_inv` beside them) come back dequantized to fp32
+    (k2mcore.convert.fp8), with `block` the checkpoint's weight_block_size.
+    """
 
-        self.path = path
+    def __init__(self, path: str, block: tuple[int, int] = (128, 128)) -> None:
+        self.path, self.block = path, block
+        self.bytes_read = 0
+        self._files: dict[str, SafetensorsFile] = {}
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
             with open(index) as f:
@@ -183,24 +259,47 @@ class TensorSource:
             files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
             if not files:
                 raise HFFormatError(f"{path}: no *.safetensors files")
-            self.where = {}
-            for fname in files:
-                with safe_open(os.path.join(path, fname), "pt") as f:
-                    self.where.update({k: fname for k in f.keys()})
+            self.where = {k: fname for fname in files for k in self._file(fname).keys()}
         for fname in sorted(set(self.where.values())):
             if not os.path.isfile(os.path.join(path, fname)):
                 raise HFFormatError(f"{os.path.join(path, fname)}: shard named in the index is missing")
-        if any(k.endswith("weight_scale_inv") for k in self.where):
-            raise HFFormatError(
-                f"{path}: block-FP8 weights (weight_scale_inv); dequantize them to bf16 first"
-            )
-        self._open: dict[str, Any] = {}
-        self._safe_open = safe_open
+        self.fp8 = any(k.endswith("weight_scale_inv") for k in self.where)
 
-    def __call__(self, name: str) -> torch.Tensor:
+    def _file(self, fname: str) -> SafetensorsFile:
+        """Headers only are kept (tensors are read one by one, no mapping of the file)."""
+        if fname not in self._files:
+            try:
+                self._files[fname] = SafetensorsFile(os.path.join(self.path, fname))
+            except SafetensorsError as exc:
+                raise HFFormatError(str(exc)) from None
+        return self._files[fname]
+
+    def _raw(self, name: str) -> torch.Tensor:
         fname = self.where.get(name)
         if fname is None:
             raise HFFormatError(f"{self.path}: tensor {name} is missing")
-        if fname not in self._open:
-            self._open[fname] = self._safe_open(os.path.join(self.path, fname), "pt")
-        return self._open[fname].get_tensor(name)
+        try:
+            t = self._file(fname).read(name)
+        except SafetensorsError as exc:
+            raise HFFormatError(str(exc)) from None
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def __call__(self, name: str) -> torch.Tensor:
+        from k2mcore.convert.fp8 import SCALE_SUFFIX, FP8FormatError, dequantize
+
+        t = self._raw(name)
+        if name + SCALE_SUFFIX in self.where:
+            try:
+                return dequantize(t, self._raw(name + SCALE_SUFFIX), block=self.block, name=name)
+            except FP8FormatError as exc:
+                raise HFFormatError(f"{self.path}: {exc}") from None
+        if t.dtype == torch.float8_e4m3fn:
+            raise HFFormatError(f"{self.path}: {name} is FP8 but has no {name}{SCALE_SUFFIX}")
+        return t
+
+    def names(self) -> list[str]:
+        return sorted(self.where)
+
+    def close(self) -> None:
+        self._files.clear()

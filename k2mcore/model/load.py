@@ -31,19 +31,33 @@ class K2CausalLM(torch.nn.Module):
 
 
 def load_model(path: str, device: str = "cpu") -> K2CausalLM:
-    """Read an HF DeepseekV3/Kimi-K2 directory (config.json + safetensors) in one process.
+    """Read a model in one process: an HF DeepseekV3/Kimi-K2 directory (config.json +
+    safetensors, block-FP8 dequantized) or a k2mcore checkpoint (a step directory or a root
+    holding them, saved in any layout or written by `k2m-convert hf-to-mcore`).
 
     Creates a 1-rank process group when none exists. Weights load in fp32 on CPU, bf16 on GPU.
     """
+    from k2mcore.training.checkpoint import is_checkpoint, resolve_checkpoint
+
+    if is_checkpoint(path):
+        return _load_checkpoint(resolve_checkpoint(path), device)
+    from k2mcore.convert.fp8 import block_size
+
+    hf = read_hf_config(path)
+    model_cfg = model_config_from_hf(hf, source=f"{path}/config.json")
+    source = TensorSource(path, block=block_size(hf))
+    gpt = _build(model_cfg, device)
+    _load_weights(gpt, hf_to_mcore(source, model_cfg), where=path)
+    return K2CausalLM(gpt.to(device).eval(), model_cfg).eval()
+
+
+def _build(model_cfg: ModelConfig, device: str) -> torch.nn.Module:
     from megatron.core import parallel_state
 
     from k2mcore.parallel.groups import init_distributed
 
     from .build import build_model
 
-    hf = read_hf_config(path)
-    model_cfg = model_config_from_hf(hf, source=f"{path}/config.json")
-    source = TensorSource(path)
     cfg = K2Config(model=model_cfg)
     cfg.train.dtype = "fp32" if device == "cpu" else "bf16"
     cfg.train.seq_length = model_cfg.max_position_embeddings
@@ -52,7 +66,18 @@ def load_model(path: str, device: str = "cpu") -> K2CausalLM:
     if not parallel_state.model_parallel_is_initialized():
         init_distributed(ParallelConfig(), seed=0)
     (gpt,) = build_model(cfg, use_te=False, initialize=False)
-    _load_weights(gpt, hf_to_mcore(source, model_cfg), where=path)
+    return gpt
+
+
+def _load_checkpoint(path: str, device: str) -> K2CausalLM:
+    import os
+
+    from k2mcore.config.loader import load_config
+    from k2mcore.training.checkpoint import load_checkpoint
+
+    model_cfg = load_config(os.path.join(path, "config.yaml")).model
+    gpt = _build(model_cfg, device)
+    load_checkpoint(path, [gpt])
     return K2CausalLM(gpt.to(device).eval(), model_cfg).eval()
 
 

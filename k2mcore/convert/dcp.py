@@ -1,0 +1,218 @@
+"""Streaming reader and writer for torch_dist (torch.distributed.checkpoint) directories.
+
+Why not torch's DCP save/load or megatron's dist_checkpointing here: both plan a whole state
+dict at once (every tensor in memory, plus a process group); converting a 1 TB model must
+hold a few tensors at a time. The on-disk format is DCP's FileSystemWriter's, item for item:
+each chunk `torch.save`d into a data file, and a pickled `Metadata` (tensor shapes, chunk
+offsets, and where each chunk's bytes are) in `.metadata`. Directories written here load
+through megatron's dist-checkpointing like any other, under any parallel layout; directories
+megatron wrote are read here chunk by chunk.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                     "common_backend": "torch", "common_backend_version": 1}
+
+
+class DCPFormatError(ValueError):
+    """A torch_dist directory that cannot be read; the message names the file or tensor."""
+
+
+class DCPWriter:
+    """Write chunks of global tensors one at a time; `close()` writes the metadata last.
+
+    Data files roll over at `file_bytes`. Nothing marks the directory complete until close():
+    callers write into a temporary directory and rename it (see convert.hf_to_mcore).
+    """
+
+    def __init__(self, path: str, *, file_bytes: int = 2 << 30) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.path, self.file_bytes = path, file_bytes
+        self._tensors: dict[str, TensorStorageMetadata] = {}
+        self._storage: dict[MetadataIndex, _StorageInfo] = {}
+        self._file_index, self._stream = -1, None
+        self.bytes_written = 0
+        #: {file name: {"size", "crc32"}} of every finished file, for the checkpoint's list
+        self.files: dict[str, dict[str, int]] = {}
+        self._roll()
+
+    def _roll(self) -> None:
+        from .output import CRCFile
+
+        if self._stream is not None:
+            self._stream.close()
+            self.files[self._name] = {"size": self._stream.size, "crc32": self._stream.crc}
+        self._file_index += 1
+        self._name = f"__0_{self._file_index}.distcp"
+        self._stream = CRCFile(os.path.join(self.path, self._name))
+
+    def add(self, key: str, chunk: torch.Tensor, global_shape: Sequence[int],
+            offsets: Optional[Sequence[int]] = None) -> None:
+        """`chunk` is global[offsets : offsets + chunk.shape] of the tensor `key`."""
+        offsets = tuple(offsets or (0,) * chunk.ndim)
+        global_shape = tuple(global_shape)
+        if len(offsets) != chunk.ndim or len(global_shape) != chunk.ndim:
+            raise ValueError(f"{key}: chunk rank {chunk.ndim} vs offsets {offsets} / shape {global_shape}")
+        meta = self._tensors.get(key)
+        if meta is None:
+            meta = TensorStorageMetadata(TensorProperties(dtype=chunk.dtype), torch.Size(global_shape), [])
+            self._tensors[key] = meta
+        elif tuple(meta.size) != global_shape or meta.properties.dtype != chunk.dtype:
+            raise ValueError(f"{key}: chunks disagree on the global shape or dtype")
+        if self._stream.tell() >= self.file_bytes:
+            self._roll()
+        chunk = chunk.detach().cpu()
+        if chunk.storage_offset() or not chunk.is_contiguous() or \
+                chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
+            chunk = chunk.contiguous().clone()  # torch.save writes a view's whole storage
+        buf = io.BytesIO()
+        # torch's legacy (non-zip) serialization: what DCP's reader torch.loads just as well,
+        # without the zip records and CRC that cost 3-5x the time per chunk
+        torch.save(chunk, buf, _use_new_zipfile_serialization=False)
+        start = self._stream.tell()
+        self._stream.write(buf.getbuffer())
+        index = MetadataIndex(key, torch.Size(offsets), len(meta.chunks))
+        meta.chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(chunk.shape)))
+        self._storage[index] = _StorageInfo(self._name, start, self._stream.tell() - start)
+        self.bytes_written += chunk.numel() * chunk.element_size()
+
+    def close(self) -> None:
+        self._roll()  # closes (fsyncs) the last data file
+        self._stream.close()
+        os.remove(os.path.join(self.path, self._name))  # the empty file _roll just opened
+        metadata = Metadata(state_dict_metadata=self._tensors, planner_data=None,
+                            storage_data=self._storage,
+                            storage_meta=StorageMeta(checkpoint_id=None, save_id=uuid.uuid4().hex))
+        small = {".metadata": pickle.dumps(metadata), "metadata.json": json.dumps(MEGATRON_METADATA).encode()}
+        common = io.BytesIO()
+        torch.save({}, common)  # megatron's non-sharded state: none
+        small["common.pt"] = common.getvalue()
+        for name, data in small.items():
+            with open(os.path.join(self.path, name), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self.files[name] = {"size": len(data), "crc32": zlib.crc32(data)}
+
+
+@dataclass
+class TensorInfo:
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunks: list[ChunkStorageMetadata]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class DCPReader:
+    """Read a torch_dist directory's tensors chunk by chunk (never a whole file)."""
+
+    def __init__(self, path: str) -> None:
+        from k2mcore.training.checkpoint import CheckpointError, read_dcp_metadata
+
+        self.path = path
+        try:
+            self.metadata = read_dcp_metadata(os.path.join(path, ".metadata"))
+        except CheckpointError as exc:
+            raise DCPFormatError(str(exc)) from None
+        self._where = self.metadata.storage_data
+        self._fds: dict[str, int] = {}  # one descriptor per data file, read with pread
+        self._by_row: dict[str, dict[int, list]] = {}
+        #: every tensor's global shape, dtype and stored chunks, by key
+        self.info: dict[str, TensorInfo] = {
+            key: TensorInfo(key, tuple(meta.size), meta.properties.dtype, list(meta.chunks))
+            for key, meta in self.metadata.state_dict_metadata.items()
+            if isinstance(meta, TensorStorageMetadata)
+        }
+
+    def read_chunk(self, key: str, index: int, chunk: ChunkStorageMetadata) -> torch.Tensor:
+        info = self._where.get(MetadataIndex(key, chunk.offsets, index)) or self._where.get(
+            MetadataIndex(key, chunk.offsets))
+        if info is None:
+            raise DCPFormatError(f"{self.path}: no storage entry for {key} at {tuple(chunk.offsets)}")
+        if getattr(info, "transform_descriptors", None):
+            raise DCPFormatError(f"{self.path}: {key} is stored with transforms "
+                                 f"{info.transform_descriptors} (compressed); not supported")
+        file = os.path.join(self.path, info.relative_path)
+        try:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            data = os.pread(fd, info.length, info.offset)
+        except OSError as exc:
+            raise DCPFormatError(f"{file}: {exc.strerror or exc}") from None
+        if len(data) != info.length:
+            raise DCPFormatError(f"{file}: truncated ({key} needs bytes {info.offset}..{info.offset + info.length})")
+        t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if tuple(t.shape) != tuple(chunk.sizes):
+            # DCP may store a chunk whose storage is larger than the chunk; narrow to it
+            for dim, size in enumerate(chunk.sizes):
+                t = t.narrow(dim, 0, size)
+        return t
+
+    def _covering(self, key: str, info: TensorInfo, index: int) -> list:
+        """The (chunk number, chunk) pairs holding slice [index] of dim 0 (indexed once per key,
+        so reading E experts one by one is not O(E^2))."""
+        table = self._by_row.get(key)
+        if table is None:
+            table = self._by_row[key] = {}
+            for i, chunk in enumerate(info.chunks):
+                for row in range(chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]):
+                    table.setdefault(row, []).append((i, chunk))
+        return table.get(index, [])
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def read(self, key: str, index: Optional[int] = None) -> torch.Tensor:
+        """The full tensor, or with `index` the slice [index] along dim 0 (an expert of a
+        stacked expert tensor), assembled from the chunks that overlap it."""
+        info = self.info.get(key)
+        if info is None:
+            raise DCPFormatError(f"{self.path}: no tensor {key}")
+        shape = info.shape if index is None else info.shape[1:]
+        out = torch.empty(shape, dtype=info.dtype)
+        covered = 0
+        chunks = enumerate(info.chunks) if index is None else self._covering(key, info, index)
+        for i, chunk in chunks:
+            offs, sizes = list(chunk.offsets), list(chunk.sizes)
+            t = self.read_chunk(key, i, chunk)
+            if index is not None:
+                t = t[index - offs[0]]
+                offs, sizes = offs[1:], sizes[1:]
+            region = out
+            for dim, (o, s) in enumerate(zip(offs, sizes)):
+                region = region.narrow(dim, o, s)
+            region.copy_(t)
+            covered += t.numel()
+        if covered != out.numel():
+            raise DCPFormatError(f"{self.path}: {key} is incomplete ({covered} of {out.numel()} elements stored)")
+        return out

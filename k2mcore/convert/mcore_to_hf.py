@@ -1,0 +1,151 @@
+"""k2mcore checkpoint (any layout it was saved in) -> Hugging Face DeepseekV3 directory.
+
+Streams: tensors are read from the torch_dist files chunk by chunk (a routed expert at a time),
+mapped to HF names, cast, and written into safetensors shards of at most `shard_bytes`, with
+`model.safetensors.index.json` and a `config.json` for transformers' DeepseekV3ForCausalLM.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import torch
+
+from k2mcore.model.hf import hf_config_from_model, mcore_to_hf
+
+from .dcp import DCPFormatError, DCPReader
+from .output import ConvertError, commit_output, temporary_output
+from .progress import Progress
+from .shapes import expected_shapes, split_expert_name
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def open_checkpoint(path: str):
+    """(step directory, model config, DCPReader) of a k2mcore checkpoint, validated by sizes."""
+    from k2mcore.config.loader import ConfigError, load_config
+    from k2mcore.training.checkpoint import CheckpointError, is_checkpoint, resolve_checkpoint, validate_checkpoint
+
+    if not os.path.isdir(path):
+        raise ConvertError(f"{path}: no such directory")
+    if not is_checkpoint(path):
+        raise ConvertError(f"{path}: not a k2mcore checkpoint (no metadata.json marker, and no "
+                           "complete step_* directory under it)")
+    try:
+        step_dir = resolve_checkpoint(path)
+        validate_checkpoint(step_dir, checksums=False)
+        model = load_config(os.path.join(step_dir, "config.yaml")).model
+        reader = DCPReader(os.path.join(step_dir, "dist"))
+    except (CheckpointError, ConfigError, DCPFormatError) as exc:
+        raise ConvertError(str(exc)) from None
+    return step_dir, model, reader
+
+
+def convert_mcore_to_hf(
+    ckpt: str, out: str, *, dtype: str = "bf16", force: bool = False, progress: bool = True,
+    shard_bytes: int = 4 << 30,
+) -> str:
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: not one of {', '.join(DTYPES)}")
+    target = DTYPES[dtype]
+    step_dir, model, reader = open_checkpoint(ckpt)
+    shapes = expected_shapes(model)
+    for name, shape in shapes.items():  # the config and the stored tensors must agree
+        found = split_expert_name(name)
+        key = found[0] if found else name
+        info = reader.info.get(key)
+        want = (model.num_experts, *shape) if found else shape
+        if info is None:
+            raise ConvertError(f"{step_dir}: tensor {key} is not in the checkpoint")
+        if info.shape != want:
+            raise ConvertError(f"{step_dir}: tensor {key} has shape {info.shape}, config.yaml implies {want}")
+
+    def get(name: str) -> torch.Tensor:
+        found = split_expert_name(name)
+        return reader.read(found[0], index=found[1]) if found else reader.read(name)
+
+    tmp = temporary_output(out, force)
+    total = sum(_numel(s) for s in shapes.values()) * torch.empty((), dtype=target).element_size()
+    n_hf = len(shapes) + sum(n.endswith("linear_fc1.weight") for n in shapes)  # gate and up apart
+    bar = Progress(total_tensors=n_hf, total_bytes=total, enabled=progress, desc="mcore-to-hf")
+    # the HF names, dtypes and shapes, from the mapping run on shape-only (meta) tensors
+    plan = [(n, target, tuple(t.shape)) for n, t in mcore_to_hf(
+        lambda name: torch.empty(shapes[name], device="meta"), model)]
+    writer = _ShardWriter(tmp, shard_bytes, plan)
+    start = time.perf_counter()
+    try:
+        for hf_name, tensor in mcore_to_hf(get, model):
+            writer.add(hf_name, tensor.to(target))
+            bar.update(writer.bytes)
+        writer.close()
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config_from_model(model, HF_DTYPE_NAMES[target]), f, indent=2)
+    except DCPFormatError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConvertError(str(exc)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed export leaves nothing behind
+        raise
+    finally:
+        bar.close()
+        reader.close()
+    commit_output(tmp, out)
+    if progress:
+        print(f"mcore-to-hf: {writer.count} tensors, {writer.bytes / 2**20:.1f} MiB in "
+              f"{len(writer.files)} shards in {time.perf_counter() - start:.1f} s -> {out}", flush=True)
+    return os.path.abspath(out)
+
+
+class _ShardWriter:
+    """safetensors shards of at most `limit` bytes (a larger tensor gets a shard of its own),
+    planned from the tensors' names, dtypes and shapes and then written as a stream, so memory
+    holds one tensor at a time whatever the shard size; the index last."""
+
+    def __init__(self, path: str, limit: int, plan: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+        self.path = path
+        self.shards: list[list] = [[]]
+        size = 0
+        for item in plan:
+            nbytes = _numel(item[2]) * torch.empty((), dtype=item[1]).element_size()
+            if self.shards[-1] and size + nbytes > limit:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(item)
+            size += nbytes
+        n = len(self.shards)
+        self.files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.weight_map = {name: self.files[i] for i, shard in enumerate(self.shards) for name, _, _ in shard}
+        self.bytes = self.count = 0
+        self._shard, self._writer, self._left = -1, None, 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        from .safetensors_io import StreamingWriter
+
+        if self._left == 0:
+            if self._writer is not None:
+                self._writer.close()
+            self._shard += 1
+            self._writer = StreamingWriter(os.path.join(self.path, self.files[self._shard]),
+                                           self.shards[self._shard])
+            self._left = len(self.shards[self._shard])
+        self._writer.write(name, t)
+        self._left -= 1
+        self.bytes += t.numel() * t.element_size()
+        self.count += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        index = {"metadata": {"total_size": self.bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
+        with open(os.path.join(self.path, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
