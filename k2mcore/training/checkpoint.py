@@ -92,6 +92,23 @@ def latest_checkpoint(root: str) -> Optional[str]:
     return done[-1][1] if done else None
 
 
+def is_checkpoint(path: str) -> bool:
+    """A k2mcore checkpoint step directory, or a root holding at least one complete one."""
+    marker = os.path.join(path, MARKER)
+    if os.path.isfile(marker):
+        try:
+            with open(marker) as f:
+                return json.load(f).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            return False
+    return os.path.isdir(path) and latest_checkpoint(path) is not None
+
+
+def has_optimizer_state(path: str) -> bool:
+    """False for a weights-only checkpoint (written by k2m-convert hf-to-mcore)."""
+    return bool(_read_marker(resolve_checkpoint(path)).get("optimizer"))
+
+
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint directory, or a root holding `step_*` ones (-> its newest complete one)."""
     name = os.path.basename(os.path.normpath(path))
@@ -270,7 +287,10 @@ def load_checkpoint(path: str, model: list, optimizer: Any = None, scheduler: An
             f"(saved as model {meta.get('model')!r}, optimizer {saved_opt.get('name')!r}):"
             f" {_describe(exc)}"
         ) from exc
-    missing = sorted(set().union(*_all_gather(sorted(not_in_ckpt))))
+    # layers' _extra_state (TE's FP8 scaling history; None on local layers) is optional: a
+    # converted checkpoint has none, and the layers keep their fresh state
+    missing = sorted(k for k in set().union(*_all_gather(sorted(not_in_ckpt)))
+                     if "_extra_state" not in k)
     if missing:
         raise CheckpointError(
             f"{path}: {len(missing)} tensors of this model/optimizer are not in the checkpoint "
@@ -845,6 +865,10 @@ def _describe(exc: BaseException) -> str:
 
 
 def _versions() -> dict:
-    import megatron.core
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"torch": torch.__version__, "megatron_core": megatron.core.__version__}
+    try:  # the installed distribution's version: no megatron import (the converters avoid it)
+        mcore = version("megatron-core")
+    except PackageNotFoundError:
+        mcore = None
+    return {"torch": torch.__version__, "megatron_core": mcore}

@@ -117,9 +117,12 @@ def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
     ckpt_root = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
     resume_from = cfg.checkpoint.load or ckpt.latest_checkpoint(ckpt_root)
     step, consumed = 0, 0
+    weights_only = False
     if resume_from:
         load_start = time.perf_counter()
-        meta = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        # a weights-only checkpoint (k2m-convert hf-to-mcore) starts training at step 0
+        weights_only = not ckpt.has_optimizer_state(resume_from)
+        meta = ckpt.load_checkpoint(resume_from, model, *(() if weights_only else (optimizer, scheduler)))
         load_s = time.perf_counter() - load_start
         step, consumed = int(meta["step"]), int(meta["consumed_samples"])
 
@@ -141,7 +144,8 @@ def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
               f"{t.global_batch_size} x {t.seq_length} tokens per step, run dir {cfg.run.dir}",
               flush=True)
         if resume_from:
-            print(f"resumed from {meta['path']} at step {step} in {load_s:.2f} s", flush=True)
+            what = "initialized weights from" if weights_only else "resumed from"
+            print(f"{what} {meta['path']} at step {step} in {load_s:.2f} s", flush=True)
     logger = MetricsLogger(cfg, world_size=dist.get_world_size(), is_writer=rank0,
                            start_step=step)
     skips = SkipCounter(t.max_consecutive_skips)
@@ -187,6 +191,8 @@ def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
     finally:
         logger.close()
     if rank0:
+        saved = ckpt.step_dir(ckpt_root, saved_step)
         print(f"metrics: {logger.path}\ntensorboard: {os.path.join(cfg.run.dir, 'tensorboard')}"
-              f"\ncheckpoint: {ckpt.step_dir(ckpt_root, saved_step)}", flush=True)
+              f"\ncheckpoint: {saved if os.path.isdir(saved) else 'none saved (see checkpoint.interval)'}",
+              flush=True)
     return rows

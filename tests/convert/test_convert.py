@@ -1,0 +1,263 @@
+"""k2m-convert against transformers: hf-to-mcore gives the HF logits through load_model, the
+round trip is bit-exact, exports load in transformers, a trainer checkpoint exports the same at
+TP2 x EP2 as at 1 rank, block-FP8 is dequantized by the formula, and bad input is one line."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from hf_models import VARIANTS, hf_config, random_hf_model
+from safetensors.torch import load_file, save_file
+
+import k2mcore
+from k2mcore.parallel.local_launch import local_command, local_env
+
+BIN = os.path.dirname(sys.executable)
+IDS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(7))
+
+
+def convert(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([os.path.join(BIN, "k2m-convert"), *args, "--no-progress"]
+                          if args[0] != "inspect" else [os.path.join(BIN, "k2m-convert"), *args],
+                          capture_output=True, text=True, timeout=300, env=local_env())
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    return proc
+
+
+def _hf_tensors(path: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
+    return out
+
+
+@pytest.fixture(scope="module", params=["k2", "moonlight", "dsv3", "no-interleave"])
+def converted(request, tmp_path_factory):
+    """An HF model of each family, converted to a k2mcore checkpoint and back (fp32)."""
+    root = tmp_path_factory.mktemp(request.param)
+    hf_dir, ckpt, back = str(root / "hf"), str(root / "ckpt"), str(root / "back")
+    model = random_hf_model(hf_config(**VARIANTS[request.param]), seed=11)
+    model.save_pretrained(hf_dir)
+    convert("hf-to-mcore", "--hf-dir", hf_dir, "--out", ckpt)
+    convert("mcore-to-hf", "--ckpt", ckpt, "--out", back, "--dtype", "fp32")
+    with torch.no_grad():
+        logits = model(IDS).logits.float()
+    return {"hf": hf_dir, "ckpt": ckpt, "back": back, "logits": logits, "name": request.param}
+
+
+def test_hf_to_mcore_then_load_model_gives_transformers_logits(converted):
+    ours = k2mcore.load_model(converted["ckpt"])
+    diff = (ours(IDS) - converted["logits"]).abs().max().item()
+    print(f"{converted['name']}: converted checkpoint vs transformers, max |logit diff| {diff:.1e}")
+    assert diff <= 1e-4
+
+
+def test_hf_to_mcore_to_hf_is_bit_exact(converted):
+    src, back = _hf_tensors(converted["hf"]), _hf_tensors(converted["back"])
+    assert set(src) == set(back)
+    for name, t in src.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    index = json.load(open(os.path.join(converted["back"], "model.safetensors.index.json")))
+    assert set(index["weight_map"]) == set(src)
+
+
+def test_exported_directory_loads_in_transformers(converted):
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(converted["back"]).eval()
+    with torch.no_grad():
+        logits = model(IDS).logits.float()
+    assert torch.equal(logits, converted["logits"])
+
+
+def test_inspect_describes_both_formats(converted):
+    ck = convert("inspect", converted["ckpt"]).stdout
+    assert "k2mcore checkpoint (megatron torch_dist), step 0" in ck
+    assert "converted from Hugging Face (deepseek_v3, FP8 source: False)" in ck
+    assert "optimizer state: none (weights only)" in ck and "FP8: no" in ck
+    hf = convert("inspect", converted["hf"]).stdout
+    assert "Hugging Face safetensors" in hf and "model_type deepseek_v3" in hf
+    assert "8 experts top-" in hf and "FP8: no" in hf
+
+
+def test_trainer_checkpoints_at_tp2_ep2_and_one_rank_export_the_same(tmp_path):
+    """k2m-train starts from a converted checkpoint at 1 rank and at TP2 x EP2 (lr 0, no bias
+    update: weights unchanged), saves, and both checkpoints export to identical HF tensors."""
+    hf_dir, ckpt = str(tmp_path / "hf"), str(tmp_path / "ckpt")
+    random_hf_model(hf_config(**VARIANTS["k2"]), seed=5).save_pretrained(hf_dir)
+    convert("hf-to-mcore", "--hf-dir", hf_dir, "--out", ckpt)
+    common = ["--config", os.path.join(ckpt, "config.yaml"), "--set", f"checkpoint.load={ckpt}",
+              "--set", "train.iters=1", "--set", "checkpoint.interval=1", "--set", "optimizer.lr=0",
+              "--set", "optimizer.min_lr=0", "--set", "model.moe_router_bias_update_rate=0",
+              "--set", "train.global_batch_size=4", "--set", "train.seq_length=32",
+              "--set", "logging.tensorboard=false"]
+    layouts = {"one": (1, []), "tp2ep2": (2, ["parallel.tp=2", "parallel.sp=true",
+                                             "parallel.ep=2", "parallel.etp=1"])}
+    exported = {}
+    for name, (nproc, sets) in layouts.items():
+        run = str(tmp_path / name)
+        args = common + ["--set", f"run.dir={run}"] + [x for s in sets for x in ("--set", s)]
+        proc = subprocess.run(local_command(nproc, os.path.join(BIN, "k2m-train"), args),
+                              env=local_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "initialized weights from" in proc.stdout
+        out = str(tmp_path / f"{name}-hf")
+        convert("mcore-to-hf", "--ckpt", os.path.join(run, "checkpoints"), "--out", out, "--dtype", "fp32")
+        exported[name] = _hf_tensors(out)
+    src = _hf_tensors(hf_dir)
+    for name, t in exported["one"].items():
+        assert torch.equal(exported["tp2ep2"][name], t), name
+        assert torch.equal(t, src[name]), name  # lr 0: still the converted weights
+
+
+# ---------------------------------------------------------------------------------------- FP8
+def _fp8_release(tmp_path, block: int = 32) -> tuple[str, dict]:
+    """A K2-like model saved as DeepSeek/K2 release it: linear weights in float8_e4m3fn with a
+    per-block weight_scale_inv. Dims give whole and ragged blocks (e.g. 40 x 64 at 32)."""
+    from k2mcore.convert.fp8 import quantize
+
+    path = str(tmp_path / "fp8")
+    random_hf_model(hf_config(**VARIANTS["k2"]), seed=9).save_pretrained(path)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    quantized = {}
+    for name in list(tensors):
+        if tensors[name].ndim == 2 and "proj" in name:  # attention and MLP linears (DeepSeek quantizes these)
+            w8, scale_inv = quantize(tensors[name], block=(block, block))
+            tensors[name], tensors[name + "_scale_inv"] = w8, scale_inv
+            quantized[name] = (w8, scale_inv)
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [block, block]}
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    return path, quantized
+
+
+def _formula(w8: torch.Tensor, scale_inv: torch.Tensor, block: int) -> torch.Tensor:
+    """W[i, j] * scale_inv[i // block, j // block], element by element index arithmetic."""
+    rows = torch.arange(w8.shape[0])[:, None] // block
+    cols = torch.arange(w8.shape[1])[None, :] // block
+    return w8.float() * scale_inv[rows, cols]
+
+
+def test_fp8_release_is_dequantized_by_the_formula(tmp_path):
+    hf_dir, quantized = _fp8_release(tmp_path)
+    assert any(w.shape[0] % 32 for w, _ in quantized.values())  # ragged edge blocks exist
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    convert("hf-to-mcore", "--hf-dir", hf_dir, "--out", ckpt, "--dtype", "fp32")
+    assert "FP8 source: True" in convert("inspect", ckpt).stdout
+    assert "FP8: yes, 32x32 blocks" in convert("inspect", hf_dir).stdout
+    convert("mcore-to-hf", "--ckpt", ckpt, "--out", back, "--dtype", "fp32")
+    out = _hf_tensors(back)
+    assert not any(k.endswith("_scale_inv") for k in out)
+    for name, (w8, scale_inv) in quantized.items():
+        assert torch.equal(out[name], _formula(w8, scale_inv, 32)), name
+    # and the model runs on the dequantized weights: load_model reads the FP8 directory itself
+    a, b = k2mcore.load_model(hf_dir)(IDS), k2mcore.load_model(ckpt)(IDS)
+    assert torch.equal(a, b)
+
+
+def test_fp8_default_block_is_128():
+    from k2mcore.convert.fp8 import block_size, dequantize
+
+    assert block_size({"quantization_config": {"quant_method": "fp8"}}) == (128, 128)
+    w = torch.ones(200, 130, dtype=torch.float8_e4m3fn)
+    scale = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    d = dequantize(w, scale)
+    assert d[127, 127] == 1 and d[127, 128] == 2 and d[128, 0] == 3 and d[199, 129] == 4
+
+
+# ---------------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def small_hf(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("small") / "hf")
+    random_hf_model(hf_config(**VARIANTS["k2"]), seed=2).save_pretrained(path)
+    return path
+
+
+def _one_line(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("k2m-convert: error: "), proc.stderr
+    return lines[0]
+
+
+def _copy(src: str, dst) -> str:
+    shutil.copytree(src, str(dst))
+    return str(dst)
+
+
+def test_not_a_checkpoint(tmp_path):
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    assert "no config.json" in _one_line(convert("hf-to-mcore", "--hf-dir", empty, "--out",
+                                                  str(tmp_path / "o"), expect=2))
+    assert "not a k2mcore checkpoint" in _one_line(convert("mcore-to-hf", "--ckpt", empty, "--out",
+                                                           str(tmp_path / "o"), expect=2))
+    assert "not a checkpoint" in _one_line(convert("inspect", empty, expect=2))
+
+
+def test_unknown_model_type(small_hf, tmp_path):
+    path = _copy(small_hf, tmp_path / "llama")
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["model_type"] = "llama"
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    msg = _one_line(convert("hf-to-mcore", "--hf-dir", path, "--out", str(tmp_path / "o"), expect=2))
+    assert "config.json: model_type 'llama' is not one of deepseek_v3, kimi_k2" in msg
+
+
+def test_missing_shard_named_in_the_index(small_hf, tmp_path):
+    path = _copy(small_hf, tmp_path / "sharded")
+    names = list(load_file(os.path.join(path, "model.safetensors")))
+    index = {"metadata": {}, "weight_map": {n: ("model-00001-of-00002.safetensors" if i % 2 else
+                                                "model-00002-of-00002.safetensors")
+                                            for i, n in enumerate(names)}}
+    os.rename(os.path.join(path, "model.safetensors"), os.path.join(path, "model-00001-of-00002.safetensors"))
+    json.dump(index, open(os.path.join(path, "model.safetensors.index.json"), "w"))
+    msg = _one_line(convert("hf-to-mcore", "--hf-dir", path, "--out", str(tmp_path / "o"), expect=2))
+    assert "model-00002-of-00002.safetensors: shard named in the index is missing" in msg
+
+
+def test_scale_that_does_not_fit_its_weight(tmp_path):
+    hf_dir, quantized = _fp8_release(tmp_path)
+    file = os.path.join(hf_dir, "model.safetensors")
+    tensors = load_file(file)
+    name = "model.layers.2.self_attn.kv_b_proj.weight"
+    tensors[name + "_scale_inv"] = tensors[name + "_scale_inv"][:2].contiguous()
+    save_file(tensors, file)
+    out = str(tmp_path / "o")
+    msg = _one_line(convert("hf-to-mcore", "--hf-dir", hf_dir, "--out", out, expect=2))
+    assert f"{name}_scale_inv: shape (2, 1) does not fit {name} 128x32 in 32x32 blocks " \
+           "(expected 4x1)" in msg
+    # the failed conversion leaves nothing at --out, and no partial directory behind
+    assert not os.path.exists(out) and os.listdir(tmp_path) == ["fp8"]
+
+
+def test_config_that_disagrees_with_the_tensors(small_hf, tmp_path):
+    path = _copy(small_hf, tmp_path / "lying")
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["moe_intermediate_size"] = 48
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    msg = _one_line(convert("hf-to-mcore", "--hf-dir", path, "--out", str(tmp_path / "o"), expect=2))
+    assert "decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight has shape (64, 64), " \
+           "config.json implies (96, 64)" in msg
+
+
+def test_existing_output_needs_force(small_hf, tmp_path):
+    out = str(tmp_path / "ckpt")
+    os.makedirs(out)
+    (tmp_path / "ckpt" / "precious").write_text("keep me")
+    msg = _one_line(convert("hf-to-mcore", "--hf-dir", small_hf, "--out", out, expect=2))
+    assert f"{out}: already exists (pass --force to replace it)" in msg
+    assert (tmp_path / "ckpt" / "precious").read_text() == "keep me"
+    convert("hf-to-mcore", "--hf-dir", small_hf, "--out", out, "--force")
+    assert not (tmp_path / "ckpt" / "precious").exists()
+    assert "step 0" in convert("inspect", out).stdout
+    back = str(tmp_path / "back")
+    os.makedirs(back)
+    msg = _one_line(convert("mcore-to-hf", "--ckpt", out, "--out", back, expect=2))
+    assert "already exists" in msg
