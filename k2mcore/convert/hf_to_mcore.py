@@ -9,7 +9,6 @@ layout, and that `k2mcore.load_model` and `k2m-convert mcore-to-hf` read.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from typing import Optional
 
@@ -20,7 +19,7 @@ from k2mcore.model.hf import HFFormatError, TensorSource, hf_to_mcore, model_con
 
 from .dcp import DCPWriter
 from .fp8 import block_size
-from .output import ConvertError, commit_output, temporary_output
+from .output import ConvertError, commit_output, removed_on_error, temporary_output
 from .progress import Progress
 from .shapes import dcp_key, expected_shapes
 
@@ -47,13 +46,11 @@ def convert_hf_to_mcore(
     seen = set()
     start = time.perf_counter()
     try:
-        _stream(source, model, shapes, writer, bar, target, seen, hf_dir)
-        _write_checkpoint_files(tmp, model, writer, extra={
-            "source": {"hf_dir": os.path.abspath(hf_dir), "model_type": hf.get("model_type"),
-                       "fp8": source.fp8, "dtype": str(target).replace("torch.", "")}})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed conversion leaves nothing behind
-        raise
+        with removed_on_error(tmp):
+            _stream(source, model, shapes, writer, bar, target, seen, hf_dir)
+            _write_checkpoint_files(tmp, model, writer, extra={
+                "source": {"hf_dir": os.path.abspath(hf_dir), "model_type": hf.get("model_type"),
+                           "fp8": source.fp8, "dtype": str(target).replace("torch.", "")}})
     finally:
         bar.close()
         source.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import torch
@@ -16,7 +15,7 @@ import torch
 from k2mcore.model.hf import hf_config_from_model, mcore_to_hf
 
 from .dcp import DCPFormatError, DCPReader
-from .output import ConvertError, commit_output, temporary_output
+from .output import ConvertError, commit_output, removed_on_error, temporary_output
 from .progress import Progress
 from .shapes import expected_shapes, split_expert_name
 
@@ -77,18 +76,15 @@ def convert_mcore_to_hf(
     writer = _ShardWriter(tmp, shard_bytes, plan)
     start = time.perf_counter()
     try:
-        for hf_name, tensor in mcore_to_hf(get, model):
-            writer.add(hf_name, tensor.to(target))
-            bar.update(writer.bytes)
-        writer.close()
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config_from_model(model, HF_DTYPE_NAMES[target]), f, indent=2)
+        with removed_on_error(tmp):
+            for hf_name, tensor in mcore_to_hf(get, model):
+                writer.add(hf_name, tensor.to(target))
+                bar.update(writer.bytes)
+            writer.close()
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(hf_config_from_model(model, HF_DTYPE_NAMES[target]), f, indent=2)
     except DCPFormatError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ConvertError(str(exc)) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed export leaves nothing behind
-        raise
     finally:
         bar.close()
         reader.close()

@@ -2,9 +2,11 @@
 complete, so a crash never leaves something that looks like a finished checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import zlib
+from typing import Iterator
 
 from k2mcore.model.hf import HFFormatError
 
@@ -25,6 +27,16 @@ def temporary_output(out: str, force: bool) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     return tmp
+
+
+@contextlib.contextmanager
+def removed_on_error(tmp: str) -> Iterator[None]:
+    """A failed or interrupted conversion leaves no partial directory behind."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def commit_output(tmp: str, out: str) -> None:
@@ -72,4 +84,5 @@ class CRCFile:
         self._f.close()
 
 
-__all__ = ["CRCFile", "ConvertError", "HFFormatError", "commit_output", "temporary_output"]
+__all__ = ["CRCFile", "ConvertError", "HFFormatError", "commit_output", "removed_on_error",
+           "temporary_output"]

@@ -126,58 +126,48 @@ def _rope_deinterleave(w: torch.Tensor, heads: int, head_dim: int, rope_dim: int
     return w.flatten(0, 1)
 
 
+def _walk(model: ModelConfig) -> Iterator[tuple[str, str, bool]]:
+    """(megatron name, HF name, False) for one-to-one tensors and (megatron prefix, HF prefix,
+    True) for gated MLPs, in checkpoint order: the one mapping both directions follow."""
+    yield "embedding.word_embeddings.weight", "model.embed_tokens.weight", False
+    for i in range(model.num_layers):
+        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
+        pairs = _ATTN + (_Q_LORA if model.q_lora_rank else _Q_PLAIN)
+        moe = i >= model.first_k_dense
+        for m_name, h_name in pairs + (_ROUTER if moe else []):
+            yield mc + m_name, hf + h_name, False
+        if not moe:
+            yield mc + "mlp.", hf + "mlp.", True
+            continue
+        for e in range(model.num_experts):
+            yield f"{mc}mlp.experts.local_experts.{e}.", f"{hf}mlp.experts.{e}.", True
+        if model.num_shared_experts:
+            yield mc + "mlp.shared_experts.", hf + "mlp.shared_experts.", True
+    yield "decoder.final_layernorm.weight", "model.norm.weight", False
+    if not model.tie_word_embeddings:
+        yield "output_layer.weight", "lm_head.weight", False
+
+
 def hf_to_mcore(
     get: "TensorSource", model: ModelConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (megatron name, tensor) for a 1-rank GPTModel, reading HF tensors one at a time."""
-    yield "embedding.word_embeddings.weight", get("model.embed_tokens.weight")
-    for i in range(model.num_layers):
-        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
-        pairs = _ATTN + (_Q_LORA if model.q_lora_rank else _Q_PLAIN)
-        moe = i >= model.first_k_dense
-        if moe:
-            pairs = pairs + _ROUTER
-        for m_name, h_name in pairs:
-            t = get(hf + h_name)
-            if not model.rope_interleave:
-                t = _maybe_deinterleave(m_name, t, model)
-            yield mc + m_name, t
-        if not moe:
-            yield from _gated(get, hf + "mlp.", mc + "mlp.")
+    for mc, hf, gated in _walk(model):
+        if gated:
+            yield from _gated(get, hf, mc)
             continue
-        for e in range(model.num_experts):
-            yield from _gated(get, f"{hf}mlp.experts.{e}.", f"{mc}mlp.experts.local_experts.{e}.")
-        if model.num_shared_experts:
-            yield from _gated(get, hf + "mlp.shared_experts.", mc + "mlp.shared_experts.")
-    yield "decoder.final_layernorm.weight", get("model.norm.weight")
-    if not model.tie_word_embeddings:
-        yield "output_layer.weight", get("lm_head.weight")
+        t = get(hf)
+        yield mc, (t if model.rope_interleave else _maybe_deinterleave(mc, t, model))
 
 
 def mcore_to_hf(get: Callable[[str], torch.Tensor], model: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor) from a getter of 1-rank megatron tensors: hf_to_mcore's inverse."""
-    yield "model.embed_tokens.weight", get("embedding.word_embeddings.weight")
-    for i in range(model.num_layers):
-        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
-        pairs = _ATTN + (_Q_LORA if model.q_lora_rank else _Q_PLAIN)
-        moe = i >= model.first_k_dense
-        if moe:
-            pairs = pairs + _ROUTER
-        for m_name, h_name in pairs:
-            t = get(mc + m_name)
-            if not model.rope_interleave:
-                t = _maybe_deinterleave(m_name, t, model, inverse=True)
-            yield hf + h_name, t
-        if not moe:
-            yield from _ungated(get, mc + "mlp.", hf + "mlp.")
+    for mc, hf, gated in _walk(model):
+        if gated:
+            yield from _ungated(get, mc, hf)
             continue
-        for e in range(model.num_experts):
-            yield from _ungated(get, f"{mc}mlp.experts.local_experts.{e}.", f"{hf}mlp.experts.{e}.")
-        if model.num_shared_experts:
-            yield from _ungated(get, mc + "mlp.shared_experts.", hf + "mlp.shared_experts.")
-    yield "model.norm.weight", get("decoder.final_layernorm.weight")
-    if not model.tie_word_embeddings:
-        yield "lm_head.weight", get("output_layer.weight")
+        t = get(mc)
+        yield hf, (t if model.rope_interleave else _maybe_deinterleave(mc, t, model, inverse=True))
 
 
 def _ungated(get: Callable[[str], torch.Tensor], mc: str, hf: str) -> Iterator[tuple[str, torch.Tensor]]:
