@@ -173,17 +173,32 @@ class ShardedMuonClip(torch.optim.AdamW):
     """
 
     @classmethod
-    def from_adamw(
-        cls, inner: torch.optim.AdamW, *, plan: ExchangePlan, muon: list[tuple[Tensor, int]],
+    def from_inner(
+        cls, inner: torch.optim.Optimizer, *, plan: ExchangePlan, muon: list[tuple[Tensor, int]],
         hparams: MuonHyperParams,
     ) -> "ShardedMuonClip":
-        """Take over megatron's inner AdamW: its param groups already hold the main-param shards
-        (views that torch's constructor would refuse as non-leaf tensors), its defaults and
-        its (empty) state."""
-        if not isinstance(inner, torch.optim.AdamW) or len(inner.state):
-            raise TypeError("ShardedMuonClip takes over a fresh torch.optim.AdamW")
+        """Take over megatron's (fresh) inner Adam: its param groups, which already hold the
+        main-param shards (views torch's constructor would refuse as non-leaf tensors) and the
+        scheduler's lr/wd. torch's AdamW is taken over as it is; another Adam (TE's FusedAdam
+        on GPU) gives its groups to a torch AdamW with the same lr, betas, eps and wd."""
+        if len(inner.state):
+            raise TypeError("ShardedMuonClip takes over an optimizer that has not stepped")
         self = cls.__new__(cls)
-        self.__dict__.update(inner.__dict__)
+        if isinstance(inner, torch.optim.AdamW):
+            self.__dict__.update(inner.__dict__)
+        else:
+            d = inner.defaults
+            template = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=d["lr"],
+                                         betas=tuple(d.get("betas", (0.9, 0.999))),
+                                         eps=d.get("eps", 1e-8), weight_decay=d.get("weight_decay", 0.0))
+            self.__dict__.update(template.__dict__)
+            self.param_groups = []
+            for group in inner.param_groups:  # the same dicts: megatron and its scheduler hold them
+                for key, value in self.defaults.items():
+                    group.setdefault(key, value)
+                if "decoupled_weight_decay" in self.defaults:  # AdamW's, whatever the inner's was
+                    group["decoupled_weight_decay"] = True
+                self.param_groups.append(group)
         self.plan = plan
         self.hparams = hparams
         self.muon = muon

@@ -107,7 +107,7 @@ def install_muonclip(
             shards.append((shard, i))
         plan: ExchangePlan = build_plan(matrices, local, expert_group if expert else dense_group)
         inner = child.optimizer
-        new = ShardedMuonClip.from_adamw(inner, plan=plan, muon=shards, hparams=hparams)
+        new = ShardedMuonClip.from_inner(inner, plan=plan, muon=shards, hparams=hparams)
         child.optimizer = new
         child.init_state_fn = new.init_state
         installed.append((expert, new, child))

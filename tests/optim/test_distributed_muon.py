@@ -69,7 +69,7 @@ def _one_process_optimizer(muon_ws, adam_ws, lr, wd):
     matrices = [_Matrix(f"w{i}", tuple(w.shape), 1, 0, 1) for i, w in enumerate(muon_ws)]
     pieces = [_Piece(0, 0, w.numel(), True) for w in muon_ws]
     plan = build_plan(matrices, pieces, None)
-    opt = ShardedMuonClip.from_adamw(adamw, plan=plan, muon=[(flat[i], i) for i in range(len(muon_ws))],
+    opt = ShardedMuonClip.from_inner(adamw, plan=plan, muon=[(flat[i], i) for i in range(len(muon_ws))],
                                      hparams=MuonHyperParams())
     return opt, flat
 
@@ -105,10 +105,22 @@ def test_muon_shards_keep_one_moment_and_a_free_placeholder():
     assert not is_state_placeholder(adam_state["exp_avg_sq"]) and not is_state_placeholder(muon_state["exp_avg"])
 
 
-def test_from_adamw_refuses_anything_else():
-    with pytest.raises(TypeError, match="fresh torch.optim.AdamW"):
-        ShardedMuonClip.from_adamw(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1),
-                                   plan=None, muon=[], hparams=MuonHyperParams())
+def test_takes_over_another_adam_and_refuses_a_stepped_optimizer():
+    """TE's FusedAdam stands in megatron's place on GPU: its groups (lr, betas, eps, wd) carry
+    over to a torch AdamW, and stepping matches torch's AdamW on the same groups."""
+    w = torch.nn.Parameter(torch.randn(6, generator=torch.Generator().manual_seed(1)))
+    other = torch.optim.Adam([{"params": [w], "lr": 0.1, "weight_decay": 0.01}], lr=0.1,
+                             betas=(0.8, 0.9), eps=1e-6)
+    opt = ShardedMuonClip.from_inner(other, plan=build_plan([], [], None), muon=[],
+                                     hparams=MuonHyperParams())
+    ref_w = torch.nn.Parameter(w.detach().clone())
+    ref = torch.optim.AdamW([ref_w], lr=0.1, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.01)
+    for _ in range(3):
+        w.grad = ref_w.grad = torch.ones(6)
+        opt.step(), ref.step()
+    assert torch.equal(w, ref_w) and opt.param_groups[0] is other.param_groups[0]
+    with pytest.raises(TypeError, match="has not stepped"):
+        ShardedMuonClip.from_inner(ref, plan=None, muon=[], hparams=MuonHyperParams())
 
 
 @pytest.mark.parametrize("sets,needle", [
