@@ -100,8 +100,8 @@ class TrainConfig:
 
 @dataclass
 class MuonConfig:
-    """Muon's half of MuonClip (optimizer.name: muonclip); lr, weight decay and the schedule are
-    the optimizer section's (Muon's update RMS is matched to AdamW's, so K2 shares them)."""
+    """Muon's half of MuonClip (optimizer.name: muonclip). lr and the schedule are the optimizer
+    section's, times lr_scale (Muon's update RMS is matched to AdamW's, so K2 shares them)."""
 
     momentum: float = 0.95
     nesterov: bool = True
@@ -110,6 +110,8 @@ class MuonConfig:
     ns_dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU | fp32 | bf16
     router_in_muon: bool = True  # the MoE router weight: Muon (true) or AdamW
     split_gated: bool = True  # orthogonalize SwiGLU gate and up projections separately (as HF's)
+    lr_scale: float = 1.0  # Muon's lr = optimizer.lr's schedule x lr_scale
+    weight_decay: Optional[float] = None  # null: optimizer.weight_decay
 
 
 @dataclass

@@ -114,6 +114,10 @@ def _check_muonclip(cfg: K2Config) -> None:
     m, q = cfg.optimizer.muon, cfg.qk_clip
     if not 0 <= m.momentum < 1:
         raise ConfigError(f"optimizer.muon.momentum: must be in [0, 1), got {_fmt(m.momentum)}")
+    if not m.lr_scale >= 0:
+        raise ConfigError(f"optimizer.muon.lr_scale: must be >= 0, got {_fmt(m.lr_scale)}")
+    if m.weight_decay is not None and not m.weight_decay >= 0:
+        raise ConfigError(f"optimizer.muon.weight_decay: must be >= 0 or null, got {_fmt(m.weight_decay)}")
     if not q.threshold > 0:
         raise ConfigError(f"qk_clip.threshold: must be > 0, got {_fmt(q.threshold)}")
     if not 0 <= q.alpha <= 1:

@@ -46,6 +46,8 @@ class MuonHyperParams:
     coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
     eps: float = 1e-7
     ns_dtype: Optional[torch.dtype] = None  # default: bf16 on CUDA, fp32 on CPU
+    lr_scale: float = 1.0  # Muon's lr = the param group's (scheduled) lr x lr_scale
+    weight_decay: Optional[float] = None  # None: the param group's (scheduled) weight decay
 
 
 def state_placeholder(like: Tensor) -> Tensor:
@@ -255,8 +257,10 @@ class ShardedMuonClip(torch.optim.AdamW):
             m = self.plan.matrices[i]
             # the RMS-matching scale, applied here in fp32 (the exchange carries NS's raw output)
             scale = rms_match_scale((m.full_shape[0] // m.split_rows, m.full_shape[1]))
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(updates[i].view_as(p).to(p.dtype), alpha=-group["lr"] * scale)
+            lr = group["lr"] * h.lr_scale
+            wd = group["weight_decay"] if h.weight_decay is None else h.weight_decay
+            p.mul_(1 - lr * wd)
+            p.add_(updates[i].view_as(p).to(p.dtype), alpha=-lr * scale)
 
     def _exchange_and_orthogonalize(self, inputs: dict[int, Tensor]) -> dict[int, Tensor]:
         """Pieces to owners, Newton-Schulz on full matrices, its output's slices back to holders.

@@ -60,6 +60,7 @@ def _install_muonclip(cfg: K2Config, opt, model: list) -> None:
         momentum=m.momentum, nesterov=m.nesterov, ns_steps=m.ns_steps,
         coefficients=resolve_coefficients(m.coefficients), eps=1e-7,
         ns_dtype={"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[m.ns_dtype],
+        lr_scale=m.lr_scale, weight_decay=m.weight_decay,
     )
     install_muonclip(
         opt, [getattr(c, "module", c) for c in model], hparams,

@@ -60,7 +60,7 @@ def test_balance_is_longest_job_first_and_deterministic():
     assert balance([7], 4) == [0] and balance([], 2) == []
 
 
-def _one_process_optimizer(muon_ws, adam_ws, lr, wd):
+def _one_process_optimizer(muon_ws, adam_ws, lr, wd, **hparams):
     """ShardedMuonClip over full tensors with a 1-rank plan (the DistributedOptimizer at DP=1
     hands its inner optimizer exactly this: each main param is the whole flattened tensor)."""
     flat = [torch.nn.Parameter(w.clone().view(-1)) for w in muon_ws + adam_ws]
@@ -70,19 +70,22 @@ def _one_process_optimizer(muon_ws, adam_ws, lr, wd):
     pieces = [_Piece(0, 0, w.numel(), True) for w in muon_ws]
     plan = build_plan(matrices, pieces, None)
     opt = ShardedMuonClip.from_inner(adamw, plan=plan, muon=[(flat[i], i) for i in range(len(muon_ws))],
-                                     hparams=MuonHyperParams())
+                                     hparams=MuonHyperParams(**hparams))
     return opt, flat
 
 
-def test_one_rank_equals_muonclip_and_adamw():
+@pytest.mark.parametrize("muon_lr_scale,muon_wd", [(1.0, None), (0.5, 0.02)])
+def test_one_rank_equals_muonclip_and_adamw(muon_lr_scale, muon_wd):
+    """Muon's own lr scale and weight decay (optimizer.muon.*) apply to the matrices only."""
     g = torch.Generator().manual_seed(0)
     muon_ws = [torch.randn(24, 40, generator=g), torch.randn(40, 24, generator=g)]
     adam_ws = [torch.randn(40, generator=g)]
     lr, wd = 0.01, 0.1
-    opt, flat = _one_process_optimizer(muon_ws, adam_ws, lr, wd)
+    opt, flat = _one_process_optimizer(muon_ws, adam_ws, lr, wd, lr_scale=muon_lr_scale,
+                                       weight_decay=muon_wd)
     ref_muon = [torch.nn.Parameter(w.clone()) for w in muon_ws]
     ref_adam = [torch.nn.Parameter(w.clone()) for w in adam_ws]
-    muon = MuonClip(ref_muon, lr=lr, weight_decay=wd)
+    muon = MuonClip(ref_muon, lr=lr * muon_lr_scale, weight_decay=wd if muon_wd is None else muon_wd)
     adam = torch.optim.AdamW(ref_adam, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
     for _ in range(4):
         grads = [torch.randn(w.shape, generator=g) for w in muon_ws + adam_ws]
@@ -130,6 +133,8 @@ def test_takes_over_another_adam_and_refuses_a_stepped_optimizer():
      "optimizer.muon.coefficients: 'quartic' is not one of k2, muon"),
     (["optimizer.muon.momentum=1.0"], "optimizer.muon.momentum: must be in [0, 1), got 1.0"),
     (["optimizer.muon.ns_steps=0"], "optimizer.muon.ns_steps: must be >= 1, got 0"),
+    (["optimizer.muon.lr_scale=-1"], "optimizer.muon.lr_scale: must be >= 0, got -1.0"),
+    (["optimizer.muon.weight_decay=-0.1"], "optimizer.muon.weight_decay: must be >= 0 or null, got -0.1"),
     (["optimizer.muon.ns_dtype=fp16"], "optimizer.muon.ns_dtype: 'fp16' is not one of auto, fp32, bf16"),
     (["optimizer.name=muonclip", "parallel.distributed_optimizer=false"],
      "optimizer.name=muonclip needs parallel.distributed_optimizer=true"),
