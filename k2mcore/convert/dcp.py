@@ -199,9 +199,15 @@ class DCPReader:
         if info is None:
             raise DCPFormatError(f"{self.path}: no tensor {key}")
         shape = info.shape if index is None else info.shape[1:]
+        chunks = list(enumerate(info.chunks) if index is None else self._covering(key, info, index))
+        if len(chunks) == 1:  # one stored chunk is the whole answer (the usual case): no copy
+            i, chunk = chunks[0]
+            t = self.read_chunk(key, i, chunk)
+            t = t if index is None else t[index - chunk.offsets[0]]
+            if tuple(t.shape) == tuple(shape):
+                return t
         out = torch.empty(shape, dtype=info.dtype)
         covered = 0
-        chunks = enumerate(info.chunks) if index is None else self._covering(key, info, index)
         for i, chunk in chunks:
             offs, sizes = list(chunk.offsets), list(chunk.sizes)
             t = self.read_chunk(key, i, chunk)
