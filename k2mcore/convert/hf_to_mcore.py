@@ -99,12 +99,11 @@ def _source_bytes(hf_dir: str) -> int:
 
 
 def _write_checkpoint_files(tmp: str, model: ModelConfig, writer: DCPWriter, extra: Optional[dict] = None) -> None:
-    """config.yaml and the k2mcore marker (last): a weights-only checkpoint at step 0."""
-    import json
+    """config.yaml, then the k2mcore marker of a weights-only checkpoint (last)."""
     import zlib
 
     from k2mcore.config.loader import dump_yaml
-    from k2mcore.training.checkpoint import FORMAT, FORMAT_VERSION, MARKER, _versions
+    from k2mcore.training.checkpoint import write_weights_only_marker
 
     cfg = K2Config(model=model)
     cfg.run.dir = f"runs/{model.name.replace('/', '_')}"
@@ -113,14 +112,4 @@ def _write_checkpoint_files(tmp: str, model: ModelConfig, writer: DCPWriter, ext
     with open(os.path.join(tmp, "config.yaml"), "rb") as f:
         data = f.read()
     files["config.yaml"] = {"size": len(data), "crc32": zlib.crc32(data)}
-    meta = {
-        "format": FORMAT, "version": FORMAT_VERSION, "step": 0, "consumed_samples": 0,
-        "layout": {"converted": True}, "optimizer": None, "scheduler": None,
-        "model": model.name, "versions": _versions(), "files": dict(sorted(files.items())),
-        **(extra or {}),
-    }
-    path = os.path.join(tmp, MARKER)
-    with open(path, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    write_weights_only_marker(tmp, model=model.name, files=files, extra=extra)

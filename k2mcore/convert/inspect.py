@@ -3,6 +3,7 @@ bytes and dtypes, FP8 or not. Reads metadata and headers only."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 
@@ -87,15 +88,10 @@ def _describe_hf(path: str) -> str:
     source = TensorSource(path)
     dtypes: Counter = Counter()
     total = 0
-    for fname in sorted(set(source.where.values())):
-        f = source._file(fname)
-        for name in f.keys():
-            shape, dtype = f.shape_dtype(name)
-            n = 1
-            for s in shape:
-                n *= s
-            dtypes[str(dtype).replace("torch.", "")] += 1
-            total += n * torch.empty((), dtype=dtype).element_size()
+    for name in source.where:
+        shape, dtype = source.shape_dtype(name)
+        dtypes[str(dtype).replace("torch.", "")] += 1
+        total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     fp8 = f"yes, {block_size(hf)[0]}x{block_size(hf)[1]} blocks (weight_scale_inv)" if source.fp8 else "no"
     return "\n".join([
         f"{path}: Hugging Face safetensors ({len(set(source.where.values()))} files), "

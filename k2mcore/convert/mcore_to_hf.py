@@ -7,6 +7,7 @@ mapped to HF names, cast, and written into safetensors shards of at most `shard_
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -67,7 +68,7 @@ def convert_mcore_to_hf(
         return reader.read(found[0], index=found[1]) if found else reader.read(name)
 
     tmp = temporary_output(out, force)
-    total = sum(_numel(s) for s in shapes.values()) * torch.empty((), dtype=target).element_size()
+    total = sum(math.prod(s) for s in shapes.values()) * torch.empty((), dtype=target).element_size()
     n_hf = len(shapes) + sum(n.endswith("linear_fc1.weight") for n in shapes)  # gate and up apart
     bar = Progress(total_tensors=n_hf, total_bytes=total, enabled=progress, desc="mcore-to-hf")
     # the HF names, dtypes and shapes, from the mapping run on shape-only (meta) tensors
@@ -105,7 +106,7 @@ class _ShardWriter:
         self.shards: list[list] = [[]]
         size = 0
         for item in plan:
-            nbytes = _numel(item[2]) * torch.empty((), dtype=item[1]).element_size()
+            nbytes = math.prod(item[2]) * torch.empty((), dtype=item[1]).element_size()
             if self.shards[-1] and size + nbytes > limit:
                 self.shards.append([])
                 size = 0
@@ -138,10 +139,3 @@ class _ShardWriter:
         index = {"metadata": {"total_size": self.bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
         with open(os.path.join(self.path, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

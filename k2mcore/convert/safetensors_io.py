@@ -10,6 +10,7 @@ and transformers like any other.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import Optional, Sequence
@@ -89,10 +90,7 @@ class StreamingWriter:
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         for name, dtype, shape in plan:
-            n = 1
-            for s in shape:
-                n *= s
-            size = n * torch.empty((), dtype=dtype).element_size()
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()

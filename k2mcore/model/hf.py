@@ -288,8 +288,9 @@ class TensorSource:
             raise HFFormatError(f"{self.path}: {name} is FP8 but has no {name}{SCALE_SUFFIX}")
         return t
 
-    def names(self) -> list[str]:
-        return sorted(self.where)
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """A stored tensor's shape and dtype, from its file's header (nothing read)."""
+        return self._file(self.where[name]).shape_dtype(name)
 
     def close(self) -> None:
         self._files.clear()

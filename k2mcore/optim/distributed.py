@@ -27,6 +27,7 @@ so the update depends on the TP degree.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -124,15 +125,33 @@ class ExchangePlan:
     owner: list[int]  # [matrix] -> group rank
     ns_flops: list[int] = field(default_factory=list)  # [group rank] Newton-Schulz FLOPs per step
 
-    def is_source(self, r: int, i: int) -> bool:
+    def __post_init__(self) -> None:
+        """This rank's traffic, worked out once (each step only follows it), in matrix order:
+        send[d] its pieces for owner d, recv[s] the pieces rank s sends it as owner,
+        ret[d] the slices it returns to d, back[o] the slices owner o returns to it."""
+        me, n = self.rank, self.size
+        self.send: list[list[int]] = [[] for _ in range(n)]
+        self.recv: list[list[int]] = [[] for _ in range(n)]
+        self.ret: list[list[int]] = [[] for _ in range(n)]
+        self.back: list[list[int]] = [[] for _ in range(n)]
+        for i, o in enumerate(self.owner):
+            mine = self.pieces[me][i]
+            if mine is not None:
+                self.back[o].append(i)
+                if mine.source:
+                    self.send[o].append(i)
+            if o != me:
+                continue
+            for r in range(n):
+                piece = self.pieces[r][i]
+                if piece is not None:
+                    self.ret[r].append(i)
+                    if piece.source:
+                        self.recv[r].append(i)
+
+    def numel(self, r: int, i: int) -> int:
         piece = self.pieces[r][i]
-        return piece is not None and piece.source
-
-    def sent_to(self, src: int, dst: int) -> list[int]:
-        return [i for i, o in enumerate(self.owner) if o == dst and self.is_source(src, i)]
-
-    def returned_to(self, owner: int, dst: int) -> list[int]:
-        return [i for i, o in enumerate(self.owner) if o == owner and self.pieces[dst][i] is not None]
+        return 0 if piece is None else piece.end - piece.start
 
 
 def balance(costs: Sequence[int], size: int) -> list[int]:
@@ -273,35 +292,30 @@ class ShardedMuonClip(torch.optim.AdamW):
         wire = self.hparams.ns_dtype or default_ns_dtype(torch.device(device))
         inputs = {i: t.to(wire) for i, t in inputs.items()}
         # 1. every source piece to its matrix's owner
-        send = [inputs[i] for dst in range(plan.size) for i in plan.sent_to(me, dst)]
-        send_sizes = [sum(inputs[i].numel() for i in plan.sent_to(me, dst)) for dst in range(plan.size)]
-        recv_sizes = [sum(_numel(plan.pieces[src][i]) for i in plan.sent_to(src, me)) for src in range(plan.size)]
+        send = [inputs[i] for dst in range(plan.size) for i in plan.send[dst]]
+        send_sizes = [sum(plan.numel(me, i) for i in plan.send[dst]) for dst in range(plan.size)]
+        recv_sizes = [sum(plan.numel(src, i) for i in plan.recv[src]) for src in range(plan.size)]
         received = self._all_to_all(send, send_sizes, recv_sizes, device, wire)
         # 2. rebuild and orthogonalize the owned matrices
         owned = [i for i, o in enumerate(plan.owner) if o == me]
-        shards = {i: torch.zeros(plan.matrices[i].tp_size, _prod(plan.matrices[i].local_shape),
+        shards = {i: torch.zeros(plan.matrices[i].tp_size, math.prod(plan.matrices[i].local_shape),
                                  dtype=wire, device=device) for i in owned}
-        chunks = iter(received.split([_numel(plan.pieces[src][i]) for src in range(plan.size)
-                                      for i in plan.sent_to(src, me)]))
+        chunks = iter(received.split([plan.numel(src, i) for src in range(plan.size) for i in plan.recv[src]]))
         for src in range(plan.size):
-            for i in plan.sent_to(src, me):
+            for i in plan.recv[src]:
                 piece = plan.pieces[src][i]
                 shards[i][piece.tp_rank, piece.start:piece.end] = next(chunks)
         results = self._orthogonalize({i: plan.matrices[i].assemble(
             shards[i].view(-1, *plan.matrices[i].local_shape)) for i in owned})
         local = {i: plan.matrices[i].split(results[i]).reshape(plan.matrices[i].tp_size, -1) for i in owned}
         # 3. every holder's slice of the update back to it
-        send, send_sizes = [], []
-        for dst in range(plan.size):
-            ids = plan.returned_to(me, dst)
-            parts = [local[i][plan.pieces[dst][i].tp_rank, plan.pieces[dst][i].start:plan.pieces[dst][i].end]
-                     for i in ids]
-            send += parts
-            send_sizes.append(sum(t.numel() for t in parts))
-        recv_sizes = [sum(_numel(plan.pieces[me][i]) for i in plan.returned_to(src, me)) for src in range(plan.size)]
+        send = [local[i][plan.pieces[dst][i].tp_rank, plan.pieces[dst][i].start:plan.pieces[dst][i].end]
+                for dst in range(plan.size) for i in plan.ret[dst]]
+        send_sizes = [sum(plan.numel(dst, i) for i in plan.ret[dst]) for dst in range(plan.size)]
+        recv_sizes = [sum(plan.numel(me, i) for i in plan.back[src]) for src in range(plan.size)]
         back = self._all_to_all(send, send_sizes, recv_sizes, device, wire)
-        order = [i for src in range(plan.size) for i in plan.returned_to(src, me)]
-        return dict(zip(order, back.split([_numel(plan.pieces[me][i]) for i in order])))
+        order = [i for src in range(plan.size) for i in plan.back[src]]
+        return dict(zip(order, back.split([plan.numel(me, i) for i in order])))
 
     def _orthogonalize(self, full: dict[int, Tensor]) -> dict[int, Tensor]:
         """Newton-Schulz (unscaled) batched over matrices of the same shape and SwiGLU split."""
@@ -330,17 +344,6 @@ class ShardedMuonClip(torch.optim.AdamW):
     def zero_comm_counter(self) -> int:
         sent, self.comm_bytes = self.comm_bytes, 0
         return sent
-
-
-def _numel(piece: Optional[_Piece]) -> int:
-    return 0 if piece is None else piece.end - piece.start
-
-
-def _prod(shape: Sequence[int]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
 
 
 def _device() -> Any:

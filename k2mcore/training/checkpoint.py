@@ -200,6 +200,16 @@ def save_checkpoint(
     return final
 
 
+def write_weights_only_marker(path: str, *, model: str, files: dict, extra: Optional[dict] = None) -> None:
+    """Complete a checkpoint directory that holds weights only (k2m-convert hf-to-mcore): step
+    0, no optimizer or scheduler state, no layout (no ranks saved it). Call it last."""
+    _write_json(os.path.join(path, MARKER), {
+        "format": FORMAT, "version": FORMAT_VERSION, "step": 0, "consumed_samples": 0,
+        "layout": {"converted": True}, "optimizer": None, "scheduler": None, "model": model,
+        "versions": _versions(), "files": dict(sorted(files.items())), **(extra or {}),
+    })
+
+
 def _state_for_save(model: list, optimizer: Any) -> tuple[dict, Optional[float]]:
     """The sharded state to write, and the Adam step (0 if it never stepped; None without an
     optimizer)."""
@@ -513,11 +523,10 @@ def _torch_adam_fixes(child: Any) -> Iterator[None]:
         current = child._get_main_param_and_optimizer_states(model_param)
         if "step" in current and "step" not in tensors:
             tensors = {**tensors, "step": current["step"]}
-        # a Muon shard's exp_avg_sq is a memory-free zero placeholder (optim/distributed.py)
-        tensors = {k: v for k, v in tensors.items() if not is_state_placeholder(current.get(k))}
-        current = {k: v for k, v in current.items() if not is_state_placeholder(v)}
         for key, value in current.items():
-            value.copy_(tensors[key])
+            # a Muon shard's exp_avg_sq is a memory-free zero placeholder (optim/distributed.py)
+            if not is_state_placeholder(value):
+                value.copy_(tensors[key])
 
     child._set_main_param_and_optimizer_states = set_states
     try:

@@ -261,3 +261,47 @@ def test_existing_output_needs_force(small_hf, tmp_path):
     os.makedirs(back)
     msg = _one_line(convert("mcore-to-hf", "--ckpt", out, "--out", back, expect=2))
     assert "already exists" in msg
+
+
+def test_fp8_weight_without_its_scale(tmp_path):
+    hf_dir, _ = _fp8_release(tmp_path)
+    file = os.path.join(hf_dir, "model.safetensors")
+    tensors = load_file(file)
+    name = "model.layers.0.self_attn.q_a_proj.weight"
+    del tensors[name + "_scale_inv"]
+    save_file(tensors, file)
+    msg = _one_line(convert("hf-to-mcore", "--hf-dir", hf_dir, "--out", str(tmp_path / "o"), expect=2))
+    assert f"{name} is FP8 but has no {name}_scale_inv" in msg
+
+
+def test_bad_fp8_block_size(tmp_path):
+    hf_dir, _ = _fp8_release(tmp_path)
+    cfg = json.load(open(os.path.join(hf_dir, "config.json")))
+    cfg["quantization_config"]["weight_block_size"] = [128]
+    json.dump(cfg, open(os.path.join(hf_dir, "config.json"), "w"))
+    msg = _one_line(convert("hf-to-mcore", "--hf-dir", hf_dir, "--out", str(tmp_path / "o"), expect=2))
+    assert "config.json: quantization_config.weight_block_size [128] is not two positive ints" in msg
+
+
+def test_export_refuses_a_config_that_disagrees_with_the_checkpoint(small_hf, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    convert("hf-to-mcore", "--hf-dir", small_hf, "--out", ckpt)
+    text = open(os.path.join(ckpt, "config.yaml")).read()
+    open(os.path.join(ckpt, "config.yaml"), "w").write(text.replace("kv_lora_rank: 32", "kv_lora_rank: 48"))
+    meta = json.load(open(os.path.join(ckpt, "metadata.json")))
+    meta["files"]["config.yaml"]["size"] = os.path.getsize(os.path.join(ckpt, "config.yaml"))
+    json.dump(meta, open(os.path.join(ckpt, "metadata.json"), "w"))
+    msg = _one_line(convert("mcore-to-hf", "--ckpt", ckpt, "--out", str(tmp_path / "o"), expect=2))
+    assert "tensor decoder.layers.0.self_attention.linear_kv_down_proj.weight has shape (40, 64), " \
+           "config.yaml implies (56, 64)" in msg
+
+
+def test_export_refuses_a_truncated_data_file(small_hf, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    convert("hf-to-mcore", "--hf-dir", small_hf, "--out", ckpt)
+    data = os.path.join(ckpt, "dist", "__0_0.distcp")
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    msg = _one_line(convert("mcore-to-hf", "--ckpt", ckpt, "--out", str(tmp_path / "o"), expect=2))
+    assert f"{data}: corrupt (" in msg and "truncated or overwritten" in msg
+    assert not os.path.exists(tmp_path / "o")
