@@ -1,16 +1,24 @@
 # Two commands on a fresh machine: `make run` trains k2-tiny on several gloo ranks on CPU,
 # `make test` runs the test suite. Both create (or reuse) the virtualenv in $(VENV).
 VENV ?= .venv
+# The interpreter for a new $(VENV): PYTHON=... if given, else tools/find_python.sh's Python 3.12
+PYTHON ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.k2mcore-installed
 NPROC ?= 4
 RUN_ARGS ?= --set parallel.tp=2 --set parallel.sp=true --set parallel.ep=2 --set parallel.etp=1
+IS_312 := -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'
 
 .PHONY: install run test check clean
 
 $(STAMP): setup.py constraints.txt
-	test -x $(PY) || python3 -m venv $(VENV)
+	@if [ -x $(PY) ] && ! $(PY) $(IS_312); then \
+	    if [ "$(VENV)" = .venv ]; then echo "make: .venv is not Python 3.12: recreating it"; rm -rf .venv; \
+	    else echo "make: $(VENV) is not a Python 3.12 virtualenv (k2mcore needs 3.12)" >&2; exit 1; fi; fi
+	@if [ ! -x $(PY) ]; then \
+	    py="$(PYTHON)"; if [ -z "$$py" ]; then py=$$(tools/find_python.sh) || exit 1; fi; \
+	    echo "make: creating $(VENV) with $$py"; "$$py" -m venv $(VENV) || exit 1; fi
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e '.[test,dali]'
 	touch $(STAMP)

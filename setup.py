@@ -5,7 +5,7 @@ setup(
     name="k2mcore",
     version="0.1.0",
     description="Megatron-core 3D-parallel trainer for Kimi-K2-class MoE models, CPU-provable",
-    python_requires=">=3.10",
+    python_requires=">=3.12",
     packages=find_packages(include=["k2mcore", "k2mcore.*"]),
     package_data={
         "k2mcore": [
@@ -17,9 +17,10 @@ setup(
         ]
     },
     install_requires=[
-        # torch is pinned by constraints.txt; the range keeps pip from replacing a GPU build
-        "torch>=2.6",
-        "megatron-core==0.16.1",
+        # constraints.txt pins the tested versions; the ranges admit a GPU container's torch
+        # (2.11 and up) and megatron-core releases whose patch targets k2mcore.compat checks
+        "torch>=2.11",
+        "megatron-core>=0.19",
         "numpy",
         "pyyaml",
         "safetensors",

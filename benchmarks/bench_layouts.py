@@ -68,7 +68,7 @@ def worker(world: int, steps: int, out: str) -> None:
 
     from k2mcore.config.loader import load_config
     from k2mcore.model.build import build_model
-    from k2mcore.parallel import cpu_backend
+    from k2mcore.compat import cpu as cpu_backend
     from k2mcore.parallel.groups import init_distributed
     from k2mcore.training.step import wrap_ddp
     from megatron.core import parallel_state as ps
@@ -88,13 +88,9 @@ def worker(world: int, steps: int, out: str) -> None:
         results[name] = statistics.median(_time_steps(model, batches, steps))
         if world == 1 and cpu_backend.is_active():
             results["1rank-plain"] = statistics.median(_time_plain_steps(model, batches, steps))
-            mode = cpu_backend._state["mode"]
-            mode.__exit__(None, None, None)  # pop the TorchFunctionMode for these steps only
-            try:
+            with cpu_backend.device_mode_suspended():  # for these steps only
                 results["1rank-no-mode"] = statistics.median(
                     _time_plain_steps(model, batches, steps))
-            finally:
-                mode.__enter__()
     if dist.get_rank() == 0:
         with open(os.path.join(out, f"{world}.json"), "w") as f:
             json.dump(results, f)

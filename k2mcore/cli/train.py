@@ -83,6 +83,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.check:
         print(report(cfg, layout))
         return 0
+    from k2mcore.compat import console
+
+    console.install()  # before megatron is imported: its import-time notices are noise here
     from k2mcore.training import train  # heavy (torch, megatron): only when training
     from k2mcore.training.faults import TooManySkippedSteps
 

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
@@ -33,6 +34,9 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                      "common_backend": "torch", "common_backend_version": 1}
+
+
+COMMON_STATE_KEY = "common_state/shard_0_1"  # ShardedObject('common_state', ...).unique_key
 
 
 class DCPFormatError(ValueError):
@@ -97,7 +101,19 @@ class DCPWriter:
         self._storage[index] = _StorageInfo(self._name, start, self._stream.tell() - start)
         self.bytes_written += chunk.numel() * chunk.element_size()
 
+    def add_bytes(self, key: str, data: bytes) -> None:
+        """A bytes item (how DCP stores megatron's ShardedObjects), written raw."""
+        start = self._stream.tell()
+        self._stream.write(data)
+        self._tensors[key] = BytesStorageMetadata()
+        self._storage[MetadataIndex(key)] = _StorageInfo(self._name, start, len(data))
+
     def close(self) -> None:
+        # megatron's non-sharded ("common") state, none here, where megatron >= 0.19 keeps it:
+        # a ShardedObject 'common_state' inside the DCP files (before, a separate common.pt)
+        common = io.BytesIO()
+        torch.save([{}], common)
+        self.add_bytes(COMMON_STATE_KEY, common.getvalue())
         self._roll()  # closes (fsyncs) the last data file
         self._stream.close()
         os.remove(os.path.join(self.path, self._name))  # the empty file _roll just opened
@@ -105,9 +121,6 @@ class DCPWriter:
                             storage_data=self._storage,
                             storage_meta=StorageMeta(checkpoint_id=None, save_id=uuid.uuid4().hex))
         small = {".metadata": pickle.dumps(metadata), "metadata.json": json.dumps(MEGATRON_METADATA).encode()}
-        common = io.BytesIO()
-        torch.save({}, common)  # megatron's non-sharded state: none
-        small["common.pt"] = common.getvalue()
         for name, data in small.items():
             with open(os.path.join(self.path, name), "wb") as f:
                 f.write(data)

@@ -8,16 +8,13 @@ it, and `data.cache_dir` must be visible to all ranks.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
-import torch
 
 from k2mcore.config.schema import K2Config
 from k2mcore.data.blend import BlendSpec, parse_blend, parse_split
@@ -147,26 +144,6 @@ def dataset_sizes(cfg: K2Config) -> list[int]:
     return [train] + [cfg.data.eval_samples if s > 0 else 0 for s in split[1:]]
 
 
-_RANK_PATCH = threading.Lock()
-
-
-@contextlib.contextmanager
-def _rank_zero_without_process_group() -> Iterator[None]:
-    """megatron 0.16.1's BlendedDataset calls torch.distributed.get_rank() unguarded on an index
-    cache miss (GPTDataset checks is_initialized() first); without a process group that raises.
-    A lone process is rank 0, so answer that, only while building and only with no group."""
-    if torch.distributed.is_initialized():
-        yield
-        return
-    with _RANK_PATCH:
-        original = torch.distributed.get_rank
-        torch.distributed.get_rank = lambda group=None: 0
-        try:
-            yield
-        finally:
-            torch.distributed.get_rank = original
-
-
 def gpt_dataset_config(cfg: K2Config, summary: DataSummary):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
@@ -204,6 +181,4 @@ def build_datasets(cfg: K2Config, summary: Optional[DataSummary] = None) -> dict
     if summary.tokenizer is None:
         log.warning("data.blend is null: training on megatron's synthetic (mock) data")
     builder = BlendedMegatronDatasetBuilder(cls, dataset_sizes(cfg), lambda: True, config)
-    with _rank_zero_without_process_group():
-        built = builder.build()
-    return dict(zip(SPLITS, built))
+    return dict(zip(SPLITS, builder.build()))

@@ -108,6 +108,7 @@ def mla_config(
         bias_dropout_fusion=False,
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
+        cuda_graph_modules=[],  # no CUDA graphs; its default "full" is deprecated in 0.19
     )
     if parallel.pipeline_layout:
         kw["pipeline_model_parallel_layout"] = parallel.pipeline_layout

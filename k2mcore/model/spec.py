@@ -29,8 +29,9 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from k2mcore.compat.mla import K2MLASelfAttention
+
 from .attention import MLACoreAttention
-from .mla import K2MLASelfAttention
 from .norm import LatentRMSNorm, RMSNorm
 
 
@@ -52,7 +53,8 @@ class K2LocalSpecProvider(LocalSpecProvider):
     def __init__(self, measure_max_logit: bool = False) -> None:
         self.measure_max_logit = measure_max_logit
 
-    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False,
+                   has_residual: bool = False) -> type:
         return LatentRMSNorm if for_qk else RMSNorm
 
     def core_attention(self) -> ModuleSpec:  # type: ignore[override]

@@ -10,7 +10,6 @@ import torch.distributed as dist
 
 from k2mcore.config.schema import ParallelConfig
 
-from . import cpu_backend
 
 
 def virtual_stages(parallel: ParallelConfig) -> Optional[int]:
@@ -34,8 +33,11 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
     """
     from megatron.core import parallel_state, tensor_parallel
 
+    from k2mcore import compat
+
     parallel.resolve()
-    on_cpu = cpu_backend.activate()
+    compat.install()  # megatron's console noise off; the CPU backend when CUDA is absent
+    on_cpu = not torch.cuda.is_available()
     if not dist.is_initialized():
         backend = "gloo" if on_cpu else "nccl"
         timeout = timedelta(minutes=timeout_minutes)

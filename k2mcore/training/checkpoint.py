@@ -17,9 +17,9 @@ complete one. No unrestricted pickle on load: DCP's `.metadata` (a pickle) goes 
 allow-listed unpickler, every `torch.load` runs with weights_only forced on, our own files are JSON.
 
 The optimizer state is saved in megatron's 'fully_reshardable' form (model-space tensors keyed by
-parameter name), the only form of megatron-core 0.16.1 that reshards over TP/PP/EP *and* DP: its
-default 'fully_sharded_model_space' relies on `flattened_range`, which 0.16.1's ShardedTensor
-rejects, and 'dp_reshardable' only reshards DP. The non-tensor optimizer state (param groups) is
+parameter name), the only form of megatron-core 0.19.2 that reshards over TP/PP/EP *and* DP: its
+default 'fully_sharded_model_space' (deprecated) still relies on `flattened_range`, which its
+ShardedTensor rejects, and 'dp_reshardable' only reshards DP. The non-tensor optimizer state (param groups) is
 not saved: hyperparameters come from the config and the scheduler, and the one counter that
 matters, Adam's step, is kept in metadata.json. This also makes a checkpoint independent of how
 megatron splits the optimizer (1 optimizer at EP=1, dense + expert ones at EP>1).
@@ -43,6 +43,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from k2mcore.compat.dist_checkpoint import (
+    in_process_save_strategy,
+    restricted_reader,
+    torch_adam_load_fixes,
+)
 from k2mcore.config.schema import K2Config
 
 MARKER = "metadata.json"
@@ -102,6 +107,11 @@ def is_checkpoint(path: str) -> bool:
         except (OSError, ValueError, AttributeError):
             return False
     return os.path.isdir(path) and latest_checkpoint(path) is not None
+
+
+def saved_step(path: str) -> int:
+    """The training step a checkpoint (or a root's newest one) was saved at."""
+    return int(_read_marker(resolve_checkpoint(path))["step"])
 
 
 def has_optimizer_state(path: str) -> bool:
@@ -267,6 +277,8 @@ def load_checkpoint(path: str, model: list, optimizer: Any = None, scheduler: An
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    from k2mcore.optim.distributed import is_state_placeholder
+
     start = time.perf_counter()
     path = resolve_checkpoint(path)
     meta = _collective_validate(path)
@@ -313,7 +325,8 @@ def load_checkpoint(path: str, model: list, optimizer: Any = None, scheduler: An
     if optimizer is not None:
         _set_step(loaded["optimizer"], saved_opt["adam_step"])
         for i, child in enumerate(_optimizers(optimizer)):
-            with _torch_adam_fixes(child):
+            # a Muon shard's exp_avg_sq is a memory-free placeholder (optim/distributed.py)
+            with torch_adam_load_fixes(child, keep=lambda t: not is_state_placeholder(t)):
                 child.load_state_dict(loaded["optimizer"][i])
     if scheduler is not None and meta.get("scheduler"):
         _load_scheduler(scheduler, meta["scheduler"])
@@ -410,7 +423,10 @@ def _collective_validate(path: str) -> dict:
 
 
 def _check_common(path: str) -> None:
-    """megatron's common.pt (empty here, but a pickle): tensors and plain data only."""
+    """A legacy common.pt (megatron < 0.19 wrote one; 0.19 still loads it when present, in place
+    of the common state inside the DCP files): tensors and plain data only."""
+    if not os.path.exists(path):
+        return
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -496,46 +512,6 @@ def _prime_state(child: Any) -> None:
         for group in inner.param_groups:
             for p in group["params"]:
                 inner.state[p].setdefault("step", torch.tensor(0.0))
-
-
-@contextlib.contextmanager
-def _torch_adam_fixes(child: Any) -> Iterator[None]:
-    """Work around two megatron-core 0.16.1 bugs in DistributedOptimizer.load_state_dict when
-    it drives torch's Adam (no TE/Apex, as on CPU, or k2mcore's MuonClip):
-
-    1. `load_parameter_state_from_fully_reshardable` leaves 'step' out of the tensors it hands to
-       `_set_main_param_and_optimizer_states`, which copies every state key: KeyError 'step'.
-       The step was already set from the param groups, so it is copied onto itself here.
-    2. It gives every parameter the *same* 'step' tensor; torch's Adam increments each
-       parameter's step in place, so after one update the shared step has grown by the number of
-       parameters and the bias correction is wrong. Each parameter gets its own copy here.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    from k2mcore.optim.distributed import is_state_placeholder
-
-    if (not isinstance(child, distrib_optimizer.DistributedOptimizer)
-            or not isinstance(child.optimizer, torch.optim.Adam)):  # AdamW, MuonClip too
-        yield
-        return
-
-    def set_states(model_param: Any, tensors: dict) -> None:
-        current = child._get_main_param_and_optimizer_states(model_param)
-        if "step" in current and "step" not in tensors:
-            tensors = {**tensors, "step": current["step"]}
-        for key, value in current.items():
-            # a Muon shard's exp_avg_sq is a memory-free zero placeholder (optim/distributed.py)
-            if not is_state_placeholder(value):
-                value.copy_(tensors[key])
-
-    child._set_main_param_and_optimizer_states = set_states
-    try:
-        yield
-    finally:
-        del child._set_main_param_and_optimizer_states  # back to the class method
-    for state in child.optimizer.state.values():
-        if isinstance(state.get("step"), torch.Tensor):
-            state["step"] = state["step"].clone()
 
 
 def _drop_common(tree: dict) -> dict:
@@ -686,33 +662,7 @@ def _save_strategy() -> Any:
     )
 
     return FullyParallelSaveStrategyWrapper(
-        _in_process_save_strategy(), ps.get_data_parallel_group(with_context_parallel=True))
-
-
-def _in_process_save_strategy() -> Any:
-    """megatron's torch_dist format, written by torch DCP's FileSystemWriter in this process.
-
-    megatron's own writer (FileSystemWriterAsync) forks a process per file and keeps a
-    spawn-mode multiprocessing Manager for the results: ~3 s of start-up on a 2-core machine,
-    and entry scripts need a __main__ guard. The `.distcp` files and `.metadata` written here
-    are the same DCP format megatron's torch_dist loader reads.
-    """
-    from megatron.core.dist_checkpointing.strategies import torch as mtorch
-    from torch.distributed import checkpoint as dcp
-
-    class InProcessTorchDistSave(mtorch.TorchDistSaveShardedStrategy):
-        def save(self, sharded_state_dict: dict, checkpoint_dir: Any) -> None:
-            flat, _, _ = mtorch._replace_state_dict_keys_with_sharded_keys(
-                sharded_state_dict, self.keep_only_main_replica)
-            dcp.save(
-                mtorch.mcore_to_pyt_state_dict(flat, is_loading=False),
-                storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1,
-                                                    sync_files=True),
-                planner=mtorch.MCoreSavePlanner(flatten_state_dict=False,
-                                                can_run_decentralized_global_plan=False),
-            )
-
-    return InProcessTorchDistSave("torch_dist", 1)
+        in_process_save_strategy(), ps.get_data_parallel_group(with_context_parallel=True))
 
 
 # What a DCP `.metadata` pickle may name: torch's metadata dataclasses, dtypes, Size, layouts,
@@ -783,35 +733,12 @@ def _safe_reader_class():
 
 @contextlib.contextmanager
 def _restricted_unpickling() -> Iterator[None]:
-    """While loading: megatron's DCP reader reads `.metadata` through the allow-list, and every
-    torch.load (common.pt, ShardedObject bytes, which torch's planner loads with
-    weights_only=False) is forced to weights_only=True."""
-    from megatron.core.dist_checkpointing.strategies import torch as mtorch
-
-    original = mtorch._get_filesystem_reader  # megatron-core 0.16.1: the loader's one reader
-    reader = _safe_reader_class()
-    used = []
-
-    def get_reader(checkpoint_dir: Any, cache_metadata: bool = False) -> Any:
-        used.append(checkpoint_dir)
-        return reader(checkpoint_dir)
-
-    saved_env = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
-                                                 "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    mtorch._get_filesystem_reader = get_reader
-    try:
+    """While loading: megatron's DCP readers read `.metadata` through the allow-list, and every
+    torch.load runs with weights_only forced on (k2mcore.compat.dist_checkpoint)."""
+    with restricted_reader(_safe_reader_class()) as used:
         yield
-        if not used:  # a megatron that reads another way must not slip past the allow-list
-            raise CheckpointError("megatron's torch_dist loader did not use the restricted reader")
-    finally:
-        mtorch._get_filesystem_reader = original
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    if not used:  # a megatron that reads another way must not slip past the allow-list
+        raise CheckpointError("megatron's torch_dist loader did not use the restricted reader")
 
 
 # --------------------------------------------------------------------------------------------

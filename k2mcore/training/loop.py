@@ -111,12 +111,23 @@ def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
 
     # before anything slow, so an early SIGTERM is not lost
     stop = StopRequest(stop_file=os.path.join(cfg.run.dir, "STOP"))
+    ckpt_root = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
+    resume_from = cfg.checkpoint.load or ckpt.latest_checkpoint(ckpt_root)
+    if resume_from and not cfg.checkpoint.load and ckpt.saved_step(resume_from) >= cfg.train.iters:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"k2m-train: the run in {cfg.run.dir} is already complete (step "
+                  f"{ckpt.saved_step(resume_from)} of train.iters={cfg.train.iters}); to go on, "
+                  f"raise train.iters; to start another, --set run.dir=NEW_DIR", flush=True)
+        return []
+    summary = None
+    if data is None:  # bad data stops here, before any process group, model or checkpoint
+        from k2mcore.data import check_data
+
+        summary = check_data(cfg)
     init_distributed(cfg.parallel, seed=cfg.train.seed)
     model = wrap_ddp(build_model(cfg), distributed_optimizer=cfg.parallel.distributed_optimizer)
     optimizer, scheduler = build_optimizer(cfg, model)
 
-    ckpt_root = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
-    resume_from = cfg.checkpoint.load or ckpt.latest_checkpoint(ckpt_root)
     step, consumed = 0, 0
     weights_only = False
     if resume_from:
@@ -132,7 +143,7 @@ def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
         from k2mcore.data import build_data_iterator
 
         data = build_data_iterator(cfg, dp_rank=dp_rank, dp_size=dp_size,
-                                   consumed_samples=consumed)
+                                   consumed_samples=consumed, summary=summary)
     t = cfg.train
     n_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
     rank0 = dist.get_rank() == 0

@@ -30,11 +30,27 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], *, distributed_optimizer: bool) 
             config=config, ddp_config=ddp_config, module=chunk,
             # only the first chunk's buckets start the first all-reduce (as Megatron-LM does)
             disable_bucketing=i > 0,
+            full_param_layout=_param_layout(chunk, ddp_config),
         )
         for i, chunk in enumerate(chunks)
     ]
     config.finalize_model_grads_func = finalize_model_grads
     return model
+
+
+def _param_layout(chunk: torch.nn.Module, ddp_config: DistributedDataParallelConfig):
+    """The distributed optimizer's parameter layout, computed before DDP as megatron 0.19 asks
+    (DDP otherwise computes the same one itself and warns). One bucket per buffer: k2mcore does
+    not overlap the gradient reduction (`overlap_grad_reduce=False` makes DDP's bucket size None)."""
+    if not ddp_config.use_distributed_optimizer:
+        return None
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    params = [p for p in chunk.parameters() if p.requires_grad]
+    return DistributedOptimizer.compute_full_param_layout(
+        params, None, parallel_state.get_data_parallel_world_size(with_context_parallel=True),
+        ddp_config,
+        expert_data_parallel_world_size=parallel_state.get_expert_data_parallel_world_size())
 
 
 def _loss(loss_mask: torch.Tensor, per_token: torch.Tensor):

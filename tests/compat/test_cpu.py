@@ -1,4 +1,5 @@
-"""The CPU backend: what it stands in for, its gloo adapters, and that it is inert with CUDA."""
+"""The CPU backend (k2mcore.compat.cpu): what it stands in for, its gloo adapters, and that it
+is inert with CUDA."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from k2mcore.parallel import cpu_backend
+from k2mcore.compat import cpu as cpu_backend
 
 
 def test_stand_ins_on_cpu():
@@ -83,8 +84,11 @@ def test_inert_when_cuda_is_present():
         before = (torch.cuda.current_device, dist.all_gather, dist.all_to_all_single)
         from megatron.core.tensor_parallel import random as mrandom
         tracker = mrandom.CudaRNGStatesTracker
-        from k2mcore.parallel import cpu_backend
+        from k2mcore.compat import cpu as cpu_backend
         assert cpu_backend.activate() is False and not cpu_backend.is_active()
+        from k2mcore import compat
+        compat.install()  # the platform entry point: on CUDA only the console filters
+        assert compat.applied() == [], compat.applied()
         after = (torch.cuda.current_device, dist.all_gather, dist.all_to_all_single)
         assert before == after and mrandom.CudaRNGStatesTracker is tracker
         from torch.overrides import _get_current_function_mode_stack

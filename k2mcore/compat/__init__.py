@@ -1,0 +1,42 @@
+"""The one home for k2mcore's patches of megatron-core and torch internals.
+
+Each patch is a declared `Patch` (patching.py: target, expected parameters, the megatron-core
+release it is for, why, what would remove it), checked before it is applied, so a megatron bump
+fails with one line naming the patch. Modules:
+
+- `cpu`: the CPU/gloo backend, active only without CUDA;
+- `dist_checkpoint`: the in-process torch_dist writer, the allow-listed DCP reader, and the
+  DistributedOptimizer's Adam-state loading fixes;
+- `mla`: MLA self-attention with TP-replicated down projections and the spec's own q/kv norms;
+- `console`: megatron's and torch's known noise, shown once or not at all.
+"""
+from __future__ import annotations
+
+from .patching import MEGATRON_CORE, PATCHES, CompatError, Patch, applied, check_all
+
+__all__ = ["MEGATRON_CORE", "PATCHES", "CompatError", "Patch", "applied", "check_all", "install",
+           "declared_modules"]
+
+
+def install() -> None:
+    """Everything a process needs before megatron runs: the console filters always, the CPU
+    backend when CUDA is absent. Idempotent."""
+    import torch
+
+    from . import console
+
+    console.install()
+    if not torch.cuda.is_available():
+        from . import cpu
+
+        cpu.activate()
+
+
+def declared_modules() -> list[str]:
+    """Import every module that declares patches (so `PATCHES` is complete); their names."""
+    import importlib
+
+    names = ["cpu", "dist_checkpoint", "mla"]
+    for name in names:
+        importlib.import_module(f"{__name__}.{name}")
+    return names

@@ -1,0 +1,154 @@
+"""megatron-core dist-checkpointing and DistributedOptimizer internals that k2mcore's checkpoints
+adapt (k2mcore/training/checkpoint.py uses these; nothing else does).
+
+- an in-process torch_dist writer (megatron's forks a process per file);
+- the loader's DCP reader swapped for one whose `.metadata` goes through an allow-list;
+- two DistributedOptimizer bugs in loading the 'fully_reshardable' optimizer state into torch's
+  Adam (no TE/Apex, as on CPU, or k2mcore's MuonClip).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .patching import Patch, declare
+
+_TORCH = "megatron.core.dist_checkpointing.strategies.torch"
+_SERIAL = "megatron.core.dist_checkpointing.serialization"
+_DISTRIB = "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer"
+
+SAVE_KEYS = declare(Patch(
+    "ckpt-in-process-save-keys", f"{_TORCH}._replace_state_dict_keys_with_sharded_keys",
+    params=("sharded_state_dict", "keep_only_main_replica"),
+    why="the in-process writer flattens the state as megatron's own save does",
+    remove_when="megatron's torch_dist save can run without writer processes"))
+SAVE_TO_PYT = declare(Patch(
+    "ckpt-in-process-save-pyt", f"{_TORCH}.mcore_to_pyt_state_dict",
+    params=("state_dict", "is_loading", "init_device", "load_legacy_1d_flatten_tensors"),
+    why="as ckpt-in-process-save-keys", remove_when="as ckpt-in-process-save-keys"))
+SAVE_PLANNER = declare(Patch(
+    "ckpt-in-process-save-planner", f"{_TORCH}.MCoreSavePlanner.__init__",
+    params=("self", "args", "dedup_replicated_tensors", "can_run_decentralized_global_plan",
+            "kwargs"),
+    why="as ckpt-in-process-save-keys", remove_when="as ckpt-in-process-save-keys"))
+READER_PARAMS = ("checkpoint_dir", "cache_metadata", "async_strategy")
+READER = declare(Patch(
+    "ckpt-restricted-reader", f"{_TORCH}._get_filesystem_reader", params=READER_PARAMS,
+    why="megatron's torch_dist loader unpickles DCP's .metadata without restriction; k2mcore "
+        "reads it through an allow-list (no code from a checkpoint runs on load)",
+    remove_when="megatron reads DCP metadata with torch's weights_only unpickler"))
+READER_COMMON = declare(Patch(
+    "ckpt-restricted-reader-common", f"{_SERIAL}._get_filesystem_reader", params=READER_PARAMS,
+    why="megatron 0.19 reads the common state through its own imported name of the reader",
+    remove_when="as ckpt-restricted-reader"))
+ADAM_SET = declare(Patch(
+    "optim-adam-step-on-load", f"{_DISTRIB}._set_main_param_and_optimizer_states",
+    params=("self", "model_param", "tensors"),
+    why="load_parameter_state_from_fully_reshardable leaves 'step' out of the tensors it hands "
+        "over, which copies every state key (KeyError 'step'), and gives every parameter one "
+        "shared 'step' tensor that torch's Adam then increments once per parameter",
+    remove_when="megatron copies per-parameter steps in the fully_reshardable load"))
+ADAM_GET = declare(Patch(
+    "optim-adam-step-on-load-source", f"{_DISTRIB}._get_main_param_and_optimizer_states",
+    params=("self", "model_param"), why="what optim-adam-step-on-load reads",
+    remove_when="as optim-adam-step-on-load"))
+
+
+def in_process_save_strategy() -> Any:
+    """megatron's torch_dist format, written by torch DCP's FileSystemWriter in this process.
+
+    megatron's own writer (FileSystemWriterAsync) forks a process per file and keeps a
+    spawn-mode multiprocessing Manager for the results: ~3 s of start-up on a 2-core machine,
+    and entry scripts need a __main__ guard. The `.distcp` files and `.metadata` written here
+    are the same DCP format megatron's torch_dist loader reads.
+    """
+    from megatron.core.dist_checkpointing.strategies import torch as mtorch
+    from torch.distributed import checkpoint as dcp
+
+    for patch in (SAVE_KEYS, SAVE_TO_PYT, SAVE_PLANNER):
+        patch.check()
+
+    class InProcessTorchDistSave(mtorch.TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict: dict, checkpoint_dir: Any) -> None:
+            flat, _, _ = mtorch._replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica)
+            dcp.save(
+                mtorch.mcore_to_pyt_state_dict(flat, is_loading=False),
+                storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1,
+                                                    sync_files=True),
+                planner=mtorch.MCoreSavePlanner(flatten_state_dict=False,
+                                                can_run_decentralized_global_plan=False),
+            )
+
+    return InProcessTorchDistSave("torch_dist", 1)
+
+
+@contextlib.contextmanager
+def restricted_reader(make_reader: Callable[[Any], Any]) -> Iterator[list]:
+    """While loading: every DCP reader megatron makes is `make_reader(dir)`, and every torch.load
+    (ShardedObject bytes, which torch's planner loads with weights_only=False, and a legacy
+    common.pt) is forced to weights_only=True. Yields the list of directories read, so the
+    caller can check the swap took effect."""
+    from megatron.core.dist_checkpointing import serialization
+    from megatron.core.dist_checkpointing.strategies import torch as mtorch
+
+    READER.check()
+    READER_COMMON.check()
+    originals = (mtorch._get_filesystem_reader, serialization._get_filesystem_reader)
+    used: list = []
+
+    def get_reader(checkpoint_dir: Any, cache_metadata: bool = False,
+                   async_strategy: str = "mcore") -> Any:
+        used.append(checkpoint_dir)
+        return make_reader(checkpoint_dir)
+
+    saved_env = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
+                                                 "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    mtorch._get_filesystem_reader = serialization._get_filesystem_reader = get_reader
+    try:
+        yield used
+    finally:
+        mtorch._get_filesystem_reader, serialization._get_filesystem_reader = originals
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def torch_adam_load_fixes(child: Any, keep: Callable[[torch.Tensor], bool]) -> Iterator[None]:
+    """Around `child.load_state_dict` of a DistributedOptimizer driving torch's Adam (AdamW,
+    MuonClip too): the missing 'step' is copied onto itself (it was set from the param groups),
+    and afterwards each parameter gets its own step tensor. `keep(tensor)` says which current
+    state tensors take loaded values (MuonClip's memory-free placeholders do not)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if (not isinstance(child, distrib_optimizer.DistributedOptimizer)
+            or not isinstance(child.optimizer, torch.optim.Adam)):
+        yield
+        return
+    ADAM_SET.check()
+    ADAM_GET.check()
+
+    def set_states(model_param: Any, tensors: dict) -> None:
+        current = child._get_main_param_and_optimizer_states(model_param)
+        if "step" in current and "step" not in tensors:
+            tensors = {**tensors, "step": current["step"]}
+        for key, value in current.items():
+            if keep(value):
+                value.copy_(tensors[key])
+
+    child._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        del child._set_main_param_and_optimizer_states  # back to the class method
+    for state in child.optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
