@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from k2mcore.compat.mla import K2MLASelfAttention
+from k2mcore.compat.mla import K2MLASelfAttention, with_spec_norms
 
 from .attention import MLACoreAttention
 from .norm import LatentRMSNorm, RMSNorm
@@ -103,9 +103,11 @@ def k2_block_spec(
 ) -> TransformerBlockSubmodules:
     """The layers of this pipeline rank's (virtual) stage, dense first, then MoE."""
     if use_te:
-        return get_gpt_decoder_block_spec(
+        block = get_gpt_decoder_block_spec(
             config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage
         )
+        block.layer_specs = [with_spec_norms(spec) for spec in block.layer_specs]
+        return block
     backend = K2LocalSpecProvider(measure_max_logit)
     dense, moe = k2_layer_spec(backend, moe=False), k2_layer_spec(backend, moe=True)
     specs = [moe if is_moe else dense for is_moe in config.moe_layer_freq]

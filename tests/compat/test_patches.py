@@ -105,3 +105,21 @@ def test_only_compat_knows_the_cpu_backend():
                         users.append(os.path.relpath(os.path.join(base, name), ROOT))
     # the layout benchmark measures the shim's own overhead, so it may name it
     assert users == [os.path.join("benchmarks", "bench_layouts.py")]
+
+
+def test_te_spec_keeps_its_modules_but_builds_the_spec_norms():
+    """On TE (not runnable here) megatron's own MLA layer spec is used with only its attention
+    class swapped, so 0.19's resolver cannot add a norm before a Moonlight-style linear_q_proj."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    from k2mcore.compat.mla import SpecNormMLASelfAttention, with_spec_norms
+
+    spec = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm=True)
+    assert spec.submodules.self_attention.module is MLASelfAttention
+    swapped = with_spec_norms(spec)
+    attn = swapped.submodules.self_attention
+    assert attn.module is SpecNormMLASelfAttention
+    assert attn.submodules == spec.submodules.self_attention.submodules
+    assert swapped.submodules.mlp == spec.submodules.mlp
+    assert spec.submodules.self_attention.module is MLASelfAttention  # the original untouched

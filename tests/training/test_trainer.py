@@ -93,6 +93,26 @@ def test_metrics_tensorboard_and_plot(reference):
     assert out.returncode == 0 and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_quiet_console_a_finished_run_and_bad_data_before_anything(tmp_path):
+    """With Python's default warning filters (as a user runs it), a training run prints no
+    warning; run again, it says in one line that the run is complete; bad data stops with one
+    line before the checkpoint is loaded."""
+    run = str(tmp_path / "run")
+    first = _run(1, ["checkpoint.interval=2"], run, 2, PYTHONWARNINGS="")
+    noise = [l for l in (first.stderr + first.stdout).splitlines() if "warn" in l.lower()]
+    assert noise == [], noise
+    again = _run(1, ["checkpoint.interval=2"], run, 2)
+    assert again.stdout.strip().splitlines() == [
+        f"k2m-train: the run in {run} is already complete (step 2 of train.iters=2); to go on, "
+        "raise train.iters; to start another, --set run.dir=NEW_DIR"], again.stdout
+    assert len(_rows(run)) == 2
+    missing = str(tmp_path / "nowhere" / "corpus_text_document")
+    bad = _run(1, ["checkpoint.interval=2", f"data.blend={missing}"], run, 4, expect=2)
+    assert "checkpoint" not in bad.stdout and "resumed" not in bad.stdout, bad.stdout
+    err = bad.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("k2m-train: error:") and missing in err[0], err
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_adamw_losses_match_one_rank(reference, layout, tmp_path):
     nproc, sets = LAYOUTS[layout]
