@@ -10,7 +10,7 @@ NPROC ?= 4
 RUN_ARGS ?= --set parallel.tp=2 --set parallel.sp=true --set parallel.ep=2 --set parallel.etp=1
 IS_312 := -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'
 
-.PHONY: install run test check clean
+.PHONY: install run test check gpu-wheels clean
 
 $(STAMP): setup.py constraints.txt
 	@if [ -x $(PY) ] && ! $(PY) $(IS_312); then \
@@ -34,6 +34,12 @@ check: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+# wheels for the GPU check's machine (Python 3.12, torch, no megatron-core, no network): kept in the
+# git-ignored .whl/, carried with the tree, installed there by benchmarks/gpu_check.sh
+gpu-wheels: $(STAMP)
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	    --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2
 
 clean:
 	rm -rf $(VENV) runs
