@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .patching import Patch, apply, declare
+from .patching import Patch, apply, companion, declare
 
 _log = logging.getLogger(__name__)
 _state: dict[str, Any] = {"active": False, "mode": None}
@@ -41,25 +41,21 @@ RNG_TRACKER = declare(Patch(
     "cpu-rng-tracker", f"{_RANDOM}.CudaRNGStatesTracker",
     why="megatron's tracker forks CUDA generators and warns when the CPU one moves inside a fork",
     remove_when="megatron's tracker takes a device (or a CPU-generator mode)"))
-RNG_GET = declare(Patch(
-    "cpu-rng-get", f"{_RANDOM}._get_cuda_rng_state", params=("device", "clone", "graph_safe"),
-    why="reads the CUDA generator", remove_when="as cpu-rng-tracker"))
-RNG_SET = declare(Patch(
-    "cpu-rng-set", f"{_RANDOM}._set_cuda_rng_state", params=("new_state", "device", "graph_safe"),
-    why="writes the CUDA generator", remove_when="as cpu-rng-tracker"))
-RNG_INIT = declare(Patch(
-    "cpu-rng-init", f"{_RANDOM}.initialize_rng_tracker",
-    params=("use_te_rng_tracker", "inference_rng_tracker", "use_cudagraphable_rng",
-            "force_reset"),
-    why="re-created after the tracker class is swapped", remove_when="as cpu-rng-tracker"))
+RNG_GET = companion(RNG_TRACKER, "cpu-rng-get", f"{_RANDOM}._get_cuda_rng_state",
+                    "reads the CUDA generator", params=("device", "clone", "graph_safe"))
+RNG_SET = companion(RNG_TRACKER, "cpu-rng-set", f"{_RANDOM}._set_cuda_rng_state",
+                    "writes the CUDA generator", params=("new_state", "device", "graph_safe"))
+RNG_INIT = companion(RNG_TRACKER, "cpu-rng-init", f"{_RANDOM}.initialize_rng_tracker",
+                     "re-created after the tracker class is swapped",
+                     params=("use_te_rng_tracker", "inference_rng_tracker",
+                             "use_cudagraphable_rng", "force_reset"))
 P2P_BATCHED = declare(Patch(
     "cpu-p2p-unbatched", f"{_P2P}._batched_p2p_ops", params=_P2P_PARAMS,
     why="gloo pairs a batch's sends and receives to one peer in posting order, so megatron's "
         "batched order crosses activations and gradients when prev == next (PP2 with VPP)",
     remove_when="megatron orders batched p2p by rank parity, or gloo matches by tag"))
-P2P_UNBATCHED = declare(Patch(
-    "cpu-p2p-unbatched-source", f"{_P2P}._p2p_ops", params=_P2P_PARAMS,
-    why="what cpu-p2p-unbatched calls instead", remove_when="as cpu-p2p-unbatched"))
+P2P_UNBATCHED = companion(P2P_BATCHED, "cpu-p2p-unbatched-source", f"{_P2P}._p2p_ops",
+                          "what cpu-p2p-unbatched calls instead", params=_P2P_PARAMS)
 RECOMPUTE_FP8 = declare(Patch(
     "cpu-recompute-fp8", f"{_RANDOM}.CheckpointWithoutOutput.__init__", params=("self", "fp8"),
     why="`self.fp8 = fp8 is not None` turns its TE FP8 path on for fp8=False, and selective "

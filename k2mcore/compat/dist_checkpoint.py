@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .patching import Patch, declare
+from .patching import Patch, companion, declare
 
 _TORCH = "megatron.core.dist_checkpointing.strategies.torch"
 _SERIAL = "megatron.core.dist_checkpointing.serialization"
@@ -25,25 +25,24 @@ SAVE_KEYS = declare(Patch(
     params=("sharded_state_dict", "keep_only_main_replica"),
     why="the in-process writer flattens the state as megatron's own save does",
     remove_when="megatron's torch_dist save can run without writer processes"))
-SAVE_TO_PYT = declare(Patch(
-    "ckpt-in-process-save-pyt", f"{_TORCH}.mcore_to_pyt_state_dict",
-    params=("state_dict", "is_loading", "init_device", "load_legacy_1d_flatten_tensors"),
-    why="as ckpt-in-process-save-keys", remove_when="as ckpt-in-process-save-keys"))
-SAVE_PLANNER = declare(Patch(
-    "ckpt-in-process-save-planner", f"{_TORCH}.MCoreSavePlanner.__init__",
-    params=("self", "args", "dedup_replicated_tensors", "can_run_decentralized_global_plan",
-            "kwargs"),
-    why="as ckpt-in-process-save-keys", remove_when="as ckpt-in-process-save-keys"))
+SAVE_TO_PYT = companion(SAVE_KEYS, "ckpt-in-process-save-pyt", f"{_TORCH}.mcore_to_pyt_state_dict",
+                        "its conversion to torch DCP's state dict",
+                        params=("state_dict", "is_loading", "init_device",
+                                "load_legacy_1d_flatten_tensors"))
+SAVE_PLANNER = companion(SAVE_KEYS, "ckpt-in-process-save-planner",
+                         f"{_TORCH}.MCoreSavePlanner.__init__", "megatron's DCP save planner",
+                         params=("self", "args", "dedup_replicated_tensors",
+                                 "can_run_decentralized_global_plan", "kwargs"))
 READER_PARAMS = ("checkpoint_dir", "cache_metadata", "async_strategy")
 READER = declare(Patch(
     "ckpt-restricted-reader", f"{_TORCH}._get_filesystem_reader", params=READER_PARAMS,
     why="megatron's torch_dist loader unpickles DCP's .metadata without restriction; k2mcore "
         "reads it through an allow-list (no code from a checkpoint runs on load)",
     remove_when="megatron reads DCP metadata with torch's weights_only unpickler"))
-READER_COMMON = declare(Patch(
-    "ckpt-restricted-reader-common", f"{_SERIAL}._get_filesystem_reader", params=READER_PARAMS,
-    why="megatron 0.19 reads the common state through its own imported name of the reader",
-    remove_when="as ckpt-restricted-reader"))
+READER_COMMON = companion(
+    READER, "ckpt-restricted-reader-common", f"{_SERIAL}._get_filesystem_reader",
+    "megatron 0.19 reads the common state through its own imported name of the reader",
+    params=READER_PARAMS)
 ADAM_SET = declare(Patch(
     "optim-adam-step-on-load", f"{_DISTRIB}._set_main_param_and_optimizer_states",
     params=("self", "model_param", "tensors"),
@@ -51,10 +50,9 @@ ADAM_SET = declare(Patch(
         "over, which copies every state key (KeyError 'step'), and gives every parameter one "
         "shared 'step' tensor that torch's Adam then increments once per parameter",
     remove_when="megatron copies per-parameter steps in the fully_reshardable load"))
-ADAM_GET = declare(Patch(
-    "optim-adam-step-on-load-source", f"{_DISTRIB}._get_main_param_and_optimizer_states",
-    params=("self", "model_param"), why="what optim-adam-step-on-load reads",
-    remove_when="as optim-adam-step-on-load"))
+ADAM_GET = companion(ADAM_SET, "optim-adam-step-on-load-source",
+                     f"{_DISTRIB}._get_main_param_and_optimizer_states",
+                     "what optim-adam-step-on-load reads", params=("self", "model_param"))
 
 
 def in_process_save_strategy() -> Any:

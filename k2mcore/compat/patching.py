@@ -81,6 +81,12 @@ def declare(patch: Patch) -> Patch:
     return patch
 
 
+def companion(main: Patch, name: str, target: str, why: str,
+              params: Optional[tuple[str, ...]] = None) -> Patch:
+    """Declare another target that `main` relies on; it goes away with `main`."""
+    return declare(Patch(name, target, why=why, remove_when=f"as {main.name}", params=params))
+
+
 def apply(patch: Patch, make: Callable[[Any], Any]) -> None:
     """Check the target, then replace it with `make(original)`. Idempotent per patch."""
     if patch.name in _applied:
