@@ -21,12 +21,12 @@ __all__ = ["MEGATRON_CORE", "PATCHES", "CompatError", "Patch", "applied", "check
 def install() -> None:
     """Everything a process needs before megatron runs: the console filters always, the CPU
     backend when CUDA is absent. Idempotent."""
-    import torch
+    from k2mcore import platform
 
     from . import console
 
     console.install()
-    if not torch.cuda.is_available():
+    if not platform.has_cuda():
         from . import cpu
 
         cpu.activate()

@@ -58,9 +58,9 @@ def install() -> None:
         return
     for name, prefix, _why in _LOG_NOISE:
         logging.getLogger(name).addFilter(_Drop(prefix))
-    import torch
+    from k2mcore import platform
 
-    cpu = () if torch.cuda.is_available() else _CPU_WARNING_NOISE
+    cpu = () if platform.has_cuda() else _CPU_WARNING_NOISE
     for category, message, module, _why in (*_WARNING_NOISE, *cpu):
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
     _installed = True

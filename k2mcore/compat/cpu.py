@@ -28,6 +28,8 @@ from typing import Any, Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
+from k2mcore import platform
+
 from .patching import Patch, apply, companion, declare
 
 _log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ def is_active() -> bool:
 
 def activate() -> bool:
     """Switch the backend on if CUDA is absent. Returns whether it is active. Idempotent."""
-    if torch.cuda.is_available():
+    if platform.has_cuda():
         return False
     if _state["active"]:
         return True
@@ -251,15 +253,6 @@ def _patch_collectives() -> None:
 
 # --------------------------------------------------------------------------------------------
 # 3 and 5. megatron-core internals
-def _te_importable() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-
-        return True
-    except Exception:  # a half-installed TE raises anything from ImportError to OSError
-        return False
-
-
 def _patch_megatron() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
@@ -313,7 +306,7 @@ def _patch_megatron() -> None:
     # the unbatched path orders by rank parity and keeps the two directions on separate groups
     apply(P2P_BATCHED, lambda _: lambda **kw: list(p2p._p2p_ops(**kw).values()))
 
-    if not _te_importable():
+    if not platform.te_importable():
         def fp8_off(init):
             def __init__(self, fp8=False):
                 init(self, fp8)

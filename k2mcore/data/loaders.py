@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from k2mcore import platform
 from k2mcore.config.schema import K2Config
 from k2mcore.data.datasets import SPLITS, DataSummary, build_datasets, check_data
 from k2mcore.data.errors import DataError
@@ -148,11 +149,6 @@ def resolve_loader(cfg: K2Config) -> str:
     return name
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-
-
 def _collate(samples: list[tuple[np.ndarray, ...]]) -> dict:
     return {k: torch.from_numpy(np.stack([s[i] for s in samples])) for i, k in enumerate(FIELDS)}
 
@@ -219,7 +215,7 @@ def build_data_iterator(
         raise DataError(f"data.split: {cfg.data.split!r} gives the {split} split no data")
     sampler = MicroBatchSampler(len(dataset), consumed_samples, cfg.train.micro_batch_size,
                                 dp_rank, dp_size)
-    device = device if device is not None else default_device()
+    device = device if device is not None else platform.device()
     backend = resolve_loader(cfg)
     if backend == "dali":
         from k2mcore.data.dali_loader import dali_batches

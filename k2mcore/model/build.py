@@ -4,16 +4,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
+from k2mcore import platform
 from k2mcore.config.schema import K2Config, ModelConfig
 
 from .config import mla_config, resolve_dtype
 from .init import layout_invariant_init
-from .spec import k2_block_spec, transformer_engine_usable
+from .spec import k2_block_spec
 
 
 def build_gpt_chunk(
@@ -49,7 +49,7 @@ def build_model(
 
     `initialize=False` skips the layout-invariant init (for weights loaded right after).
     """
-    use_te = transformer_engine_usable() if use_te is None else use_te
+    use_te = platform.te_usable() if use_te is None else use_te
     model_cfg = cfg.model
     if cfg.qk_clip_active and not model_cfg.measure_max_attn_logit:
         model_cfg = dataclasses.replace(model_cfg, measure_max_attn_logit=True)
@@ -66,5 +66,5 @@ def build_model(
     ]
     if initialize and cfg.train.init == "layout_invariant":
         layout_invariant_init(chunks, cfg.model, cfg.train.seed)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    device = platform.device()
     return [chunk.to(device) for chunk in chunks]

@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
+from k2mcore import platform
 from k2mcore.config.schema import ModelConfig, ParallelConfig
 
 
 def resolve_dtype(name: str) -> torch.dtype:
     """'auto' is bf16 on GPU and fp32 on CPU (bf16 matmul is ~40x slower on this CPU)."""
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return platform.default_dtype()
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 

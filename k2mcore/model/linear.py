@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from k2mcore import platform
+
 
 class ReplicatedLinear(torch.nn.Module):
     """Full weight on every TP rank ("duplicated", as TE's spec builds MLA's down projections).
@@ -32,7 +34,7 @@ class ReplicatedLinear(torch.nn.Module):
         super().__init__()
         if bias:
             raise ValueError("ReplicatedLinear has no bias (MLA's down projections have none)")
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = platform.device()
         self.weight = torch.nn.Parameter(
             torch.empty(output_size, input_size, dtype=config.params_dtype, device=device)
         )

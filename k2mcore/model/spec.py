@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -33,18 +32,6 @@ from k2mcore.compat.mla import K2MLASelfAttention, with_spec_norms
 
 from .attention import MLACoreAttention
 from .norm import LatentRMSNorm, RMSNorm
-
-
-def transformer_engine_usable() -> bool:
-    """TE spec only with a GPU and an importable TE (a half-installed TE raises anything)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-
-        return True
-    except Exception:
-        return False
 
 
 class K2LocalSpecProvider(LocalSpecProvider):

@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from k2mcore import platform
+
 from .muon import nesterov_input, rms_match_scale
 from .newton_schulz import default_ns_dtype, newton_schulz, ns_flops
 
@@ -347,4 +349,4 @@ class ShardedMuonClip(torch.optim.AdamW):
 
 
 def _device() -> Any:
-    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    return platform.device()

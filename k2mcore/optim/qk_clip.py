@@ -21,6 +21,8 @@ import torch.distributed as dist
 from megatron.core.transformer.multi_latent_attention import MultiLatentAttention
 from torch import Tensor, nn
 
+from k2mcore import platform
+
 
 def _check_threshold(threshold: float) -> None:
     if not threshold > 0:
@@ -215,7 +217,7 @@ def attn_logit_report(
     replicas (DP x CP) so each clipped head counts once.
     """
     layers = mla_attentions(chunks)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    device = platform.device()
     per_layer = torch.full((num_layers,), float("-inf"), dtype=torch.float64, device=device)
     if stats is not None:
         for number, value in stats.layer_max_logits.items():

@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from k2mcore import platform
 from k2mcore.config.schema import ParallelConfig
-
 
 
 def virtual_stages(parallel: ParallelConfig) -> Optional[int]:
@@ -37,7 +37,7 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
 
     parallel.resolve()
     compat.install()  # megatron's console noise off; the CPU backend when CUDA is absent
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = platform.kind() == "cpu"
     if not dist.is_initialized():
         backend = "gloo" if on_cpu else "nccl"
         timeout = timedelta(minutes=timeout_minutes)

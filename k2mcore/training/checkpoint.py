@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from k2mcore import platform
 from k2mcore.compat.dist_checkpoint import (
     in_process_save_strategy,
     restricted_reader,
@@ -274,7 +275,9 @@ def load_checkpoint(path: str, model: list, optimizer: Any = None, scheduler: An
     A CheckpointError after validation may leave the objects partly overwritten: treat it as fatal.
     """
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        TorchDistLoadShardedStrategy,
+    )
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from k2mcore.optim.distributed import is_state_placeholder
@@ -518,7 +521,10 @@ def _drop_common(tree: dict) -> dict:
     """Wrap every non-tensor leaf as non-persistent: not saved, and handed back as it is on load
     (from the freshly built optimizer) — see the module docstring."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
-    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+    from megatron.core.dist_checkpointing.mapping import (
+        LocalNonpersistentObject,
+        ShardedBase,
+    )
 
     def wrap(v: Any) -> Any:
         return v if isinstance(v, (ShardedBase, LocalNonpersistentObject)) \
@@ -644,7 +650,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _real_cuda() -> bool:
-    return torch.cuda.is_available()  # only then are there CUDA generators of their own
+    return platform.has_cuda()  # only then are there CUDA generators of their own
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from k2mcore import platform
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Testing hook: comma-separated steps whose loss is replaced by NaN (after backward), so the
 # skip path runs end to end in tests without hand-crafting a diverging model.
@@ -39,7 +41,7 @@ class StopRequest:
 
     def requested(self) -> bool:
         local = self.signum is not None or bool(self.stop_file and os.path.exists(self.stop_file))
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = platform.device()
         flag = torch.tensor([1.0 if local else 0.0], device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -15,6 +15,8 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
+from k2mcore import platform
+
 
 def wrap_ddp(chunks: Sequence[torch.nn.Module], *, distributed_optimizer: bool) -> list:
     """megatron DDP around each chunk (fp32 grad buffers), hooked into the schedules."""
@@ -97,7 +99,7 @@ def forward_backward(
         forward_only=forward_only,
     )
     # The last pipeline stage holds the loss; sum over pipeline and data parallel ranks.
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    device = platform.device()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for report in reports:

@@ -123,3 +123,17 @@ def test_te_spec_keeps_its_modules_but_builds_the_spec_norms():
     assert attn.submodules == spec.submodules.self_attention.submodules
     assert swapped.submodules.mlp == spec.submodules.mlp
     assert spec.submodules.self_attention.module is MLASelfAttention  # the original untouched
+
+
+def test_only_the_platform_helper_asks_for_cuda_or_te():
+    askers = []
+    for base, _, files in os.walk(os.path.join(ROOT, "k2mcore")):
+        for name in files:
+            path = os.path.join(base, name)
+            if name.endswith(".py") and os.path.relpath(path, ROOT) != os.path.join(
+                    "k2mcore", "platform.py"):
+                with open(path) as f:
+                    text = f.read()
+                if re.search(r"cuda\.is_available\(|import transformer_engine", text):
+                    askers.append(os.path.relpath(path, ROOT))
+    assert askers == []
