@@ -72,7 +72,7 @@ def _run_layout(overrides: dict, optimizer: str, steps: int) -> dict:
     from k2mcore.config.loader import load_config
     from k2mcore.model.build import build_model
     from k2mcore.parallel.groups import init_distributed
-    from k2mcore.parallel.layout import resolve_layout
+    from k2mcore.config.validate import resolve_layout
     from k2mcore.training.loop import attention_report, build_optimizer
     from k2mcore.training.step import forward_backward, wrap_ddp
 

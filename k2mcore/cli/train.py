@@ -72,7 +72,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     world_size = _world_size(parser, args.world_size)
 
     from k2mcore.config.loader import ConfigError, load_config
-    from k2mcore.parallel.layout import resolve_layout
+    from k2mcore.config.validate import resolve_layout
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -1,4 +1,4 @@
-"""Reject configurations megatron-core 0.16.1 would reject later (often after minutes of start-up,
+"""Reject configurations megatron-core 0.19.2 would reject later (often after minutes of start-up,
 on every rank, with an AssertionError deep in a stack) as one-line ConfigErrors up front.
 
 Checks run from the most specific to the most general: single fields (enums, ranges), then one
@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from k2mcore.config.loader import ConfigError
 from k2mcore.config.schema import K2Config
 from k2mcore.data.blend import parse_blend, parse_split
-from k2mcore.parallel.layout import pipeline_stages
+from k2mcore.parallel.layout import Layout, pipeline_stages
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer.name": ("adamw", "muonclip"),
@@ -256,3 +256,22 @@ def validate(cfg: K2Config, world_size: int) -> None:
             f"(global_batch_size / (micro_batch_size*dp={t.micro_batch_size * dp})) must be a "
             f"multiple of parallel.pp={p.pp} for the interleaved schedule (vpp={vpp})"
         )
+
+
+def resolve_layout(cfg: K2Config, world_size: int) -> Layout:
+    """Validate `cfg` for `world_size` ranks and return its parallel layout."""
+    validate(cfg, world_size)
+    par = cfg.parallel
+    stages, vpp = pipeline_stages(cfg.model, par)
+    dp = world_size // (par.tp * par.pp * par.cp)
+
+    def find(char: str) -> tuple[int, int]:
+        return next((r, v) for r in range(par.pp) for v, s in enumerate(stages[r]) if char in s)
+
+    return Layout(
+        world_size=world_size, tp=par.tp, pp=par.pp, vpp=vpp, ep=par.ep, etp=par.etp, cp=par.cp,
+        dp=dp, expert_dp=world_size // (par.etp * par.ep * par.pp), sp=par.sp,
+        num_microbatches=cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp),
+        stages=stages, layers=[[s.count("t") for s in ranks] for ranks in stages],
+        embedding_stage=find("E"), loss_stage=find("L"),
+    )

@@ -15,10 +15,10 @@ from typing import Optional
 import torch
 
 from k2mcore.config.schema import K2Config, ModelConfig
-from k2mcore.model.hf import HFFormatError, TensorSource, hf_to_mcore, model_config_from_hf, read_hf_config
+from k2mcore.hf.mapping import HFFormatError, TensorSource, hf_to_mcore, model_config_from_hf, read_hf_config
 
 from .dcp import DCPWriter
-from .fp8 import block_size
+from k2mcore.hf.fp8 import block_size
 from .output import ConvertError, commit_output, removed_on_error, temporary_output
 from .progress import Progress
 from .shapes import dcp_key, expected_shapes

@@ -75,9 +75,9 @@ def _describe_k2mcore(path: str) -> str:
 
 
 def _describe_hf(path: str) -> str:
-    from k2mcore.model.hf import TensorSource, model_config_from_hf, read_hf_config
+    from k2mcore.hf.mapping import TensorSource, model_config_from_hf, read_hf_config
 
-    from .fp8 import block_size
+    from k2mcore.hf.fp8 import block_size
 
     hf = read_hf_config(path)
     try:

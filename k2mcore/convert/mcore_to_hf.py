@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from k2mcore.model.hf import hf_config_from_model, mcore_to_hf
+from k2mcore.hf.mapping import hf_config_from_model, mcore_to_hf
 
 from .dcp import DCPFormatError, DCPReader
 from .output import ConvertError, commit_output, removed_on_error, temporary_output
@@ -119,7 +119,7 @@ class _ShardWriter:
         self._shard, self._writer, self._left = -1, None, 0
 
     def add(self, name: str, t: torch.Tensor) -> None:
-        from .safetensors_io import StreamingWriter
+        from k2mcore.hf.safetensors_io import StreamingWriter
 
         if self._left == 0:
             if self._writer is not None:

@@ -8,7 +8,7 @@ import shutil
 import zlib
 from typing import Iterator
 
-from k2mcore.model.hf import HFFormatError
+from k2mcore.hf.mapping import HFFormatError
 
 
 class ConvertError(ValueError):

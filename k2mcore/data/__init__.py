@@ -23,7 +23,7 @@ _EXPORTS = {
     "DataSummary": "k2mcore.data.datasets",
     "build_data_iterator": "k2mcore.data.loaders",
     "DataIterator": "k2mcore.data.loaders",
-    "MicroBatchSampler": "k2mcore.data.loaders",
+    "MicroBatchSampler": "k2mcore.data.batches",
     "dali_available": "k2mcore.data.loaders",
 }
 

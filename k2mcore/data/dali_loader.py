@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from k2mcore.config.schema import K2Config
-from k2mcore.data.loaders import FIELD_DTYPES, FIELDS, MicroBatchSampler, fetch_sample
+from k2mcore.data.batches import FIELD_DTYPES, FIELDS, MicroBatchSampler, fetch_sample
 
 
 _ARMED = False

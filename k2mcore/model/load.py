@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from k2mcore.config.schema import K2Config, ModelConfig, ParallelConfig
 
-from .hf import HFFormatError, TensorSource, hf_to_mcore, model_config_from_hf, read_hf_config
+from k2mcore.hf.mapping import HFFormatError, TensorSource, hf_to_mcore, model_config_from_hf, read_hf_config
 
 # Router buffers megatron keeps in the state dict that are statistics, not weights.
 _NON_WEIGHTS = ("local_tokens_per_expert",)
@@ -41,7 +41,7 @@ def load_model(path: str, device: str = "cpu") -> K2CausalLM:
 
     if is_checkpoint(path):
         return _load_checkpoint(resolve_checkpoint(path), device)
-    from k2mcore.convert.fp8 import block_size
+    from k2mcore.hf.fp8 import block_size
 
     hf = read_hf_config(path)
     model_cfg = model_config_from_hf(hf, source=f"{path}/config.json")

@@ -1,6 +1,6 @@
 """Parallel layout of a K2Config and analytic parameter counts, without torch or megatron imports.
 
-The pipeline split mirrors megatron-core 0.16.1 (`TransformerConfig.__post_init__`,
+The pipeline split mirrors megatron-core 0.19.2 (`TransformerConfig.__post_init__`,
 `get_num_layers_to_build`, `get_transformer_layer_offset`, `PipelineParallelLayerLayout`), and the
 parameter counts mirror the modules megatron builds for MLA + MoE with the local (non-TE) spec.
 Importing megatron's layout class costs ~5 s (it pulls torch and parallel_state), which `--check`
@@ -89,7 +89,7 @@ def _uneven_counts(
             f"parallel.pp >= 2 (got pp={pp})"
         )
     if vpp is not None and middle_stages == 0:
-        # megatron-core 0.16.1 get_transformer_layer_offset divides by the middle-stage count
+        # megatron-core 0.19.2 get_transformer_layer_offset divides by the middle-stage count
         raise ConfigError(
             f"parallel.vpp={vpp} with parallel.first_stage_layers={first} and last_stage_layers="
             f"{last} at parallel.pp={pp} leaves no middle stage, which megatron cannot offset "
@@ -197,27 +197,6 @@ class Layout:
                 out.append(f"{name}: {rows[start]}")
                 start = r
         return "  ".join(out)
-
-
-def resolve_layout(cfg: K2Config, world_size: int) -> Layout:
-    """Validate `cfg` for `world_size` ranks and return its parallel layout."""
-    from k2mcore.config.validate import validate  # validate imports this module
-
-    validate(cfg, world_size)
-    par = cfg.parallel
-    stages, vpp = pipeline_stages(cfg.model, par)
-    dp = world_size // (par.tp * par.pp * par.cp)
-
-    def find(char: str) -> tuple[int, int]:
-        return next((r, v) for r in range(par.pp) for v, s in enumerate(stages[r]) if char in s)
-
-    return Layout(
-        world_size=world_size, tp=par.tp, pp=par.pp, vpp=vpp, ep=par.ep, etp=par.etp, cp=par.cp,
-        dp=dp, expert_dp=world_size // (par.etp * par.ep * par.pp), sp=par.sp,
-        num_microbatches=cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp),
-        stages=stages, layers=[[s.count("t") for s in ranks] for ranks in stages],
-        embedding_stage=find("E"), loss_stage=find("L"),
-    )
 
 
 # ---------------------------------------------------------------- parameter counts

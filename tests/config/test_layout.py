@@ -1,7 +1,8 @@
 """Parallel layout resolution and analytic parameter counts.
 
 The pipeline split and the layout-string parser are checked against megatron-core's own code; the
-per-rank parameter numbers below were measured on megatron-core 0.16.1 GPTModel instances built on
+per-rank parameter numbers below were measured on megatron-core GPTModel instances (0.16.1, and
+still what tests/parity finds every rank holding on 0.19.2) built on
 CPU (local spec, qk_layernorm=True, gloo process groups).
 """
 from __future__ import annotations
@@ -15,9 +16,10 @@ import pytest
 
 from k2mcore.config.loader import INTENDED_WORLD_SIZE, ConfigError, load_config
 from k2mcore.config.schema import ModelConfig, ParallelConfig
+from k2mcore.config.validate import resolve_layout
 from k2mcore.parallel.layout import (
     count_parameters, megatron_param_shapes, params_per_rank, parse_pipeline_layout,
-    pipeline_stages, resolve_layout,
+    pipeline_stages,
 )
 
 

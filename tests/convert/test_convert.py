@@ -119,7 +119,7 @@ def test_trainer_checkpoints_at_tp2_ep2_and_one_rank_export_the_same(tmp_path):
 def _fp8_release(tmp_path, block: int = 32) -> tuple[str, dict]:
     """A K2-like model saved as DeepSeek/K2 release it: linear weights in float8_e4m3fn with a
     per-block weight_scale_inv. Dims give whole and ragged blocks (e.g. 40 x 64 at 32)."""
-    from k2mcore.convert.fp8 import quantize
+    from k2mcore.hf.fp8 import quantize
 
     path = str(tmp_path / "fp8")
     random_hf_model(hf_config(**VARIANTS["k2"]), seed=9).save_pretrained(path)
@@ -163,7 +163,7 @@ def test_fp8_release_is_dequantized_by_the_formula(tmp_path):
 
 
 def test_fp8_default_block_is_128():
-    from k2mcore.convert.fp8 import block_size, dequantize
+    from k2mcore.hf.fp8 import block_size, dequantize
 
     assert block_size({"quantization_config": {"quant_method": "fp8"}}) == (128, 128)
     w = torch.ones(200, 130, dtype=torch.float8_e4m3fn)

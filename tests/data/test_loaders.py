@@ -11,7 +11,7 @@ import torch
 from data_helpers import make_cfg, random_docs, write_dataset
 
 from k2mcore.data import build_data_iterator, dali_available, resolve_path
-from k2mcore.data.loaders import MicroBatchSampler
+from k2mcore.data.batches import MicroBatchSampler
 from k2mcore.data.tokenizers import load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))

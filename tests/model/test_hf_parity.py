@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import k2mcore
-from k2mcore.model.hf import HFFormatError
+from k2mcore.hf.mapping import HFFormatError
 
 from hf_models import VARIANTS, hf_config, random_hf_model
 

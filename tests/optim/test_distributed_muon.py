@@ -20,7 +20,7 @@ from k2mcore.optim.distributed import (
     is_state_placeholder,
 )
 from k2mcore.optim.muon import MuonClip
-from k2mcore.parallel.layout import resolve_layout
+from k2mcore.config.validate import resolve_layout
 
 
 def _megatron_shards(full: torch.Tensor, tp: int, dim: int, gated: bool) -> list[torch.Tensor]:

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from k2mcore.config.loader import load_config
 from k2mcore.model.build import build_model
 from k2mcore.parallel.groups import init_distributed
-from k2mcore.parallel.layout import resolve_layout, stage_parameters
+from k2mcore.config.validate import resolve_layout
+from k2mcore.parallel.layout import stage_parameters
 from k2mcore.parallel.reshard import gather_full, scatter_full
 from k2mcore.training.step import forward_backward, wrap_ddp
 

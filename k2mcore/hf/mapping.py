@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from k2mcore.config.schema import ModelConfig, RopeScalingConfig
-from k2mcore.convert.safetensors_io import SafetensorsError, SafetensorsFile
+from k2mcore.hf.safetensors_io import SafetensorsError, SafetensorsFile
 
 HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
 
@@ -234,7 +234,7 @@ class TensorSource:
     """Reads named tensors lazily from an HF directory's safetensors shards.
 
     Block-FP8 weights (a `<name>_scale_inv` beside them) come back dequantized to fp32
-    (k2mcore.convert.fp8), with `block` the checkpoint's weight_block_size.
+    (k2mcore.hf.fp8), with `block` the checkpoint's weight_block_size.
     """
 
     def __init__(self, path: str, block: tuple[int, int] = (128, 128)) -> None:
@@ -276,7 +276,7 @@ class TensorSource:
         return t
 
     def __call__(self, name: str) -> torch.Tensor:
-        from k2mcore.convert.fp8 import SCALE_SUFFIX, FP8FormatError, dequantize
+        from k2mcore.hf.fp8 import SCALE_SUFFIX, FP8FormatError, dequantize
 
         t = self._raw(name)
         if name + SCALE_SUFFIX in self.where:
