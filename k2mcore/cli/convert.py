@@ -39,10 +39,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)  # usage errors exit 2
-    from k2mcore.config.loader import ConfigError
+    from k2mcore.config.errors import ConfigError
     from k2mcore.convert.dcp import DCPFormatError
-    from k2mcore.hf.fp8 import FP8FormatError
     from k2mcore.convert.output import ConvertError
+    from k2mcore.hf.fp8 import FP8FormatError
     from k2mcore.hf.mapping import HFFormatError
     from k2mcore.training.checkpoint import CheckpointError
 

@@ -71,7 +71,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)  # usage errors exit 2
     world_size = _world_size(parser, args.world_size)
 
-    from k2mcore.config.loader import ConfigError, load_config
+    from k2mcore.config.errors import ConfigError
+    from k2mcore.config.loader import load_config
     from k2mcore.config.validate import resolve_layout
 
     try:

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import yaml
 
+from k2mcore.config.errors import ConfigError
 from k2mcore.config.schema import K2Config, RopeScalingConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -29,13 +30,6 @@ INTENDED_WORLD_SIZE: dict[str, int] = {
 # Sections whose mapping must spell out every field: the schema's YaRN defaults are megatron's,
 # which do not match K2, so a partially written rope_scaling is almost certainly a mistake.
 _ALL_FIELDS_REQUIRED = (RopeScalingConfig,)
-
-
-class ConfigError(ValueError):
-    """A configuration problem, described in one line that names the dotted key and value."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))  # always one line
 
 
 def list_presets() -> list[str]:

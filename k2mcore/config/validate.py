@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from k2mcore.config.loader import ConfigError
+from k2mcore.config.errors import ConfigError
 from k2mcore.config.schema import K2Config
 from k2mcore.data.blend import parse_blend, parse_split
 from k2mcore.parallel.layout import Layout, pipeline_stages

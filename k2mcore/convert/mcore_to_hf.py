@@ -26,8 +26,14 @@ HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 def open_checkpoint(path: str):
     """(step directory, model config, DCPReader) of a k2mcore checkpoint, validated by sizes."""
-    from k2mcore.config.loader import ConfigError, load_config
-    from k2mcore.training.checkpoint import CheckpointError, is_checkpoint, resolve_checkpoint, validate_checkpoint
+    from k2mcore.config.errors import ConfigError
+    from k2mcore.config.loader import load_config
+    from k2mcore.training.checkpoint import (
+        CheckpointError,
+        is_checkpoint,
+        resolve_checkpoint,
+        validate_checkpoint,
+    )
 
     if not os.path.isdir(path):
         raise ConvertError(f"{path}: no such directory")

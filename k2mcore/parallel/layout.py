@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from k2mcore.config.loader import ConfigError
+from k2mcore.config.errors import ConfigError
 from k2mcore.config.schema import K2Config, ModelConfig, ParallelConfig
 
 # Megatron's layout characters: E embedding, L loss (final norm + output layer), t decoder layer,

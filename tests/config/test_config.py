@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from k2mcore.config.errors import ConfigError
 from k2mcore.config.loader import (
-    INTENDED_WORLD_SIZE, ConfigError, config_to_dict, dump_yaml, list_presets, load_config,
+    INTENDED_WORLD_SIZE, config_to_dict, dump_yaml, list_presets, load_config,
 )
 from k2mcore.config.schema import K2Config, RopeScalingConfig
 from k2mcore.config.validate import validate

@@ -14,11 +14,15 @@ import warnings
 
 import pytest
 
-from k2mcore.config.loader import INTENDED_WORLD_SIZE, ConfigError, load_config
+from k2mcore.config.errors import ConfigError
+from k2mcore.config.loader import INTENDED_WORLD_SIZE, load_config
 from k2mcore.config.schema import ModelConfig, ParallelConfig
 from k2mcore.config.validate import resolve_layout
 from k2mcore.parallel.layout import (
-    count_parameters, megatron_param_shapes, params_per_rank, parse_pipeline_layout,
+    count_parameters,
+    megatron_param_shapes,
+    params_per_rank,
+    parse_pipeline_layout,
     pipeline_stages,
 )
 

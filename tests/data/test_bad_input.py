@@ -8,9 +8,16 @@ import shutil
 
 import numpy as np
 import pytest
-from data_helpers import SAMPLE_PREFIX, TOKENIZER_JSON, make_cfg, random_docs, write_dataset
+from data_helpers import (
+    SAMPLE_PREFIX,
+    TOKENIZER_JSON,
+    make_cfg,
+    random_docs,
+    write_dataset,
+)
 
-from k2mcore.config.loader import ConfigError, load_config
+from k2mcore.config.errors import ConfigError
+from k2mcore.config.loader import load_config
 from k2mcore.config.validate import validate
 from k2mcore.data import DataError, build_data_iterator, check_data
 from k2mcore.data.preprocess import preprocess

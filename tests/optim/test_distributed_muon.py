@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from k2mcore.config.loader import ConfigError, load_config
+from k2mcore.config.errors import ConfigError
+from k2mcore.config.loader import load_config
+from k2mcore.config.validate import resolve_layout
 from k2mcore.optim.distributed import (
     MuonHyperParams,
     ShardedMuonClip,
@@ -20,7 +22,6 @@ from k2mcore.optim.distributed import (
     is_state_placeholder,
 )
 from k2mcore.optim.muon import MuonClip
-from k2mcore.config.validate import resolve_layout
 
 
 def _megatron_shards(full: torch.Tensor, tp: int, dim: int, gated: bool) -> list[torch.Tensor]:
