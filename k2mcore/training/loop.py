@@ -113,11 +113,12 @@ def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
     stop = StopRequest(stop_file=os.path.join(cfg.run.dir, "STOP"))
     ckpt_root = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
     resume_from = cfg.checkpoint.load or ckpt.latest_checkpoint(ckpt_root)
-    if resume_from and not cfg.checkpoint.load and ckpt.saved_step(resume_from) >= cfg.train.iters:
+    done = ckpt.saved_step(resume_from) if resume_from and not cfg.checkpoint.load else 0
+    if done >= cfg.train.iters:  # before any process group: the run has nothing left to do
         if os.environ.get("RANK", "0") == "0":
-            print(f"k2m-train: the run in {cfg.run.dir} is already complete (step "
-                  f"{ckpt.saved_step(resume_from)} of train.iters={cfg.train.iters}); to go on, "
-                  f"raise train.iters; to start another, --set run.dir=NEW_DIR", flush=True)
+            print(f"k2m-train: the run in {cfg.run.dir} is already complete (step {done} of "
+                  f"train.iters={cfg.train.iters}); to go on, raise train.iters; to start "
+                  f"another, --set run.dir=NEW_DIR", flush=True)
         return []
     summary = None
     if data is None:  # bad data stops here, before any process group, model or checkpoint

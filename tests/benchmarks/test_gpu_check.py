@@ -33,3 +33,12 @@ def test_dry_mode_runs_every_part_and_writes_the_table(tmp_path):
     out = proc.stdout
     assert "| k2-tiny fp32 vs CPU" in out and "| muonclip, probe on |" in out
     assert "Newton-Schulz" in out and "warn" not in (proc.stderr + out).lower()
+
+
+def test_without_a_gpu_and_without_cpu_it_says_so_in_one_line():
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "gpu_check: no CUDA device (use --cpu for the dry mode)"
