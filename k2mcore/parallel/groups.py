@@ -1,41 +1,62 @@
-"""Process groups from the config: torch.distributed, then megatron's parallel_state."""
+"""Process groups for a resolved `Layout`: torch.distributed, then megatron's parallel_state.
+
+`init_distributed(layout)` returns `ProcessGroups`: the layout plus this rank's coordinates and
+groups, read from megatron's parallel_state once. k2mcore's own code takes that object instead of
+asking the globals again; megatron's modules still read parallel_state themselves.
+"""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from k2mcore import platform
-from k2mcore.config.schema import ParallelConfig
+from k2mcore.parallel.layout import Layout
 
 
-def virtual_stages(parallel: ParallelConfig) -> Optional[int]:
-    """VPP size: explicit, or implied by a layout string (stages / pp)."""
-    if parallel.pipeline_layout:
-        from megatron.core.transformer.pipeline_parallel_layer_layout import (
-            PipelineParallelLayerLayout,
-        )
+@dataclass(frozen=True)
+class ProcessGroups:
+    """This rank's place in `layout` and the groups k2mcore reduces over."""
 
-        stages = PipelineParallelLayerLayout.parse_str_to_list(parallel.pipeline_layout)
-        vpp = len(stages) // parallel.pp
-        return vpp if vpp > 1 else None
-    return parallel.vpp
+    layout: Layout
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    ep_rank: int
+    etp_rank: int
+    dp_rank: int  # data parallel, without context parallelism (what the data loader splits)
+    dp_cp_rank: int  # data x context parallel (what the distributed optimizer shards over)
+    tp_group: Any
+    pp_group: Any
+    dp_group: Any
+    dp_cp_group: Any
+    expert_dp_group: Any
+
+    @property
+    def is_last_stage(self) -> bool:
+        """This pipeline rank holds the loss (of its last virtual chunk)."""
+        return self.pp_rank == self.layout.loss_stage[0]
+
+    def holds(self, char: str, vp_stage: int = 0) -> bool:
+        """Whether this rank's chunk `vp_stage` holds layout character `char` (E or L)."""
+        return char in self.layout.stages[self.pp_rank][vp_stage]
 
 
-def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30) -> None:
+def init_distributed(layout: Layout, seed: int, timeout_minutes: int = 30) -> ProcessGroups:
     """Join (or create) the default process group and build megatron's parallel groups.
 
     Under torchrun the env:// rendezvous is used; a plain process gets a 1-rank group of its own,
     so single-process tools (load_model, tests) run the same megatron code paths.
     """
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
 
     from k2mcore import compat
 
-    parallel.resolve()
     compat.install()  # megatron's console noise off; the CPU backend when CUDA is absent
     on_cpu = platform.kind() == "cpu"
     if not dist.is_initialized():
@@ -49,20 +70,37 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
             dist.init_process_group(
                 backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=virtual_stages(parallel),
-        context_parallel_size=parallel.cp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp,
+    if dist.get_world_size() != layout.world_size:
+        raise ValueError(f"the layout was resolved for {layout.world_size} ranks, but this job "
+                         f"has {dist.get_world_size()}")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
         distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=not on_cpu,  # on CPU every group is gloo already
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return ProcessGroups(
+        layout=layout, rank=dist.get_rank(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_cp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+        expert_dp_group=ps.get_expert_data_parallel_group(),
+    )
 
 
 def destroy_distributed() -> None:

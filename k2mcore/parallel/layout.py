@@ -175,6 +175,11 @@ class Layout:
     embedding_stage: tuple[int, int]  # (pp_rank, vp_stage)
     loss_stage: tuple[int, int]
 
+    def sizes(self) -> dict:
+        """The parallel sizes, as a checkpoint records the layout it was saved in."""
+        return {"world_size": self.world_size, "tp": self.tp, "pp": self.pp, "vpp": self.vpp,
+                "ep": self.ep, "etp": self.etp, "cp": self.cp, "dp": self.dp, "sp": self.sp}
+
     def layer_ids(self, pp_rank: int, vp_stage: int = 0) -> list[int]:
         """Global decoder-layer numbers held by one chunk (chunks run vp-major, then pp rank)."""
         offset = sum(self.layers[r][v] for v in range(vp_stage) for r in range(self.pp))
