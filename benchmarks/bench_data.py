@@ -73,6 +73,7 @@ def trainer_rate(tmp: str, steps: int) -> float:
     """k2-tiny's tokens/s over full training steps (1 rank, gloo), median after warm-up."""
     import torch
 
+    from k2mcore.config.validate import resolve_layout
     from k2mcore.data import build_data_iterator
     from k2mcore.model.build import build_model
     from k2mcore.parallel.groups import destroy_distributed, init_distributed
@@ -82,7 +83,7 @@ def trainer_rate(tmp: str, steps: int) -> float:
     cfg = load_config("k2-tiny", [f"run.dir={tmp}/train", "data.loader=torch",
                                   "data.num_workers=0"])
     torch.set_num_threads(1)
-    init_distributed(cfg.parallel, seed=cfg.train.seed)
+    init_distributed(resolve_layout(cfg, 1), seed=cfg.train.seed)
     try:
         model = wrap_ddp(build_model(cfg), distributed_optimizer=cfg.parallel.distributed_optimizer)
         optimizer, _ = build_optimizer(cfg, model)

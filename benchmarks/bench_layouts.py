@@ -67,6 +67,7 @@ def worker(world: int, steps: int, out: str) -> None:
     import torch.distributed as dist
 
     from k2mcore.config.loader import load_config
+    from k2mcore.config.validate import resolve_layout
     from k2mcore.model.build import build_model
     from k2mcore.compat import cpu as cpu_backend
     from k2mcore.parallel.groups import init_distributed
@@ -77,7 +78,7 @@ def worker(world: int, steps: int, out: str) -> None:
     for name, over in LAYOUTS[world].items():
         sets = [f"{k}={json.dumps(v)}" for k, v in over.items()]
         cfg = load_config("k2-tiny", sets + [f"train.seq_length={SEQ}", "train.dtype=fp32"])
-        init_distributed(cfg.parallel, seed=1)
+        init_distributed(resolve_layout(cfg, world), seed=1)
         model = wrap_ddp(build_model(cfg), distributed_optimizer=False)
         dp = ps.get_data_parallel_world_size()
         g = torch.Generator().manual_seed(0)

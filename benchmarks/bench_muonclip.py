@@ -80,8 +80,7 @@ def _run_layout(overrides: dict, optimizer: str, steps: int) -> dict:
         f"train.seq_length={SEQ}", "train.dtype=fp32", f"optimizer.name={optimizer}",
         "optimizer.warmup_iters=0", "optimizer.decay_style=constant"]
     cfg = load_config("k2-tiny", sets)
-    resolve_layout(cfg, dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1")))
-    init_distributed(cfg.parallel, seed=1)
+    init_distributed(resolve_layout(cfg, dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))), seed=1)
     model = wrap_ddp(build_model(cfg), distributed_optimizer=True)
     opt, _ = build_optimizer(cfg, model)
     inner = [c.optimizer for c in getattr(opt, "chained_optimizers", [opt])]

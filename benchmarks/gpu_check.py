@@ -136,6 +136,7 @@ def proxy_run(cpu: bool, optimizer: str, probe: bool, steps: int, peak: float) -
     import torch
 
     from k2mcore.model.build import build_model
+    from k2mcore.config.validate import resolve_layout
     from k2mcore.parallel.groups import init_distributed
     from k2mcore.training.loop import build_optimizer
     from k2mcore.training.metrics import flops_per_token
@@ -143,7 +144,7 @@ def proxy_run(cpu: bool, optimizer: str, probe: bool, steps: int, peak: float) -
 
     cfg = _proxy_cfg(cpu, optimizer, probe)
     t = cfg.train
-    init_distributed(cfg.parallel, seed=t.seed)
+    init_distributed(resolve_layout(cfg, 1), seed=t.seed)
     model = wrap_ddp(build_model(cfg), distributed_optimizer=True)
     optimizer_, _ = build_optimizer(cfg, model)
     dev = "cpu" if cpu else "cuda"

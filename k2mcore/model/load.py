@@ -6,7 +6,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from k2mcore.config.schema import K2Config, ModelConfig, ParallelConfig
+from k2mcore.config.schema import K2Config, ModelConfig
 
 from k2mcore.hf.mapping import HFFormatError, TensorSource, hf_to_mcore, model_config_from_hf, read_hf_config
 
@@ -54,6 +54,7 @@ def load_model(path: str, device: str = "cpu") -> K2CausalLM:
 def _build(model_cfg: ModelConfig, device: str) -> torch.nn.Module:
     from megatron.core import parallel_state
 
+    from k2mcore.config.validate import resolve_layout
     from k2mcore.parallel.groups import init_distributed
 
     from .build import build_model
@@ -64,7 +65,7 @@ def _build(model_cfg: ModelConfig, device: str) -> torch.nn.Module:
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise RuntimeError("load_model runs in a single process; found a multi-rank process group")
     if not parallel_state.model_parallel_is_initialized():
-        init_distributed(ParallelConfig(), seed=0)
+        init_distributed(resolve_layout(cfg, 1), seed=0)
     (gpt,) = build_model(cfg, use_te=False, initialize=False)
     return gpt
 

@@ -125,7 +125,9 @@ def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
         from k2mcore.data import check_data
 
         summary = check_data(cfg)
-    init_distributed(cfg.parallel, seed=cfg.train.seed)
+    from k2mcore.config.validate import resolve_layout
+
+    init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=cfg.train.seed)
     model = wrap_ddp(build_model(cfg), distributed_optimizer=cfg.parallel.distributed_optimizer)
     optimizer, scheduler = build_optimizer(cfg, model)
 

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from k2mcore.config.schema import ModelConfig, ParallelConfig
+from k2mcore.config.schema import K2Config, ModelConfig
+from k2mcore.config.validate import resolve_layout
 from k2mcore.model.attention import MLACoreAttention
 from k2mcore.model.config import mla_config
 from k2mcore.parallel.groups import init_distributed
@@ -16,7 +17,7 @@ from megatron.core.transformer.enums import AttnMaskType
 
 @pytest.fixture(scope="module")
 def config():
-    init_distributed(ParallelConfig(), seed=0)
+    init_distributed(resolve_layout(K2Config(), 1), seed=0)
     return mla_config(ModelConfig())
 
 

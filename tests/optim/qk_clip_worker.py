@@ -1,17 +1,19 @@
 """2-rank worker: each DP rank sees other tokens; the clip MAX-reduces logits over DP x CP."""
 import json
+import os
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from k2mcore.config.loader import load_config
+from k2mcore.config.validate import resolve_layout
 from k2mcore.model.build import build_model
 from k2mcore.optim.qk_clip import clip_qk_in_model, mla_attentions
 from k2mcore.parallel.groups import init_distributed
 
 cfg = load_config("k2-tiny", ["model.measure_max_attn_logit=true"])
-init_distributed(cfg.parallel, seed=1)
+init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=1)
 chunks = build_model(cfg)
 rank = dist.get_rank()
 attns = mla_attentions(chunks)

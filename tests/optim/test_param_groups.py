@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from k2mcore.config.loader import load_config
+from k2mcore.config.validate import resolve_layout
 from k2mcore.model.build import build_model
 from k2mcore.optim import MuonClip, split_params
 from k2mcore.parallel.groups import init_distributed
@@ -12,7 +13,7 @@ from k2mcore.parallel.groups import init_distributed
 @pytest.fixture(scope="module")
 def chunks():
     cfg = load_config("k2-tiny")
-    init_distributed(cfg.parallel, seed=1)
+    init_distributed(resolve_layout(cfg, 1), seed=1)
     return build_model(cfg)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from k2mcore.config.loader import load_config
+from k2mcore.config.validate import resolve_layout
 from k2mcore.model.build import build_model
 from k2mcore.optim.qk_clip import clip_qk_in_model, mla_attentions, mla_clip_row_scales, qk_clip_, scale_rows_
 from k2mcore.parallel.groups import init_distributed
@@ -16,7 +17,7 @@ NOPE, ROPE, V = 16, 8, 16  # k2-tiny head dims
 
 def _build():
     cfg = load_config("k2-tiny", ["model.measure_max_attn_logit=true"])
-    init_distributed(cfg.parallel, seed=1)
+    init_distributed(resolve_layout(cfg, 1), seed=1)
     chunks = build_model(cfg)
     with torch.no_grad():  # init std 0.006 gives logits ~0.01: grow q and k so logits are O(10)
         for a in mla_attentions(chunks):

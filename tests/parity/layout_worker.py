@@ -65,7 +65,7 @@ def run(name: str, out: str, init_path: str, write_init: bool) -> None:
     overrides = [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[name].items()]
     cfg = load_config("k2-tiny", overrides + [f"train.seq_length={SEQ}", "train.dtype=fp32"])
     layout = resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    init_distributed(cfg.parallel, seed=SEED)
+    init_distributed(layout, seed=SEED)
     model = wrap_ddp(build_model(cfg), distributed_optimizer=False)
     # parameters this rank holds, against the analytic count `k2m-train --check` prints
     from megatron.core import parallel_state as ps
@@ -103,8 +103,7 @@ def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, 
         "optimizer.decay_style=constant", f"qk_clip.threshold={tau}",
         # the clip phase re-measures logits on the same batch: keep routing fixed
         f"model.moe_router_bias_update_rate={1e-3 if lr else 0.0}"])
-    resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    init_distributed(cfg.parallel, seed=SEED)
+    init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=SEED)
     model = wrap_ddp(build_model(cfg), distributed_optimizer=True)
     scatter_full(model, torch.load(init_path, weights_only=True))
     optimizer, _ = build_optimizer(cfg, model)

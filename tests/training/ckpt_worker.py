@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from k2mcore.config.loader import load_config
+from k2mcore.config.validate import resolve_layout
 from k2mcore.model.build import build_model
 from k2mcore.parallel.groups import init_distributed
 from k2mcore.parallel.reshard import gather_full
@@ -57,7 +58,7 @@ def build(layout: str):
         # gradients whose sign reduction order flips make Adam differ by ~3e-6 after resharding
         "model.init_std=0.006",
     ])
-    init_distributed(cfg.parallel, seed=SEED)
+    init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=SEED)
     model = wrap_ddp(build_model(cfg), distributed_optimizer=cfg.parallel.distributed_optimizer)
     optimizer, scheduler = build_optimizer(cfg, model)
     return cfg, model, optimizer, scheduler
