@@ -40,8 +40,8 @@ setup(
     entry_points={
         "console_scripts": [
             "k2m-train=k2mcore.cli.train:main",
-            "k2m-preprocess=k2mcore.data.preprocess:main",
-            "k2m-plot=k2mcore.training.plot:main",
+            "k2m-preprocess=k2mcore.cli.preprocess:main",
+            "k2m-plot=k2mcore.cli.plot:main",
             "k2m-convert=k2mcore.cli.convert:main",
         ],
     },

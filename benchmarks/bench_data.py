@@ -77,23 +77,24 @@ def trainer_rate(tmp: str, steps: int) -> float:
     from k2mcore.data import build_data_iterator
     from k2mcore.model.build import build_model
     from k2mcore.parallel.groups import destroy_distributed, init_distributed
-    from k2mcore.training.loop import build_optimizer
+    from k2mcore.optim.build import build_optimizer
     from k2mcore.training.step import forward_backward, wrap_ddp
 
     cfg = load_config("k2-tiny", [f"run.dir={tmp}/train", "data.loader=torch",
                                   "data.num_workers=0"])
     torch.set_num_threads(1)
-    init_distributed(resolve_layout(cfg, 1), seed=cfg.train.seed)
+    groups = init_distributed(resolve_layout(cfg, 1), seed=cfg.train.seed)
     try:
-        model = wrap_ddp(build_model(cfg), distributed_optimizer=cfg.parallel.distributed_optimizer)
-        optimizer, _ = build_optimizer(cfg, model)
+        model = wrap_ddp(build_model(cfg, groups), groups,
+                         distributed_optimizer=cfg.parallel.distributed_optimizer)
+        optimizer, _ = build_optimizer(cfg, model, groups)
         t = cfg.train
         data = build_data_iterator(cfg, dp_rank=0, dp_size=1, consumed_samples=0)
         times = []
         for _ in range(steps):
             batches = [next(data) for _ in range(t.global_batch_size // t.micro_batch_size)]
             start = time.perf_counter()
-            forward_backward(model, batches, seq_length=t.seq_length,
+            forward_backward(model, groups, batches, seq_length=t.seq_length,
                              micro_batch_size=t.micro_batch_size)
             optimizer.step()
             times.append(time.perf_counter() - start)

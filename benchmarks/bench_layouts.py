@@ -35,13 +35,13 @@ LAYOUTS = {
 GLOBAL_BATCH, SEQ = 8, 64
 
 
-def _time_steps(model, batches, steps: int) -> list[float]:
+def _time_steps(model, groups, batches, steps: int) -> list[float]:
     from k2mcore.training.step import forward_backward
 
     times = []
     for _ in range(steps + 2):  # two warm-up steps
         t = time.perf_counter()
-        forward_backward(model, batches, seq_length=SEQ, micro_batch_size=1)
+        forward_backward(model, groups, batches, seq_length=SEQ, micro_batch_size=1)
         times.append(time.perf_counter() - t)
     return times[2:]
 
@@ -72,21 +72,20 @@ def worker(world: int, steps: int, out: str) -> None:
     from k2mcore.compat import cpu as cpu_backend
     from k2mcore.parallel.groups import init_distributed
     from k2mcore.training.step import wrap_ddp
-    from megatron.core import parallel_state as ps
 
     results = {}
     for name, over in LAYOUTS[world].items():
         sets = [f"{k}={json.dumps(v)}" for k, v in over.items()]
         cfg = load_config("k2-tiny", sets + [f"train.seq_length={SEQ}", "train.dtype=fp32"])
-        init_distributed(resolve_layout(cfg, world), seed=1)
-        model = wrap_ddp(build_model(cfg), distributed_optimizer=False)
-        dp = ps.get_data_parallel_world_size()
+        groups = init_distributed(resolve_layout(cfg, world), seed=1)
+        model = wrap_ddp(build_model(cfg, groups), groups, distributed_optimizer=False)
+        dp = groups.layout.dp
         g = torch.Generator().manual_seed(0)
         batches = [
             {"tokens": s[None, :-1], "labels": s[None, 1:], "loss_mask": torch.ones(1, SEQ)}
             for s in torch.randint(0, 1024, (GLOBAL_BATCH // dp, SEQ + 1), generator=g)
         ]
-        results[name] = statistics.median(_time_steps(model, batches, steps))
+        results[name] = statistics.median(_time_steps(model, groups, batches, steps))
         if world == 1 and cpu_backend.is_active():
             results["1rank-plain"] = statistics.median(_time_plain_steps(model, batches, steps))
             with cpu_backend.device_mode_suspended():  # for these steps only

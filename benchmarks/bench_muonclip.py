@@ -21,6 +21,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -54,13 +55,12 @@ def _zero1_bytes(model) -> int:
     return int(total)
 
 
-def _batches(vocab: int, step: int) -> list[dict]:
+def _batches(vocab: int, step: int, groups) -> list[dict]:
     import torch
-    from megatron.core import parallel_state as ps
 
     g = torch.Generator().manual_seed(step)
     data = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g)
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    dp, rank = groups.layout.dp, groups.dp_rank
     mine = data.chunk(dp)[rank]
     return [{"tokens": s[None, :-1], "labels": s[None, 1:], "loss_mask": torch.ones(1, SEQ)}
             for s in mine]
@@ -73,24 +73,27 @@ def _run_layout(overrides: dict, optimizer: str, steps: int) -> dict:
     from k2mcore.model.build import build_model
     from k2mcore.parallel.groups import init_distributed
     from k2mcore.config.validate import resolve_layout
-    from k2mcore.training.loop import attention_report, build_optimizer
+    from k2mcore.optim.build import build_optimizer
+    from k2mcore.optim.chain import inner_optimizers
+    from k2mcore.training.metrics import attention_report
     from k2mcore.training.step import forward_backward, wrap_ddp
 
     sets = [f"{k}={json.dumps(v)}" for k, v in overrides.items()] + WIDE + [
         f"train.seq_length={SEQ}", "train.dtype=fp32", f"optimizer.name={optimizer}",
         "optimizer.warmup_iters=0", "optimizer.decay_style=constant"]
     cfg = load_config("k2-tiny", sets)
-    init_distributed(resolve_layout(cfg, dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))), seed=1)
-    model = wrap_ddp(build_model(cfg), distributed_optimizer=True)
-    opt, _ = build_optimizer(cfg, model)
-    inner = [c.optimizer for c in getattr(opt, "chained_optimizers", [opt])]
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    groups = init_distributed(resolve_layout(cfg, world), seed=1)
+    model = wrap_ddp(build_model(cfg, groups), groups, distributed_optimizer=True)
+    opt, _ = build_optimizer(cfg, model, groups)
+    inner = inner_optimizers(opt)
     muon = [o for o in inner if hasattr(o, "plan")]
     step_s, opt_s, exchange = [], [], []
     for step in range(steps):
         dist.barrier()
         start = time.perf_counter()
         opt.zero_grad()
-        forward_backward(model, _batches(cfg.model.vocab_size, step), seq_length=SEQ,
+        forward_backward(model, groups, _batches(cfg.model.vocab_size, step, groups), seq_length=SEQ,
                          micro_batch_size=1)
         dist.barrier()
         before = time.perf_counter()
@@ -98,7 +101,7 @@ def _run_layout(overrides: dict, optimizer: str, steps: int) -> dict:
         dist.barrier()
         end = time.perf_counter()
         if cfg.qk_clip_active:
-            attention_report(cfg, opt, model, stepped=True)
+            attention_report(cfg, opt, model, groups, stepped=True)
         step_s.append(end - start)
         opt_s.append(end - before)
         exchange.append(sum(o.zero_comm_counter() for o in muon))
@@ -184,7 +187,8 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.steps, args.out)
         return
-    from k2mcore.parallel.local_launch import local_command, local_env
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from launching import local_command, local_env  # shared with the tests
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:

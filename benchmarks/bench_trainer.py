@@ -18,7 +18,8 @@ import sys
 import tempfile
 import time
 
-from k2mcore.parallel.local_launch import local_command, local_env
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from launching import local_command, local_env  # noqa: E402  (shared with the tests)
 
 BIN = os.path.dirname(sys.executable)
 K2M_TRAIN = os.path.join(BIN, "k2m-train")

@@ -138,15 +138,15 @@ def proxy_run(cpu: bool, optimizer: str, probe: bool, steps: int, peak: float) -
     from k2mcore.model.build import build_model
     from k2mcore.config.validate import resolve_layout
     from k2mcore.parallel.groups import init_distributed
-    from k2mcore.training.loop import build_optimizer
+    from k2mcore.optim.build import build_optimizer
     from k2mcore.training.metrics import flops_per_token
     from k2mcore.training.step import forward_backward, wrap_ddp
 
     cfg = _proxy_cfg(cpu, optimizer, probe)
     t = cfg.train
-    init_distributed(resolve_layout(cfg, 1), seed=t.seed)
-    model = wrap_ddp(build_model(cfg), distributed_optimizer=True)
-    optimizer_, _ = build_optimizer(cfg, model)
+    groups = init_distributed(resolve_layout(cfg, 1), seed=t.seed)
+    model = wrap_ddp(build_model(cfg, groups), groups, distributed_optimizer=True)
+    optimizer_, _ = build_optimizer(cfg, model, groups)
     dev = "cpu" if cpu else "cuda"
     gen = torch.Generator().manual_seed(0)
     n_micro = t.global_batch_size // t.micro_batch_size
@@ -162,7 +162,7 @@ def proxy_run(cpu: bool, optimizer: str, probe: bool, steps: int, peak: float) -
         _sync()
         start = time.perf_counter()
         optimizer_.zero_grad()
-        forward_backward(model, batches, seq_length=t.seq_length,
+        forward_backward(model, groups, batches, seq_length=t.seq_length,
                          micro_batch_size=t.micro_batch_size)
         _sync()
         mid = time.perf_counter()

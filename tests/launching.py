@@ -1,9 +1,30 @@
-"""Launching worker scripts as 1 process or under torchrun, for the multi-rank tests."""
+"""Launching scripts on several ranks of this machine (1 process, or torchrun --standalone), for
+the multi-rank tests and the benchmarks (which put tests/ on sys.path to share it)."""
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 
-from k2mcore.parallel.local_launch import local_command, local_env
+#: k2m-train's entry point behind a fault plan (tests/k2m_train_faults.py)
+K2M_TRAIN_FAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "k2m_train_faults.py")
+
+
+def local_command(nproc: int, program: str, args: list[str]) -> list[str]:
+    """`program args` (a Python script or console script) on `nproc` ranks of this machine:
+    a plain process for 1, torchrun --standalone (free rendezvous port) otherwise."""
+    if nproc == 1:
+        return [sys.executable, program, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", program, *args]
+
+
+def local_env(**extra: str) -> dict[str, str]:
+    """One thread per rank (ranks share the cores), quiet imports, this venv's scripts first."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env.update(extra)
+    return env
 
 
 def launch(script: str, args: list[str], nproc: int, *, what: str, timeout: int = 900) -> str:

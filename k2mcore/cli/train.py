@@ -66,7 +66,8 @@ def report(cfg, layout) -> str:
     ])
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, *, faults=None) -> int:
+    """k2m-train. `faults`: a fault plan for tests (tests/k2m_train_faults.py), else None."""
     parser = _parser()
     args = parser.parse_args(argv)  # usage errors exit 2
     world_size = _world_size(parser, args.world_size)
@@ -87,11 +88,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from k2mcore.compat import console
 
     console.install()  # before megatron is imported: its import-time notices are noise here
+    from k2mcore.optim.skip import TooManySkippedSteps
     from k2mcore.training import train  # heavy (torch, megatron): only when training
-    from k2mcore.training.faults import TooManySkippedSteps
 
     try:
-        train(cfg)
+        train(cfg, layout, faults=faults)
     except TooManySkippedSteps as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

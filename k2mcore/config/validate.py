@@ -211,8 +211,12 @@ def _check_parallel(cfg: K2Config) -> None:
         raise ConfigError(f"parallel.vpp={p.vpp} requires parallel.pp > 1 (got pp=1)")
 
 
-def validate(cfg: K2Config, world_size: int) -> None:
-    """Raise ConfigError (one line) if `cfg` cannot run on `world_size` ranks."""
+def resolve_layout(cfg: K2Config, world_size: int) -> Layout:
+    """Validate `cfg` for `world_size` ranks and return its parallel layout, the one the run
+    carries (process groups, data-parallel split, microbatches, checkpoint metadata).
+
+    Raises ConfigError (one line) if `cfg` cannot run on `world_size` ranks.
+    """
     if not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
     cfg.parallel.resolve()
@@ -222,7 +226,7 @@ def validate(cfg: K2Config, world_size: int) -> None:
     _check_parallel(cfg)
     p, t = cfg.parallel, cfg.train
 
-    _, vpp = pipeline_stages(cfg.model, p)
+    stages, vpp = pipeline_stages(cfg.model, p)
     if vpp is not None and p.pp == 1:
         raise ConfigError(
             f"parallel.pipeline_layout={p.pipeline_layout!r} gives {vpp} virtual stages, "
@@ -257,21 +261,12 @@ def validate(cfg: K2Config, world_size: int) -> None:
             f"multiple of parallel.pp={p.pp} for the interleaved schedule (vpp={vpp})"
         )
 
-
-def resolve_layout(cfg: K2Config, world_size: int) -> Layout:
-    """Validate `cfg` for `world_size` ranks and return its parallel layout."""
-    validate(cfg, world_size)
-    par = cfg.parallel
-    stages, vpp = pipeline_stages(cfg.model, par)
-    dp = world_size // (par.tp * par.pp * par.cp)
-
     def find(char: str) -> tuple[int, int]:
-        return next((r, v) for r in range(par.pp) for v, s in enumerate(stages[r]) if char in s)
+        return next((r, v) for r in range(p.pp) for v, s in enumerate(stages[r]) if char in s)
 
     return Layout(
-        world_size=world_size, tp=par.tp, pp=par.pp, vpp=vpp, ep=par.ep, etp=par.etp, cp=par.cp,
-        dp=dp, expert_dp=world_size // (par.etp * par.ep * par.pp), sp=par.sp,
-        num_microbatches=cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp),
+        world_size=world_size, tp=p.tp, pp=p.pp, vpp=vpp, ep=p.ep, etp=p.etp, cp=p.cp,
+        dp=dp, expert_dp=world_size // expert_size, sp=p.sp, num_microbatches=microbatches,
         stages=stages, layers=[[s.count("t") for s in ranks] for ranks in stages],
         embedding_stage=find("E"), loss_stage=find("L"),
     )

@@ -4,12 +4,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from k2mcore import platform
 from k2mcore.config.schema import K2Config, ModelConfig
+from k2mcore.parallel.groups import ProcessGroups
 
 from .config import mla_config, resolve_dtype
 from .init import layout_invariant_init
@@ -21,11 +21,12 @@ def build_gpt_chunk(
     config: MLATransformerConfig,
     *,
     use_te: bool,
+    pre_process: bool,
+    post_process: bool,
     vp_stage: Optional[int] = None,
     max_seq_length: Optional[int] = None,
 ) -> GPTModel:
-    pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-    post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    """One chunk; `pre_process`/`post_process`: it holds the embedding / the loss."""
     return GPTModel(
         config=config,
         transformer_layer_spec=k2_block_spec(
@@ -34,8 +35,8 @@ def build_gpt_chunk(
         ),
         vocab_size=model.vocab_size,
         max_sequence_length=max_seq_length or model.max_position_embeddings,
-        pre_process=pre,
-        post_process=post,
+        pre_process=pre_process,
+        post_process=post_process,
         share_embeddings_and_output_weights=model.tie_word_embeddings,
         position_embedding_type="rope",  # MLA applies its own (decoupled) rope inside attention
         vp_stage=vp_stage,
@@ -43,9 +44,10 @@ def build_gpt_chunk(
 
 
 def build_model(
-    cfg: K2Config, *, use_te: Optional[bool] = None, initialize: bool = True
+    cfg: K2Config, groups: ProcessGroups, *, use_te: Optional[bool] = None,
+    initialize: bool = True,
 ) -> list[GPTModel]:
-    """This rank's model chunks; process groups must exist (k2mcore.parallel.init_distributed).
+    """This rank's model chunks, one per virtual stage of its place in `groups.layout`.
 
     `initialize=False` skips the layout-invariant init (for weights loaded right after).
     """
@@ -57,12 +59,13 @@ def build_model(
         model_cfg, cfg.parallel, dtype=resolve_dtype(cfg.train.dtype), use_te=use_te,
         recompute=cfg.train.recompute,
     )
-    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
-    stages = range(vpp) if vpp and vpp > 1 else [None]
+    vpp = groups.layout.vpp
     chunks = [
         build_gpt_chunk(model_cfg, config, use_te=use_te, vp_stage=vp,
+                        pre_process=groups.holds("E", vp or 0),
+                        post_process=groups.holds("L", vp or 0),
                         max_seq_length=cfg.train.seq_length)
-        for vp in stages
+        for vp in (range(vpp) if vpp else [None])
     ]
     if initialize and cfg.train.init == "layout_invariant":
         layout_invariant_init(chunks, cfg.model, cfg.train.seed)

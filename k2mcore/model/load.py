@@ -52,8 +52,6 @@ def load_model(path: str, device: str = "cpu") -> K2CausalLM:
 
 
 def _build(model_cfg: ModelConfig, device: str) -> torch.nn.Module:
-    from megatron.core import parallel_state
-
     from k2mcore.config.validate import resolve_layout
     from k2mcore.parallel.groups import init_distributed
 
@@ -64,9 +62,8 @@ def _build(model_cfg: ModelConfig, device: str) -> torch.nn.Module:
     cfg.train.seq_length = model_cfg.max_position_embeddings
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise RuntimeError("load_model runs in a single process; found a multi-rank process group")
-    if not parallel_state.model_parallel_is_initialized():
-        init_distributed(resolve_layout(cfg, 1), seed=0)
-    (gpt,) = build_model(cfg, use_te=False, initialize=False)
+    groups = init_distributed(resolve_layout(cfg, 1), seed=0)  # (re)builds megatron's groups
+    (gpt,) = build_model(cfg, groups, use_te=False, initialize=False)
     return gpt
 
 

@@ -37,20 +37,9 @@ from torch import Tensor
 
 from k2mcore import platform
 
+from .hparams import MuonHyperParams
 from .muon import nesterov_input, rms_match_scale
 from .newton_schulz import default_ns_dtype, newton_schulz, ns_flops
-
-
-@dataclass(frozen=True)
-class MuonHyperParams:
-    momentum: float = 0.95
-    nesterov: bool = True
-    ns_steps: int = 5
-    coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
-    eps: float = 1e-7
-    ns_dtype: Optional[torch.dtype] = None  # default: bf16 on CUDA, fp32 on CPU
-    lr_scale: float = 1.0  # Muon's lr = the param group's (scheduled) lr x lr_scale
-    weight_decay: Optional[float] = None  # None: the param group's (scheduled) weight decay
 
 
 def state_placeholder(like: Tensor) -> Tensor:

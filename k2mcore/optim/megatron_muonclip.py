@@ -12,16 +12,18 @@ from typing import Optional, Sequence
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .distributed import ExchangePlan, MuonHyperParams, ShardedMuonClip, _Matrix, _Piece, build_plan
+from k2mcore.parallel.groups import ProcessGroups
+
+from .chain import child_optimizers
+from .distributed import ExchangePlan, ShardedMuonClip, _Matrix, _Piece, build_plan
+from .hparams import MuonHyperParams
 from .param_groups import split_params
 from .qk_clip import ShardedQKClip
 
 
-def _holder_groups() -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+def _holder_groups(groups: ProcessGroups) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     """(dense holders, expert holders) of this rank: collective over the world."""
-    from megatron.core import parallel_state as ps
-
-    key = (ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank())
+    key = (groups.pp_rank, groups.ep_rank)
     keys: list = [None] * dist.get_world_size()
     dist.all_gather_object(keys, key)
     mine = {}
@@ -34,12 +36,11 @@ def _holder_groups() -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     return mine["dense"], mine["expert"]
 
 
-def _tp(expert: bool) -> tuple[int, int]:
-    from megatron.core import parallel_state as ps
-
+def _tp(expert: bool, groups: ProcessGroups) -> tuple[int, int]:
+    """(size, rank) of the tensor parallelism that splits a dense or an expert weight."""
     if expert:
-        return ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
-    return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        return groups.layout.etp, groups.etp_rank
+    return groups.layout.tp, groups.tp_rank
 
 
 def _main_shard(child, param: nn.Parameter) -> Optional[tuple[Tensor, int]]:
@@ -56,6 +57,7 @@ def install_muonclip(
     optimizer,
     chunks: Sequence[nn.Module],
     hparams: MuonHyperParams,
+    groups: ProcessGroups,
     *,
     router_in_muon: bool = True,
     split_gated: bool = True,
@@ -67,10 +69,9 @@ def install_muonclip(
     `chunks`: the unwrapped model chunks (GPTModel), in order. Returns the new inner optimizers;
     the first one of the dense parameters carries the QK-Clip hook.
     """
-    from megatron.core import parallel_state as ps
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    children = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    children = child_optimizers(optimizer)
     if not all(isinstance(c, DistributedOptimizer) for c in children):
         raise ValueError("MuonClip needs megatron's distributed optimizer (parallel.distributed_optimizer: true)")
     split = split_params(chunks, router_in_muon=router_in_muon)
@@ -80,7 +81,7 @@ def install_muonclip(
         if p.ndim != 2:
             raise ValueError(f"MuonClip (distributed): {name} has shape {tuple(p.shape)}; "
                              "experts must be per-expert matrices (SequentialMLP or TE's grouped MLP)")
-    dense_group, expert_group = _holder_groups()
+    dense_group, expert_group = _holder_groups(groups)
     installed = []
     for child in children:
         held = {p for buf in child.buffers for p in buf.param_index_map}
@@ -91,7 +92,7 @@ def install_muonclip(
         expert = kinds == {True}
         matrices, local, shards = [], [], []
         for i, (name, p) in enumerate(mine):
-            tp_size, tp_rank = _tp(not getattr(p, "allreduce", True))
+            tp_size, tp_rank = _tp(not getattr(p, "allreduce", True), groups)
             sharded = bool(getattr(p, "tensor_model_parallel", False)) and tp_size > 1
             matrices.append(_Matrix(
                 name=name, local_shape=tuple(p.shape), tp_size=tp_size if sharded else 1,
@@ -116,14 +117,6 @@ def install_muonclip(
         new, child = dense[0]
         new.post_step_hooks.append(ShardedQKClip(
             chunks, qk_clip_threshold, alpha=qk_clip_alpha,
-            group=ps.get_data_parallel_group(with_context_parallel=True),
+            group=groups.dp_cp_group,
             shard_of=lambda w, child=child: _main_shard(child, w)))
     return [new for _, new, _ in installed]
-
-
-def qk_clip_hook(inner: Sequence[ShardedMuonClip]) -> Optional[ShardedQKClip]:
-    for opt in inner:
-        for hook in opt.post_step_hooks:
-            if isinstance(hook, ShardedQKClip):
-                return hook
-    return None

@@ -21,7 +21,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .hparams import MuonHyperParams
 from .newton_schulz import Coefficients, newton_schulz, resolve_coefficients
+
+_HP = MuonHyperParams()  # the defaults of optimizer.muon (k2mcore.config.schema.MuonConfig)
 
 
 def rms_match_scale(shape: torch.Size | tuple[int, ...]) -> float:
@@ -102,13 +105,13 @@ class MuonClip(torch.optim.Optimizer):
         self,
         params,
         lr: float,
-        momentum: float = 0.95,
-        nesterov: bool = True,
+        momentum: float = _HP.momentum,
+        nesterov: bool = _HP.nesterov,
         weight_decay: float = 0.1,
-        ns_steps: int = 5,
-        coefficients: Coefficients = "k2",
-        eps: float = 1e-7,
-        ns_dtype: Optional[torch.dtype] = None,
+        ns_steps: int = _HP.ns_steps,
+        coefficients: Coefficients = _HP.coefficients,
+        eps: float = _HP.eps,
+        ns_dtype: Optional[torch.dtype] = _HP.ns_dtype,
     ) -> None:
         if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
             raise ValueError(f"MuonClip lr must be a finite number >= 0, got {lr!r}")

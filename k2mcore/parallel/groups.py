@@ -38,8 +38,8 @@ class ProcessGroups:
 
     @property
     def is_last_stage(self) -> bool:
-        """This pipeline rank holds the loss (of its last virtual chunk)."""
-        return self.pp_rank == self.layout.loss_stage[0]
+        """This pipeline rank holds the loss (in its last virtual chunk)."""
+        return self.pp_rank == self.layout.pp - 1
 
     def holds(self, char: str, vp_stage: int = 0) -> bool:
         """Whether this rank's chunk `vp_stage` holds layout character `char` (E or L)."""

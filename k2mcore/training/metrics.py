@@ -8,7 +8,6 @@ import time
 import warnings
 from typing import Any
 
-
 from k2mcore.config.schema import K2Config, ModelConfig
 
 
@@ -24,6 +23,26 @@ def flops_per_token(model: ModelConfig, seq_length: int) -> float:
     d_qk = model.qk_nope_head_dim + model.qk_rope_head_dim
     attn = 6 * model.num_layers * model.num_attention_heads * (d_qk + model.v_head_dim)
     return 6.0 * active + attn * seq_length
+
+
+def attention_report(cfg: K2Config, optimizer: Any, model: list, groups: Any,
+                     stepped: bool) -> dict:
+    """max_attn_logit (+ per layer, clipped_heads under QK-Clip) over all ranks; resets probes.
+
+    Collective. `stepped`: the optimizer applied this step (QK-Clip's stats are then fresh)."""
+    from k2mcore.optim.chain import qk_clip_hook
+    from k2mcore.optim.qk_clip import attn_logit_report
+
+    hook = qk_clip_hook(optimizer) if cfg.qk_clip_active else None
+    stats = hook.last_stats if hook is not None and stepped else None
+    if hook is not None:
+        hook.last_stats = None
+    report = attn_logit_report(
+        [getattr(c, "module", c) for c in model], cfg.model.num_layers, stats,
+        count_clipped=groups.dp_cp_rank == 0)
+    if hook is None:
+        return {"max_attn_logit": report["max_attn_logit"]}
+    return report
 
 
 class MetricsLogger:

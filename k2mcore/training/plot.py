@@ -1,9 +1,7 @@
 """metrics.jsonl -> one PNG of loss, learning rate, grad norm (and max attention logit)."""
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from typing import Optional
 
 from .metrics import read_metrics
@@ -37,23 +35,3 @@ def plot_run(metrics_path: str, out_path: Optional[str] = None) -> str:
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="k2m-plot", description=__doc__)
-    ap.add_argument("metrics", help="a run's metrics.jsonl (or its run directory)")
-    ap.add_argument("-o", "--output", help="PNG path (default: metrics.png beside the input)")
-    args = ap.parse_args(argv)
-    path = args.metrics
-    if os.path.isdir(path):
-        path = os.path.join(path, "metrics.jsonl")
-    try:
-        print(plot_run(path, args.output))
-    except (OSError, ValueError) as exc:
-        print(f"k2m-plot: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

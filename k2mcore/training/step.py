@@ -6,7 +6,6 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -16,9 +15,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
 from k2mcore import platform
+from k2mcore.parallel.groups import ProcessGroups
 
 
-def wrap_ddp(chunks: Sequence[torch.nn.Module], *, distributed_optimizer: bool) -> list:
+def wrap_ddp(chunks: Sequence[torch.nn.Module], groups: ProcessGroups, *,
+             distributed_optimizer: bool) -> list:
     """megatron DDP around each chunk (fp32 grad buffers), hooked into the schedules."""
     config = get_model_config(chunks[0])
     ddp_config = DistributedDataParallelConfig(
@@ -32,7 +33,7 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], *, distributed_optimizer: bool) 
             config=config, ddp_config=ddp_config, module=chunk,
             # only the first chunk's buckets start the first all-reduce (as Megatron-LM does)
             disable_bucketing=i > 0,
-            full_param_layout=_param_layout(chunk, ddp_config),
+            full_param_layout=_param_layout(chunk, ddp_config, groups),
         )
         for i, chunk in enumerate(chunks)
     ]
@@ -40,7 +41,8 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], *, distributed_optimizer: bool) 
     return model
 
 
-def _param_layout(chunk: torch.nn.Module, ddp_config: DistributedDataParallelConfig):
+def _param_layout(chunk: torch.nn.Module, ddp_config: DistributedDataParallelConfig,
+                  groups: ProcessGroups):
     """The distributed optimizer's parameter layout, computed before DDP as megatron 0.19 asks
     (DDP otherwise computes the same one itself and warns). One bucket per buffer: k2mcore does
     not overlap the gradient reduction (`overlap_grad_reduce=False` makes DDP's bucket size None)."""
@@ -49,10 +51,10 @@ def _param_layout(chunk: torch.nn.Module, ddp_config: DistributedDataParallelCon
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     params = [p for p in chunk.parameters() if p.requires_grad]
+    layout = groups.layout
     return DistributedOptimizer.compute_full_param_layout(
-        params, None, parallel_state.get_data_parallel_world_size(with_context_parallel=True),
-        ddp_config,
-        expert_data_parallel_world_size=parallel_state.get_expert_data_parallel_world_size())
+        params, None, layout.dp * layout.cp, ddp_config,
+        expert_data_parallel_world_size=layout.expert_dp)
 
 
 def _loss(loss_mask: torch.Tensor, per_token: torch.Tensor):
@@ -73,6 +75,7 @@ def _forward_step(data_iterator, model):
 
 def forward_backward(
     model: Sequence[torch.nn.Module],
+    groups: ProcessGroups,
     micro_batches: Iterable[dict],
     *,
     seq_length: int,
@@ -101,12 +104,11 @@ def forward_backward(
     # The last pipeline stage holds the loss; sum over pipeline and data parallel ranks.
     device = platform.device()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+    if groups.is_last_stage:
         for report in reports:
             totals += report["lm loss"].double().to(device)
-    if parallel_state.get_tensor_model_parallel_rank() != 0:
+    if groups.tp_rank != 0:
         totals.zero_()  # TP ranks hold copies
-    dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-    dist.all_reduce(totals, group=parallel_state.get_tensor_model_parallel_group())
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    for group in (groups.pp_group, groups.tp_group, groups.dp_group):
+        dist.all_reduce(totals, group=group)
     return float(totals[0] / totals[1])

@@ -13,7 +13,7 @@ from k2mcore.config.loader import (
     INTENDED_WORLD_SIZE, config_to_dict, dump_yaml, list_presets, load_config,
 )
 from k2mcore.config.schema import K2Config, RopeScalingConfig
-from k2mcore.config.validate import validate
+from k2mcore.config.validate import resolve_layout
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,7 @@ def test_preset_list_matches_intended_world_sizes():
 @pytest.mark.parametrize("name", sorted(INTENDED_WORLD_SIZE))
 def test_preset_loads_and_validates(name):
     cfg = load_config(name)
-    validate(cfg, INTENDED_WORLD_SIZE[name])
+    resolve_layout(cfg, INTENDED_WORLD_SIZE[name])
     assert cfg.model.name == name
     assert cfg.run.dir == f"runs/{name}"
 
@@ -263,7 +263,7 @@ INVALID = [
 def test_invalid_configs(overrides, world_size, message):
     cfg = load_config("k2-tiny", overrides)
     with pytest.raises(ConfigError) as exc:
-        validate(cfg, world_size)
+        resolve_layout(cfg, world_size)
     assert str(exc.value).startswith(message), str(exc.value)
     assert "\n" not in str(exc.value)
 
@@ -277,12 +277,12 @@ def test_invalid_configs(overrides, world_size, message):
     (["parallel.tp=2", "parallel.sp=true", "parallel.cp=2"], 8),
 ])
 def test_valid_variants(overrides, world_size):
-    validate(load_config("k2-tiny", overrides), world_size)
+    resolve_layout(load_config("k2-tiny", overrides), world_size)
 
 
 def test_world_size_must_be_positive():
     with pytest.raises(ConfigError, match="world size must be a positive integer, got 0"):
-        validate(load_config("k2-tiny"), 0)
+        resolve_layout(load_config("k2-tiny"), 0)
 
 
 @pytest.mark.parametrize("override, key", [
@@ -291,7 +291,7 @@ def test_world_size_must_be_positive():
 ])
 def test_kimi_k2_invalid_overrides_name_the_field(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(load_config("kimi-k2", [override]), 256)
+        resolve_layout(load_config("kimi-k2", [override]), 256)
 
 
 # ------------------------------------------------------------------ CLI
@@ -371,10 +371,10 @@ def test_cli_train_calls_training_module(monkeypatch):
 def test_etp_follows_tp_and_refuses_unsummed_expert_copies():
     cfg = load_config("k2-tiny", ["parallel.tp=2", "parallel.sp=true"])
     assert cfg.parallel.etp == 2  # megatron's default: experts split like the dense layers
-    validate(cfg, 2)
+    resolve_layout(cfg, 2)
     cfg = load_config("k2-tiny", ["parallel.tp=2", "parallel.sp=true", "parallel.etp=1"])
     with pytest.raises(ConfigError, match=r"^parallel.etp=1 with parallel.ep=1 must equal"):
-        validate(cfg, 2)
+        resolve_layout(cfg, 2)
     # with ep > 1 each expert lives on one rank: etp=1 under tp=2 is fine
-    validate(load_config("k2-tiny", ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2",
+    resolve_layout(load_config("k2-tiny", ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2",
                                      "parallel.etp=1"]), 2)

@@ -16,7 +16,7 @@ from hf_models import VARIANTS, hf_config, random_hf_model
 from safetensors.torch import load_file, save_file
 
 import k2mcore
-from k2mcore.parallel.local_launch import local_command, local_env
+from launching import local_command, local_env
 
 BIN = os.path.dirname(sys.executable)
 IDS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(7))

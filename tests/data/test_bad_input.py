@@ -18,7 +18,7 @@ from data_helpers import (
 
 from k2mcore.config.errors import ConfigError
 from k2mcore.config.loader import load_config
-from k2mcore.config.validate import validate
+from k2mcore.config.validate import resolve_layout
 from k2mcore.data import DataError, build_data_iterator, check_data
 from k2mcore.data.preprocess import preprocess
 
@@ -119,7 +119,7 @@ def test_missing_tokenizer_file(tmp_path, good):
 def test_blend_that_does_not_parse(tmp_path, good, blend, pattern):
     cfg = make_cfg(tmp_path, blend.format(p=good))
     with pytest.raises(ConfigError, match=pattern):  # k2m-train --check catches it too
-        validate(cfg, 1)
+        resolve_layout(cfg, 1)
     _fails(cfg, pattern)
 
 
@@ -132,14 +132,14 @@ def test_split_leaving_a_dataset_without_valid_documents(tmp_path):
 
 def test_config_rules(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.tokenizer: required when data\.blend is set"):
-        validate(load_config("k2-tiny", ["data.tokenizer=null"]), 1)
+        resolve_layout(load_config("k2-tiny", ["data.tokenizer=null"]), 1)
     with pytest.raises(ConfigError, match=r"data\.split: '0,1,0' gives the train split no data"):
-        validate(load_config("k2-tiny", ["data.split=0,1,0"]), 1)
+        resolve_layout(load_config("k2-tiny", ["data.split=0,1,0"]), 1)
     with pytest.raises(ConfigError, match=r"data\.split: 'a' in 'a,b' is not a non-negative"):
-        validate(load_config("k2-tiny", ["data.split=a,b"]), 1)
+        resolve_layout(load_config("k2-tiny", ["data.split=a,b"]), 1)
     with pytest.raises(ConfigError, match=r"data\.prefetch: must be >= 1, got 0"):
-        validate(load_config("k2-tiny", ["data.prefetch=0"]), 1)
-    validate(load_config("k2-tiny"), 1)  # the preset itself is fine
+        resolve_layout(load_config("k2-tiny", ["data.prefetch=0"]), 1)
+    resolve_layout(load_config("k2-tiny"), 1)  # the preset itself is fine
 
 
 def test_resume_past_the_built_samples(tmp_path, good):

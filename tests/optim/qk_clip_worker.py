@@ -4,7 +4,6 @@ import os
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from k2mcore.config.loader import load_config
 from k2mcore.config.validate import resolve_layout
@@ -13,8 +12,8 @@ from k2mcore.optim.qk_clip import clip_qk_in_model, mla_attentions
 from k2mcore.parallel.groups import init_distributed
 
 cfg = load_config("k2-tiny", ["model.measure_max_attn_logit=true"])
-init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=1)
-chunks = build_model(cfg)
+groups = init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=1)
+chunks = build_model(cfg, groups)
 rank = dist.get_rank()
 attns = mla_attentions(chunks)
 with torch.no_grad():
@@ -28,7 +27,7 @@ gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, local)
 global_max = torch.stack(gathered).amax(0)
 tau = float(global_max.median())
-stats = clip_qk_in_model(chunks, tau, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+stats = clip_qk_in_model(chunks, tau, group=groups.dp_cp_group)
 w = torch.cat([torch.cat([a.linear_q_up_proj.weight.view(-1), a.linear_kv_up_proj.weight.view(-1)]) for a in attns])
 ws = [torch.zeros_like(w) for _ in range(dist.get_world_size())]
 dist.all_gather(ws, w)

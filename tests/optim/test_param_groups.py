@@ -13,8 +13,7 @@ from k2mcore.parallel.groups import init_distributed
 @pytest.fixture(scope="module")
 def chunks():
     cfg = load_config("k2-tiny")
-    init_distributed(resolve_layout(cfg, 1), seed=1)
-    return build_model(cfg)
+    return build_model(cfg, init_distributed(resolve_layout(cfg, 1), seed=1))
 
 
 def test_split(chunks):

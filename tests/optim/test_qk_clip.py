@@ -17,8 +17,7 @@ NOPE, ROPE, V = 16, 8, 16  # k2-tiny head dims
 
 def _build():
     cfg = load_config("k2-tiny", ["model.measure_max_attn_logit=true"])
-    init_distributed(resolve_layout(cfg, 1), seed=1)
-    chunks = build_model(cfg)
+    chunks = build_model(cfg, init_distributed(resolve_layout(cfg, 1), seed=1))
     with torch.no_grad():  # init std 0.006 gives logits ~0.01: grow q and k so logits are O(10)
         for a in mla_attentions(chunks):
             a.linear_q_up_proj.weight.mul_(25.0)

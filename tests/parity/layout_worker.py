@@ -46,13 +46,11 @@ CLIP_TAU = 0.11
 CLIP_LAYOUTS = ("1rank", "tp2-sp", "tp2-ep2", "tp2-pp2-ep2")
 
 
-def micro_batches(vocab: int, seed: int = SEED) -> list[dict]:
+def micro_batches(vocab: int, groups, seed: int = SEED) -> list[dict]:
     """This data-parallel rank's share of a fixed global batch, one sequence per micro-batch."""
-    from megatron.core import parallel_state as ps
-
     g = torch.Generator().manual_seed(seed)
     data = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g)
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    dp, rank = groups.layout.dp, groups.dp_rank
     per_rank = GLOBAL_BATCH // dp
     mine = data[rank * per_rank : (rank + 1) * per_rank]
     return [
@@ -65,22 +63,20 @@ def run(name: str, out: str, init_path: str, write_init: bool) -> None:
     overrides = [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[name].items()]
     cfg = load_config("k2-tiny", overrides + [f"train.seq_length={SEQ}", "train.dtype=fp32"])
     layout = resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    init_distributed(layout, seed=SEED)
-    model = wrap_ddp(build_model(cfg), distributed_optimizer=False)
+    groups = init_distributed(layout, seed=SEED)
+    model = wrap_ddp(build_model(cfg, groups), groups, distributed_optimizer=False)
     # parameters this rank holds, against the analytic count `k2m-train --check` prints
-    from megatron.core import parallel_state as ps
-
     held = sum(p.numel() for chunk in model for p in chunk.module.parameters())
     counts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(counts, (ps.get_pipeline_model_parallel_rank(), held))
+    dist.all_gather_object(counts, (groups.pp_rank, held))
     expected = stage_parameters(cfg, layout)
     fresh = gather_full(model)  # as built: train.init=layout_invariant
     if write_init and dist.get_rank() == 0:
         torch.save(fresh, init_path)
     scatter_full(model, torch.load(init_path, weights_only=True))
     loss = forward_backward(
-        model, micro_batches(cfg.model.vocab_size), seq_length=SEQ, micro_batch_size=1
-    )
+        model, groups, micro_batches(cfg.model.vocab_size, groups), seq_length=SEQ,
+        micro_batch_size=1)
     grads = gather_full(model, swap=lambda p: p.main_grad)
     if dist.get_rank() == 0:
         torch.save(
@@ -94,7 +90,9 @@ def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, 
                  tag: str) -> None:
     """`steps` MuonClip steps from the shared initial weights; saves losses, attention reports,
     the full weights after every step and each rank's Newton-Schulz FLOPs."""
-    from k2mcore.training.loop import attention_report, build_optimizer
+    from k2mcore.optim.build import build_optimizer
+    from k2mcore.optim.chain import inner_optimizers
+    from k2mcore.training.metrics import attention_report
 
     overrides = [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[name].items()]
     cfg = load_config("k2-tiny", overrides + [
@@ -103,22 +101,22 @@ def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, 
         "optimizer.decay_style=constant", f"qk_clip.threshold={tau}",
         # the clip phase re-measures logits on the same batch: keep routing fixed
         f"model.moe_router_bias_update_rate={1e-3 if lr else 0.0}"])
-    init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=SEED)
-    model = wrap_ddp(build_model(cfg), distributed_optimizer=True)
+    groups = init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=SEED)
+    model = wrap_ddp(build_model(cfg, groups), groups, distributed_optimizer=True)
     scatter_full(model, torch.load(init_path, weights_only=True))
-    optimizer, _ = build_optimizer(cfg, model)
-    inner = [c.optimizer for c in getattr(optimizer, "chained_optimizers", [optimizer])]
+    optimizer, _ = build_optimizer(cfg, model, groups)
+    inner = inner_optimizers(optimizer)
     flops = sum(o.plan.ns_flops[o.plan.rank] for o in inner)
     rows, weights = [], [gather_full(model)]
     for step in range(steps):
         optimizer.zero_grad()
-        loss = forward_backward(model, micro_batches(cfg.model.vocab_size, SEED + step),
+        loss = forward_backward(model, groups, micro_batches(cfg.model.vocab_size, groups, SEED + step),
                                 seq_length=SEQ, micro_batch_size=1)
         ok, _, _ = optimizer.step()
-        rows.append({"loss": loss, "ok": ok, **attention_report(cfg, optimizer, model, stepped=ok)})
+        rows.append({"loss": loss, "ok": ok, **attention_report(cfg, optimizer, model, groups, stepped=ok)})
         weights.append(gather_full(model))
     # one more forward on the last batch: the logits the clipped weights give
-    forward_backward(model, micro_batches(cfg.model.vocab_size, SEED + steps - 1), seq_length=SEQ,
+    forward_backward(model, groups, micro_batches(cfg.model.vocab_size, groups, SEED + steps - 1), seq_length=SEQ,
                      micro_batch_size=1, forward_only=True)
     heads = _per_head_logits(model)
     all_flops: list = [None] * dist.get_world_size()

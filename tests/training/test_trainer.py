@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from k2mcore.parallel.local_launch import local_command, local_env
+from launching import K2M_TRAIN_FAULTS, local_command, local_env
 
 BIN = os.path.dirname(sys.executable)
 K2M_TRAIN = os.path.join(BIN, "k2m-train")
@@ -34,18 +34,22 @@ LAYOUTS = {
 }
 
 
-def _cmd(nproc: int, sets: list[str], run_dir: str, iters: int) -> list[str]:
+def _cmd(nproc: int, sets: list[str], run_dir: str, iters: int,
+         nan_loss_steps: str = "") -> list[str]:
     args = [*COMMON, "--set", f"train.iters={iters}", "--set", f"run.dir={run_dir}"]
     for s in sets:
         args += ["--set", s]
+    if nan_loss_steps:  # k2m-train's entry point behind a fault plan (tests/k2m_train_faults.py)
+        return local_command(nproc, K2M_TRAIN_FAULTS,
+                             ["--nan-loss-steps", nan_loss_steps, "--", *args])
     return local_command(nproc, K2M_TRAIN, args)
 
 
 _env = local_env
 
 
-def _run(nproc, sets, run_dir, iters, *, expect=0, **env):
-    proc = subprocess.run(_cmd(nproc, sets, run_dir, iters), env=_env(**env),
+def _run(nproc, sets, run_dir, iters, *, expect=0, nan_loss_steps="", **env):
+    proc = subprocess.run(_cmd(nproc, sets, run_dir, iters, nan_loss_steps), env=_env(**env),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == expect, proc.stderr[-3000:] + proc.stdout[-2000:]
     return proc
@@ -224,14 +228,14 @@ def test_kill_9_of_a_rank_then_automatic_resume(reference, tmp_path):
 
 def test_nan_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
     run = str(tmp_path / "skip")
-    _run(1, [], run, 5, K2M_FAULT_NAN_STEPS="2,3")
+    _run(1, [], run, 5, nan_loss_steps="2,3")
     rows = _rows(run)
     assert [r["skipped"] for r in rows] == [0, 1, 1, 0, 0]
     assert math.isnan(rows[1]["loss"]) and rows[-1]["skipped_total"] == 2
     # a skipped step does not advance the schedule: step 4 applies step 2's warmup rate
     assert rows[3]["lr"] == pytest.approx(rows[1]["lr"])
     proc = _run(1, ["train.max_consecutive_skips=2"], str(tmp_path / "stop"), 5, expect=1,
-                K2M_FAULT_NAN_STEPS="2,3")
+                nan_loss_steps="2,3")
     assert "2 updates in a row skipped" in proc.stderr
     assert "Traceback" not in proc.stderr
 
