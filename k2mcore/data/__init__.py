@@ -22,7 +22,7 @@ _EXPORTS = {
     "resolve_path": "k2mcore.data.datasets",
     "DataSummary": "k2mcore.data.datasets",
     "build_data_iterator": "k2mcore.data.loaders",
-    "DataIterator": "k2mcore.data.loaders",
+    "DataIterator": "k2mcore.data.batches",
     "MicroBatchSampler": "k2mcore.data.batches",
     "dali_available": "k2mcore.data.loaders",
 }

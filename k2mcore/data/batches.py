@@ -1,9 +1,10 @@
 """What both loaders share: the batch fields and dtypes, which samples each data-parallel rank
-draws (`MicroBatchSampler`), and how one sample is read (`fetch_sample`)."""
+draws (`MicroBatchSampler`), how one sample is read (`fetch_sample`), and the iterator the
+trainer consumes (`DataIterator`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -69,3 +70,46 @@ def fetch_sample(dataset: Any, index: int) -> tuple[np.ndarray, ...]:
     blend, a dataset id; the attention mask is not built: the model makes the causal mask)."""
     sample = dataset[index]
     return tuple(np.asarray(sample[k], dtype=FIELD_DTYPES[k]) for k in FIELDS)
+
+
+class DataIterator:
+    """Iterator[dict] of micro-batches: tokens/labels/position_ids [mbs, seq] int64, loss_mask
+    [mbs, seq] float32. `consumed_samples` (global, all DP ranks) after the batches yielded so
+    far is what a checkpoint stores to resume here."""
+
+    def __init__(self, batches: Iterator[dict], sampler: MicroBatchSampler, backend: str,
+                 close: Optional[Callable[[], None]] = None) -> None:
+        self._batches = batches
+        self.sampler = sampler
+        self.backend = backend
+        self._yielded = 0
+        self._close = close
+
+    @property
+    def consumed_samples(self) -> int:
+        return self.sampler.consumed_samples + self._yielded * self.sampler.stride
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self._yielded
+
+    def __iter__(self) -> "DataIterator":
+        return self
+
+    def __next__(self) -> dict:
+        if self._yielded >= len(self.sampler):
+            self.close()
+            raise StopIteration
+        batch = next(self._batches)
+        self._yielded += 1
+        return batch
+
+    def close(self) -> None:
+        if self._close is not None:
+            close, self._close = self._close, None
+            close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass

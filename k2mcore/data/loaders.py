@@ -1,69 +1,23 @@
-"""Micro-batch iterators over megatron's datasets: a DALI pipeline (dali_loader.py) or a torch
-DataLoader (here), chosen by `build_data_iterator`.
+"""Micro-batch iterators over megatron's datasets: picks the backend and builds the iterator.
 
-Both backends draw the same sample indices (`MicroBatchSampler`) and read them with the same
-`fetch_sample`, so for a given (config, dp rank, consumed samples) they yield identical batches;
-the choice is about where the work runs (DALI: its worker processes and prefetch queue, outputs
-on the GPU when there is one; torch: DataLoader workers, pinned memory).
+Both backends (DALI, `dali_loader.py`; torch's DataLoader, `torch_loader.py`) draw the same sample
+indices (`MicroBatchSampler`) and read them with the same `fetch_sample`, so for a given (config,
+dp rank, consumed samples) they yield identical batches; the choice is about where the work runs
+(DALI: its worker processes and prefetch queue, outputs on the GPU when there is one; torch:
+DataLoader workers, pinned memory).
 """
 from __future__ import annotations
 
 import functools
-import logging
-from typing import Any, Callable, Iterator, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 
 from k2mcore import platform
 from k2mcore.config.schema import K2Config
-from k2mcore.data.batches import FIELDS, MicroBatchSampler, fetch_sample
+from k2mcore.data.batches import DataIterator, MicroBatchSampler
 from k2mcore.data.datasets import SPLITS, DataSummary, build_datasets, check_data
 from k2mcore.data.errors import DataError
-
-log = logging.getLogger(__name__)
-
-class DataIterator:
-    """Iterator[dict] of micro-batches: tokens/labels/position_ids [mbs, seq] int64, loss_mask
-    [mbs, seq] float32. `consumed_samples` (global, all DP ranks) after the batches yielded so
-    far is what a checkpoint stores to resume here."""
-
-    def __init__(self, batches: Iterator[dict], sampler: MicroBatchSampler, backend: str,
-                 close: Optional[Callable[[], None]] = None) -> None:
-        self._batches = batches
-        self.sampler = sampler
-        self.backend = backend
-        self._yielded = 0
-        self._close = close
-
-    @property
-    def consumed_samples(self) -> int:
-        return self.sampler.consumed_samples + self._yielded * self.sampler.stride
-
-    def __len__(self) -> int:
-        return len(self.sampler) - self._yielded
-
-    def __iter__(self) -> "DataIterator":
-        return self
-
-    def __next__(self) -> dict:
-        if self._yielded >= len(self.sampler):
-            self.close()
-            raise StopIteration
-        batch = next(self._batches)
-        self._yielded += 1
-        return batch
-
-    def close(self) -> None:
-        if self._close is not None:
-            close, self._close = self._close, None
-            close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,48 +40,6 @@ def resolve_loader(cfg: K2Config) -> str:
     if name not in ("dali", "torch"):
         raise DataError(f"data.loader: {name!r} is not one of auto, dali, torch")
     return name
-
-
-def _collate(samples: list[tuple[np.ndarray, ...]]) -> dict:
-    return {k: torch.from_numpy(np.stack([s[i] for s in samples])) for i, k in enumerate(FIELDS)}
-
-
-class _TorchSamples(torch.utils.data.Dataset):
-    """Map-style view with `fetch_sample` items, so DataLoader workers return numpy tuples."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
-        return fetch_sample(self.dataset, index)
-
-
-def _torch_batches(dataset: Any, sampler: MicroBatchSampler, cfg: K2Config,
-                   device: torch.device) -> tuple[Iterator[dict], Callable[[], None]]:
-    workers = cfg.data.num_workers
-    loader = torch.utils.data.DataLoader(
-        _TorchSamples(dataset), batch_sampler=sampler, collate_fn=_collate,
-        num_workers=workers, pin_memory=device.type == "cuda",
-        prefetch_factor=cfg.data.prefetch if workers > 0 else None,
-        persistent_workers=False,
-    )
-    it = iter(loader)
-
-    def batches() -> Iterator[dict]:
-        for batch in it:
-            if device.type != "cpu":
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            yield batch
-
-    def close() -> None:
-        shutdown = getattr(it, "_shutdown_workers", None)  # stop workers now, not at GC
-        if shutdown is not None:
-            shutdown()
-
-    return batches(), close
 
 
 def build_data_iterator(
@@ -161,5 +73,7 @@ def build_data_iterator(
 
         batches, close = dali_batches(dataset, sampler, cfg, device)
     else:
-        batches, close = _torch_batches(dataset, sampler, cfg, device)
+        from k2mcore.data.torch_loader import torch_batches
+
+        batches, close = torch_batches(dataset, sampler, cfg, device)
     return DataIterator(batches, sampler, backend, close)

@@ -361,11 +361,13 @@ def test_cli_train_calls_training_module(monkeypatch):
 
     import k2mcore.training
 
-    seen = []
-    monkeypatch.setattr(k2mcore.training, "train", seen.append)
+    seen, layouts = [], []
+    monkeypatch.setattr(k2mcore.training, "train",
+                        lambda cfg, layout, **kw: (seen.append(cfg), layouts.append(layout)))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["--set", "train.iters=2"]) == 0
     assert len(seen) == 1 and seen[0].train.iters == 2
+    assert layouts[0].world_size == 1 and layouts[0].num_microbatches == 8  # the layout, carried
 
 
 def test_etp_follows_tp_and_refuses_unsummed_expert_copies():
