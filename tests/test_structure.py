@@ -1,0 +1,61 @@
+"""The package's shape, held by tests: the layout is asked of megatron's globals in one place, the
+loop reads top to bottom in short helpers, and long modules say why they are long."""
+from __future__ import annotations
+
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = os.path.join(ROOT, "k2mcore")
+MAX_LINES = 500
+LONG_REASON = "Why this module is long:"
+
+
+def _sources() -> dict[str, str]:
+    out = {}
+    for base, _, files in os.walk(PKG):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(base, name)
+                with open(path) as f:
+                    out[os.path.relpath(path, ROOT)] = f.read()
+    return out
+
+
+def _reads_parallel_state(tree: ast.AST) -> bool:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.startswith("megatron.core.parallel_state"):
+                return True
+            if node.module == "megatron.core" and any(a.name == "parallel_state" for a in node.names):
+                return True
+        if isinstance(node, ast.Import) and any(
+                a.name.startswith("megatron.core.parallel_state") for a in node.names):
+            return True
+    return False
+
+
+def test_only_the_groups_module_reads_megatrons_parallel_state():
+    """k2mcore's code takes the carried Layout and ProcessGroups; only parallel/groups.py (which
+    builds them) and the compatibility package (which patches megatron) touch the globals."""
+    allowed = {os.path.join("k2mcore", "parallel", "groups.py")}
+    readers = [path for path, text in _sources().items()
+               if path not in allowed and not path.startswith(os.path.join("k2mcore", "compat"))
+               and _reads_parallel_state(ast.parse(text))]
+    assert readers == []
+
+
+def test_no_module_over_500_lines_without_a_reason_at_its_top():
+    long = [f"{path}: {text.count(chr(10))} lines" for path, text in _sources().items()
+            if text.count("\n") > MAX_LINES and LONG_REASON not in (ast.get_docstring(
+                ast.parse(text)) or "")]
+    assert long == []
+
+
+def test_the_loop_reads_top_to_bottom_in_short_helpers():
+    path = os.path.join(PKG, "training", "loop.py")
+    tree = ast.parse(open(path).read())
+    functions = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree)
+                 if isinstance(n, ast.FunctionDef)}
+    assert {"train", "_set_up", "_resume", "_steps", "_step", "_finish"} <= set(functions)
+    assert max(functions.values()) <= 50, functions
