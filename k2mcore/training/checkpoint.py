@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import os
 import pickle
 import random
 import re
 import shutil
 import time
-import zlib
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -49,89 +47,33 @@ from k2mcore.compat.dist_checkpoint import (
     restricted_reader,
     torch_adam_load_fixes,
 )
+from k2mcore.checkpoint.format import (  # noqa: F401 (re-exported until importers move)
+    FORMAT,
+    FORMAT_VERSION,
+    MARKER,
+    CheckpointError,
+    is_checkpoint,
+    latest_checkpoint,
+    resolve_checkpoint,
+    saved_step,
+    has_optimizer_state,
+    step_dir,
+    validate_checkpoint,
+    write_weights_only_marker,
+)
+from k2mcore.checkpoint.format import check_files as _check_files
+from k2mcore.checkpoint.format import complete_steps as _complete_steps
+from k2mcore.checkpoint.format import crc32 as _crc32
+from k2mcore.checkpoint.format import first_line as _first_line
+from k2mcore.checkpoint.format import read_json as _read_json
+from k2mcore.checkpoint.format import read_marker as _read_marker
+from k2mcore.checkpoint.format import versions as _versions
+from k2mcore.checkpoint.format import write_json as _write_json
 from k2mcore.config.schema import K2Config
 
-MARKER = "metadata.json"
-FORMAT, FORMAT_VERSION = "k2mcore-checkpoint", 1
 OPTIMIZER_SHARDING = "fully_reshardable"
 _OPTIM_METADATA = {"distrib_optim_sharding_type": OPTIMIZER_SHARDING,
                    "chained_optim_avoid_prefix": True}
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
-_CRC_CHUNK = 1 << 22
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, in one line naming the directory or file."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
-
-
-# --------------------------------------------------------------------------------------------
-# Finding checkpoints
-def step_dir(root: str, step: int) -> str:
-    return os.path.join(root, f"step_{step:08d}")
-
-
-def _complete_steps(root: str) -> list[tuple[int, str]]:
-    """(step, path) of every directory under root that has a readable marker, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        m = _STEP_DIR.match(name)
-        path = os.path.join(root, name)
-        if m and os.path.isfile(os.path.join(path, MARKER)):
-            try:
-                with open(os.path.join(path, MARKER)) as f:
-                    meta = json.load(f)
-            except (OSError, ValueError):
-                continue  # unreadable marker: not complete
-            if isinstance(meta, dict) and meta.get("format") == FORMAT:
-                found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(root: str) -> Optional[str]:
-    """The newest complete checkpoint under root (`.tmp_*` and unmarked dirs ignored), or None."""
-    done = _complete_steps(root)
-    return done[-1][1] if done else None
-
-
-def is_checkpoint(path: str) -> bool:
-    """A k2mcore checkpoint step directory, or a root holding at least one complete one."""
-    marker = os.path.join(path, MARKER)
-    if os.path.isfile(marker):
-        try:
-            with open(marker) as f:
-                return json.load(f).get("format") == FORMAT
-        except (OSError, ValueError, AttributeError):
-            return False
-    return os.path.isdir(path) and latest_checkpoint(path) is not None
-
-
-def saved_step(path: str) -> int:
-    """The training step a checkpoint (or a root's newest one) was saved at."""
-    return int(_read_marker(resolve_checkpoint(path))["step"])
-
-
-def has_optimizer_state(path: str) -> bool:
-    """False for a weights-only checkpoint (written by k2m-convert hf-to-mcore)."""
-    return bool(_read_marker(resolve_checkpoint(path)).get("optimizer"))
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory, or a root holding `step_*` ones (-> its newest complete one)."""
-    name = os.path.basename(os.path.normpath(path))
-    if (_STEP_DIR.match(name) or name.startswith(".tmp_step_")
-            or os.path.exists(os.path.join(path, MARKER))
-            or os.path.isdir(os.path.join(path, "dist"))):
-        return path  # a checkpoint directory, complete or not: validation says which
-    newest = latest_checkpoint(path)
-    if newest is None:
-        what = "does not exist" if not os.path.exists(path) else "holds no complete checkpoint"
-        raise CheckpointError(f"{path}: {what} (expected a step_NNNNNNNN directory or its root)")
-    return newest
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,16 +151,6 @@ def save_checkpoint(
         print(f"saved checkpoint {final} in {time.perf_counter() - start:.2f} s", flush=True)
     dist.barrier()  # every rank returns with the checkpoint committed and pruned
     return final
-
-
-def write_weights_only_marker(path: str, *, model: str, files: dict, extra: Optional[dict] = None) -> None:
-    """Complete a checkpoint directory that holds weights only (k2m-convert hf-to-mcore): step
-    0, no optimizer or scheduler state, no layout (no ranks saved it). Call it last."""
-    _write_json(os.path.join(path, MARKER), {
-        "format": FORMAT, "version": FORMAT_VERSION, "step": 0, "consumed_samples": 0,
-        "layout": {"converted": True}, "optimizer": None, "scheduler": None, "model": model,
-        "versions": _versions(), "files": dict(sorted(files.items())), **(extra or {}),
-    })
 
 
 def _state_for_save(model: list, optimizer: Any) -> tuple[dict, Optional[float]]:
@@ -356,61 +288,6 @@ def _load_scheduler(scheduler: Any, saved: dict) -> None:
     scheduler.step(increment=int(saved["num_steps"]))
 
 
-# --------------------------------------------------------------------------------------------
-# Validation
-def validate_checkpoint(path: str, *, checksums: bool = True) -> dict:
-    """Check one checkpoint directory on this process alone; returns its metadata.
-
-    Raises CheckpointError naming the directory or the first bad file.
-    """
-    meta = _read_marker(path)
-    errors = _check_files(path, meta, share=(0, 1), checksums=checksums)
-    if errors:
-        raise CheckpointError(errors[0])
-    return meta
-
-
-def _read_marker(path: str) -> dict:
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    marker = os.path.join(path, MARKER)
-    if not os.path.isfile(marker):
-        raise CheckpointError(
-            f"{path}: incomplete checkpoint (no {MARKER}) — it was not finished")
-    try:
-        with open(marker) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{marker}: corrupt checkpoint metadata ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{marker}: not a {FORMAT} metadata file")
-    if meta.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{marker}: format version {meta.get('version')}, "
-                              f"this k2mcore reads {FORMAT_VERSION}")
-    for key in ("step", "consumed_samples", "layout", "optimizer", "files"):
-        if key not in meta:
-            raise CheckpointError(f"{marker}: corrupt checkpoint metadata (no {key!r})")
-    return meta
-
-
-def _check_files(path: str, meta: dict, share: tuple[int, int], checksums: bool) -> list[str]:
-    """Problems with the listed files: every file's size, CRC32 of this rank's share."""
-    errors = []
-    for i, (rel, want) in enumerate(sorted(meta["files"].items())):
-        full = os.path.join(path, rel)
-        if os.path.isabs(rel) or ".." in rel.split(os.sep) or not isinstance(want, dict):
-            errors.append(f"{os.path.join(path, MARKER)}: corrupt checkpoint metadata "
-                          f"(file entry {rel!r})")
-        elif not os.path.isfile(full):
-            errors.append(f"{full}: missing from the checkpoint")
-        elif os.path.getsize(full) != want["size"]:
-            errors.append(f"{full}: corrupt ({os.path.getsize(full)} bytes, the checkpoint "
-                          f"recorded {want['size']}; truncated or overwritten)")
-        elif checksums and i % share[1] == share[0] and _crc32(full) != want["crc32"]:
-            errors.append(f"{full}: corrupt (CRC32 differs from the one recorded at save)")
-    return errors
-
-
 def _collective_validate(path: str) -> dict:
     """Every rank checks sizes and a share of the checksums; all raise the same first error."""
     try:
@@ -453,14 +330,6 @@ def _checksums(tmp: str) -> dict:
     for part in _all_gather(mine):
         merged.update(part)
     return dict(sorted(merged.items()))
-
-
-def _crc32(path: str) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CRC_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 # --------------------------------------------------------------------------------------------
@@ -749,23 +618,6 @@ def _restricted_unpickling() -> Iterator[None]:
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
-def _write_json(path: str, obj: Any) -> None:
-    part = path + ".part"
-    with open(part, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from None
-
-
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -786,11 +638,6 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # no terminal colour codes
-    return text.splitlines()[0][:300] if text else ""
-
-
 def _describe(exc: BaseException) -> str:
     """One line for an exception from deep inside a load (DCP wraps each rank's failure)."""
     failures = getattr(exc, "failures", None)  # torch.distributed.checkpoint CheckpointException
@@ -804,13 +651,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return f"{exc.filename}: missing from the checkpoint"
     return f"{type(exc).__name__}: {_first_line(exc)}"
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:  # the installed distribution's version: no megatron import (the converters avoid it)
-        mcore = version("megatron-core")
-    except PackageNotFoundError:
-        mcore = None
-    return {"torch": torch.__version__, "megatron_core": mcore}
