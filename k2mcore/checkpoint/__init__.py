@@ -18,12 +18,12 @@ from .format import (
     saved_step,
     step_dir,
     validate_checkpoint,
-    write_weights_only_marker,
+    weights_only_marker,
 )
 
 __all__ = [
     "CONFIG", "DIST", "FORMAT", "FORMAT_VERSION", "MARKER", "CheckpointError", "complete_steps",
     "crc32", "has_optimizer_state", "is_checkpoint", "latest_checkpoint", "read_marker",
     "resolve_checkpoint", "saved_step", "step_dir", "validate_checkpoint",
-    "write_weights_only_marker",
+    "weights_only_marker",
 ]

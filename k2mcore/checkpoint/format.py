@@ -196,19 +196,13 @@ def file_entry(path: str) -> dict[str, int]:
 
 def weights_only_marker(*, model: str, files: dict, extra: Optional[dict] = None) -> dict:
     """The marker of a checkpoint that holds weights only (k2m-convert hf-to-mcore): step 0, no
-    optimizer or scheduler state, no layout (no ranks saved it)."""
+    optimizer or scheduler state, no layout (no ranks saved it). Committed last, as every
+    marker (k2mcore.checkpoint.commit)."""
     return {
         "format": FORMAT, "version": FORMAT_VERSION, "step": 0, "consumed_samples": 0,
         "layout": {"converted": True}, "optimizer": None, "scheduler": None, "model": model,
         "versions": versions(), "files": dict(sorted(files.items())), **(extra or {}),
     }
-
-
-def write_weights_only_marker(path: str, *, model: str, files: dict,
-                              extra: Optional[dict] = None) -> None:
-    """Complete a weights-only checkpoint directory in place. Call it last."""
-    write_json(os.path.join(path, MARKER), weights_only_marker(model=model, files=files,
-                                                               extra=extra))
 
 
 # --------------------------------------------------------------------------------------------

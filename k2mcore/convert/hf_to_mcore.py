@@ -48,13 +48,13 @@ def convert_hf_to_mcore(
     try:
         with removed_on_error(tmp):
             _stream(source, model, shapes, writer, bar, target, seen, hf_dir)
-            _write_checkpoint_files(tmp, model, writer, extra={
+            marker = _write_checkpoint_files(tmp, model, writer, extra={
                 "source": {"hf_dir": os.path.abspath(hf_dir), "model_type": hf.get("model_type"),
                            "fp8": source.fp8, "dtype": str(target).replace("torch.", "")}})
     finally:
         bar.close()
         source.close()
-    commit_output(tmp, out)
+    commit_output(tmp, out, marker)  # the marker last: a weights-only checkpoint
     if progress:
         mb = writer.bytes_written / 2**20
         print(f"hf-to-mcore: {len(seen)} tensors, {mb:.1f} MiB in {time.perf_counter() - start:.1f} s -> {out}",
@@ -98,12 +98,12 @@ def _source_bytes(hf_dir: str) -> int:
                if f.endswith(".safetensors"))
 
 
-def _write_checkpoint_files(tmp: str, model: ModelConfig, writer: DCPWriter, extra: Optional[dict] = None) -> None:
-    """config.yaml, then the k2mcore marker of a weights-only checkpoint (last)."""
+def _write_checkpoint_files(tmp: str, model: ModelConfig, writer: DCPWriter, extra: Optional[dict] = None) -> dict:
+    """config.yaml; returns the marker of a weights-only checkpoint, for the commit to write."""
     import zlib
 
+    from k2mcore.checkpoint.format import weights_only_marker
     from k2mcore.config.loader import dump_yaml
-    from k2mcore.training.checkpoint import write_weights_only_marker
 
     cfg = K2Config(model=model)
     cfg.run.dir = f"runs/{model.name.replace('/', '_')}"
@@ -112,4 +112,4 @@ def _write_checkpoint_files(tmp: str, model: ModelConfig, writer: DCPWriter, ext
     with open(os.path.join(tmp, "config.yaml"), "rb") as f:
         data = f.read()
     files["config.yaml"] = {"size": len(data), "crc32": zlib.crc32(data)}
-    write_weights_only_marker(tmp, model=model.name, files=files, extra=extra)
+    return weights_only_marker(model=model.name, files=files, extra=extra)

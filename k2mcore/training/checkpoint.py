@@ -32,7 +32,6 @@ import os
 import pickle
 import random
 import re
-import shutil
 import time
 from typing import Any, Iterator, Optional
 
@@ -47,6 +46,7 @@ from k2mcore.compat.dist_checkpoint import (
     restricted_reader,
     torch_adam_load_fixes,
 )
+from k2mcore.checkpoint.commit import Committer
 from k2mcore.checkpoint.format import (  # noqa: F401 (re-exported until importers move)
     FORMAT,
     FORMAT_VERSION,
@@ -59,10 +59,8 @@ from k2mcore.checkpoint.format import (  # noqa: F401 (re-exported until importe
     has_optimizer_state,
     step_dir,
     validate_checkpoint,
-    write_weights_only_marker,
 )
 from k2mcore.checkpoint.format import check_files as _check_files
-from k2mcore.checkpoint.format import complete_steps as _complete_steps
 from k2mcore.checkpoint.format import crc32 as _crc32
 from k2mcore.checkpoint.format import first_line as _first_line
 from k2mcore.checkpoint.format import read_json as _read_json
@@ -101,9 +99,7 @@ def save_checkpoint(
     final = step_dir(ckpt_root, step)
     tmp = os.path.join(ckpt_root, f".tmp_step_{step:08d}")
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crashed save of this step
-        os.makedirs(os.path.join(tmp, "dist"))
-        os.makedirs(os.path.join(tmp, "rng"))
+        Committer().prepare(tmp, subdirs=("dist", "rng"))  # removes a crashed save's leftovers
     dist.barrier()
 
     state, adam_step = _state_for_save(model, optimizer)
@@ -167,32 +163,11 @@ def _state_for_save(model: list, optimizer: Any) -> tuple[dict, Optional[float]]
 
 def _commit(tmp: str, final: str, meta: dict) -> None:
     """Rank 0: marker last, then one rename — the checkpoint appears complete or not at all."""
-    _write_json(os.path.join(tmp, MARKER), meta)
-    _fsync_dir(tmp)
-    root = os.path.dirname(final)
-    if os.path.exists(final):  # the same step saved again (e.g. after a resume): replace it
-        trash = os.path.join(root, f".trash_{os.path.basename(final)}")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.rename(final, trash)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    shutil.rmtree(os.path.join(root, f".trash_{os.path.basename(final)}"), ignore_errors=True)
+    Committer().commit(tmp, final, meta)
 
 
 def _prune(root: str, keep: int, newest: str) -> None:
-    """Keep the last `keep` complete checkpoints (keep <= 0: all); drop stale temporaries.
-
-    Each victim is renamed to `.trash_*` first, so a crash mid-delete never leaves a
-    half-deleted directory that still carries its marker.
-    """
-    done = [p for _, p in _complete_steps(root)]
-    victims = [p for p in done[:-keep] if p != newest] if keep > 0 else []
-    victims += [os.path.join(root, n) for n in os.listdir(root) if n.startswith(".tmp_step_")]
-    for path in victims:
-        trash = os.path.join(root, ".trash_" + os.path.basename(path).lstrip("."))
-        shutil.rmtree(trash, ignore_errors=True)
-        os.rename(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+    Committer().prune(root, keep, newest)
 
 
 # --------------------------------------------------------------------------------------------
@@ -618,14 +593,6 @@ def _restricted_unpickling() -> Iterator[None]:
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _all_gather(obj: Any) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
