@@ -27,9 +27,7 @@ megatron splits the optimizer (1 optimizer at EP=1, dense + expert ones at EP>1)
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
-import pickle
 import random
 import re
 import time
@@ -43,10 +41,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from k2mcore import platform
 from k2mcore.compat.dist_checkpoint import (
     in_process_save_strategy,
-    restricted_reader,
     torch_adam_load_fixes,
 )
 from k2mcore.checkpoint.commit import Committer
+from k2mcore.checkpoint.dcp_reader import read_dcp_metadata  # noqa: F401 (re-exported)
+from k2mcore.checkpoint.dcp_reader import restricted_unpickling as _restricted_unpickling
 from k2mcore.checkpoint.format import (  # noqa: F401 (re-exported until importers move)
     FORMAT,
     FORMAT_VERSION,
@@ -498,7 +497,7 @@ def _real_cuda() -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# torch_dist without writer processes, and without unrestricted unpickling
+# torch_dist without writer processes
 def _save_strategy() -> Any:
     """The in-process torch_dist writer, with the writing spread over data-parallel replicas.
 
@@ -513,82 +512,6 @@ def _save_strategy() -> Any:
 
     return FullyParallelSaveStrategyWrapper(
         in_process_save_strategy(), ps.get_data_parallel_group(with_context_parallel=True))
-
-
-# What a DCP `.metadata` pickle may name: torch's metadata dataclasses, dtypes, Size, layouts,
-# and the path the writer records as checkpoint id. All are inert to construct.
-_DCP_GLOBALS = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    *(("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
-    *(("torch.distributed.checkpoint.planner", n) for n in (
-        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _DCP_GLOBALS or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
-
-
-def read_dcp_metadata(path: str) -> Any:
-    """DCP's `.metadata` through the allow-listed unpickler; file names checked to stay inside."""
-    try:
-        with open(path, "rb") as f:
-            md = _MetadataUnpickler(f).load()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing from the checkpoint") from None
-    except Exception as exc:
-        raise CheckpointError(f"{path}: corrupt or unsafe DCP metadata "
-                              f"({type(exc).__name__}: {_first_line(exc)})") from None
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    if not isinstance(md, Metadata) or not isinstance(md.storage_data, dict):
-        raise CheckpointError(f"{path}: corrupt DCP metadata (not a Metadata object)")
-    for info in md.storage_data.values():
-        rel = getattr(info, "relative_path", None)
-        if not isinstance(rel, str) or os.path.basename(rel) != rel or rel in ("", ".", ".."):
-            raise CheckpointError(f"{path}: corrupt DCP metadata (file name {rel!r})")
-    return md
-
-
-def _safe_reader_class():
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class SafeMetadataReader(FileSystemReader):
-        """FileSystemReader whose `.metadata` goes through `read_dcp_metadata` (once)."""
-
-        def __init__(self, path: Any) -> None:
-            super().__init__(path)
-            self._metadata = None
-
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            if kwargs.get("rank") is not None:
-                raise CheckpointError(f"{self.path}: per-rank DCP metadata is not supported")
-            if self._metadata is None:
-                self._metadata = read_dcp_metadata(os.path.join(str(self.path), ".metadata"))
-            if getattr(self._metadata, "storage_meta", None) is None:
-                self._metadata.storage_meta = StorageMeta()
-            self._metadata.storage_meta.load_id = self.load_id
-            return self._metadata
-
-    return SafeMetadataReader
-
-
-@contextlib.contextmanager
-def _restricted_unpickling() -> Iterator[None]:
-    """While loading: megatron's DCP readers read `.metadata` through the allow-list, and every
-    torch.load runs with weights_only forced on (k2mcore.compat.dist_checkpoint)."""
-    with restricted_reader(_safe_reader_class()) as used:
-        yield
-    if not used:  # a megatron that reads another way must not slip past the allow-list
-        raise CheckpointError("megatron's torch_dist loader did not use the restricted reader")
 
 
 # --------------------------------------------------------------------------------------------
