@@ -26,19 +26,15 @@ megatron splits the optimizer (1 optimizer at EP=1, dense + expert ones at EP>1)
 """
 from __future__ import annotations
 
-import base64
 import os
-import random
 import re
 import time
 from typing import Any, Iterator, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from k2mcore import platform
 from k2mcore.compat.dist_checkpoint import (
     in_process_save_strategy,
     torch_adam_load_fixes,
@@ -46,6 +42,8 @@ from k2mcore.compat.dist_checkpoint import (
 from k2mcore.checkpoint.commit import Committer
 from k2mcore.checkpoint.dcp_reader import read_dcp_metadata  # noqa: F401 (re-exported)
 from k2mcore.checkpoint.dcp_reader import restricted_unpickling as _restricted_unpickling
+from k2mcore.checkpoint.rng import rng_state as _rng_state
+from k2mcore.checkpoint.rng import set_rng_state as _set_rng_state
 from k2mcore.checkpoint.format import (  # noqa: F401 (re-exported until importers move)
     FORMAT,
     FORMAT_VERSION,
@@ -417,7 +415,7 @@ def _agreed_step(steps: list) -> Optional[float]:
 
 
 # --------------------------------------------------------------------------------------------
-# Layout and RNG
+# Layout
 def _current_layout(model: list) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.utils import get_model_config
@@ -438,62 +436,6 @@ def _current_layout(model: list) -> dict:
 def _layout_key(layout: dict) -> tuple:
     keys = ("world_size", "tp", "pp", "vpp", "ep", "etp", "cp", "dp", "sp")
     return tuple(layout.get(k) for k in keys)
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
-
-
-def _rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state(legacy=False)
-    tracker = {}
-    for name, st in tensor_parallel.get_cuda_rng_tracker().get_states().items():
-        # CUDA generator objects (megatron's graph-safe tracker) hold their state in get_state()
-        tracker[name] = _b64(st.get_state() if isinstance(st, torch.Generator) else st)
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": {"bit_generator": np_state["bit_generator"],
-                  "key": np_state["state"]["key"].tolist(), "pos": int(np_state["state"]["pos"]),
-                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
-        "torch": _b64(torch.get_rng_state()),
-        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if _real_cuda() else None,
-        "tracker": tracker,
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state({"bit_generator": n["bit_generator"], "has_gauss": n["has_gauss"],
-                         "gauss": n["gauss"],
-                         "state": {"key": np.array(n["key"], dtype=np.uint32), "pos": n["pos"]}})
-    torch.set_rng_state(_unb64(state["torch"]))
-    if state.get("cuda") and _real_cuda():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
-    tracker = tensor_parallel.get_cuda_rng_tracker()
-    current = tracker.get_states()
-    restored = {}
-    for name, text in state["tracker"].items():
-        if isinstance(current.get(name), torch.Generator):
-            current[name].set_state(_unb64(text))
-            restored[name] = current[name]
-        else:
-            restored[name] = _unb64(text)
-    tracker.set_states(restored)
-
-
-def _real_cuda() -> bool:
-    return platform.has_cuda()  # only then are there CUDA generators of their own
 
 
 # --------------------------------------------------------------------------------------------
