@@ -16,29 +16,20 @@ marker and renames the directory into place, so a crash leaves the previous chec
 complete one. No unrestricted pickle on load: DCP's `.metadata` (a pickle) goes through an
 allow-listed unpickler, every `torch.load` runs with weights_only forced on, our own files are JSON.
 
-The optimizer state is saved in megatron's 'fully_reshardable' form (model-space tensors keyed by
-parameter name), the only form of megatron-core 0.19.2 that reshards over TP/PP/EP *and* DP: its
-default 'fully_sharded_model_space' (deprecated) still relies on `flattened_range`, which its
-ShardedTensor rejects, and 'dp_reshardable' only reshards DP. The non-tensor optimizer state (param groups) is
-not saved: hyperparameters come from the config and the scheduler, and the one counter that
-matters, Adam's step, is kept in metadata.json. This also makes a checkpoint independent of how
-megatron splits the optimizer (1 optimizer at EP=1, dense + expert ones at EP>1).
+The optimizer state's form is k2mcore.optim.state's.
 """
 from __future__ import annotations
 
 import os
 import re
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from k2mcore.compat.dist_checkpoint import (
-    in_process_save_strategy,
-    torch_adam_load_fixes,
-)
+from k2mcore.compat.dist_checkpoint import in_process_save_strategy
 from k2mcore.checkpoint.commit import Committer
 from k2mcore.checkpoint.dcp_reader import read_dcp_metadata  # noqa: F401 (re-exported)
 from k2mcore.checkpoint.dcp_reader import restricted_unpickling as _restricted_unpickling
@@ -65,10 +56,10 @@ from k2mcore.checkpoint.format import read_marker as _read_marker
 from k2mcore.checkpoint.format import versions as _versions
 from k2mcore.checkpoint.format import write_json as _write_json
 from k2mcore.config.schema import K2Config
+from k2mcore.optim import state as optim_state
+from k2mcore.optim.state import OPTIMIZER_SHARDING, child_optimizers, optimizer_name
+from k2mcore.optim.state import SHARDING_METADATA as _OPTIM_METADATA  # noqa: F401 (tests)
 
-OPTIMIZER_SHARDING = "fully_reshardable"
-_OPTIM_METADATA = {"distrib_optim_sharding_type": OPTIMIZER_SHARDING,
-                   "chained_optim_avoid_prefix": True}
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +112,7 @@ def save_checkpoint(
                    "distributed_optimizer": cfg.parallel.distributed_optimizer},
         "optimizer": None if optimizer is None else {
             "name": cfg.optimizer.name, "sharding": OPTIMIZER_SHARDING,
-            "adam_step": _agreed_step(adam_steps)},
+            "adam_step": optim_state.agreed_step(adam_steps)},
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "model": cfg.model.name,
         "versions": _versions(),
@@ -152,9 +143,7 @@ def _state_for_save(model: list, optimizer: Any) -> tuple[dict, Optional[float]]
     state = _model_state(model)
     adam_step = None
     if optimizer is not None:
-        opt_state = _optimizer_state(optimizer, state, is_loading=False)
-        adam_step = _find_step(opt_state) or 0.0
-        state["optimizer"] = _drop_common(opt_state)
+        state["optimizer"], adam_step = optim_state.state_to_save(optimizer, state)
     return state, adam_step
 
 
@@ -184,8 +173,6 @@ def load_checkpoint(path: str, model: list, optimizer: Any = None, scheduler: An
     )
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from k2mcore.optim.distributed import is_state_placeholder
-
     start = time.perf_counter()
     path = resolve_checkpoint(path)
     meta = _collective_validate(path)
@@ -199,8 +186,7 @@ def load_checkpoint(path: str, model: list, optimizer: Any = None, scheduler: An
             raise CheckpointError(
                 f"{path}: optimizer state is {saved_opt.get('name')!r}, this run uses "
                 f"{optimizer_name(optimizer)!r} (Muon momentum is not Adam state)")
-        opt_state = _optimizer_state(optimizer, state, is_loading=True)
-        state["optimizer"] = _drop_common(opt_state)
+        state["optimizer"] = optim_state.state_to_load(optimizer, state)
     try:
         with _restricted_unpickling():
             loaded, _, not_in_ckpt = dist_checkpointing.load(
@@ -230,11 +216,7 @@ def load_checkpoint(path: str, model: list, optimizer: Any = None, scheduler: An
     for key, chunk in zip(_model_keys(model), model):
         getattr(chunk, "module", chunk).load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
-        _set_step(loaded["optimizer"], saved_opt["adam_step"])
-        for i, child in enumerate(_optimizers(optimizer)):
-            # a Muon shard's exp_avg_sq is a memory-free placeholder (optim/distributed.py)
-            with torch_adam_load_fixes(child, keep=lambda t: not is_state_placeholder(t)):
-                child.load_state_dict(loaded["optimizer"][i])
+        optim_state.apply_loaded_state(optimizer, loaded["optimizer"], saved_opt["adam_step"])
     if scheduler is not None and meta.get("scheduler"):
         _load_scheduler(scheduler, meta["scheduler"])
     same_layout = _layout_key(meta["layout"]) == _layout_key(_current_layout(model))
@@ -319,99 +301,7 @@ def _model_state(model: list) -> dict:
 
 
 def _optimizers(optimizer: Any) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def optimizer_name(optimizer: Any) -> str:
-    """'muonclip' when megatron's optimizer drives k2mcore's MuonClip, else 'adamw'."""
-    from k2mcore.optim.distributed import ShardedMuonClip
-
-    inner = [getattr(c, "optimizer", None) for c in _optimizers(optimizer)]
-    return "muonclip" if any(isinstance(o, ShardedMuonClip) for o in inner) else "adamw"
-
-
-def _optimizer_state(optimizer: Any, model_state: dict, is_loading: bool) -> dict:
-    """Each of megatron's (chained) optimizers' sharded state, {index: state}."""
-    out = {}
-    for i, child in enumerate(_optimizers(optimizer)):
-        _prime_state(child)
-        out[i] = child.sharded_state_dict(model_state, is_loading=is_loading,
-                                          metadata=_OPTIM_METADATA)
-    return out
-
-
-def _prime_state(child: Any) -> None:
-    """Allocate the state of an optimizer that has not stepped yet, so it has tensors to save
-    or load into. Zero moments (and step 0) are exactly what its first step would start from.
-
-    torch's Adam also needs a per-parameter 'step' once its state is non-empty, and megatron's
-    DistributedOptimizer.state_dict() asserts on it when it drives torch's Adam (no TE/Apex).
-    """
-    inner = getattr(child, "optimizer", None)
-    init = getattr(child, "init_state_fn", None)
-    if inner is None or init is None or len(inner.state) > 0:
-        return
-    init(inner, child.config)
-    if isinstance(inner, torch.optim.Adam):  # AdamW too; TE's FusedAdam keeps step per group
-        for group in inner.param_groups:
-            for p in group["params"]:
-                inner.state[p].setdefault("step", torch.tensor(0.0))
-
-
-def _drop_common(tree: dict) -> dict:
-    """Wrap every non-tensor leaf as non-persistent: not saved, and handed back as it is on load
-    (from the freshly built optimizer) — see the module docstring."""
-    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
-    from megatron.core.dist_checkpointing.mapping import (
-        LocalNonpersistentObject,
-        ShardedBase,
-    )
-
-    def wrap(v: Any) -> Any:
-        return v if isinstance(v, (ShardedBase, LocalNonpersistentObject)) \
-            else LocalNonpersistentObject(v)
-
-    return dict_list_map_inplace(wrap, tree)
-
-
-_STEP_KEYS = ("step", "common_step")  # DistributedOptimizer param groups / megatron's others
-
-
-def _walk_steps(tree: Any) -> Iterator[tuple[Any, Any]]:
-    """(container, key) of every Adam step counter in an optimizer state tree."""
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            if k in _STEP_KEYS and not isinstance(v, (dict, list)):
-                yield tree, k
-            else:
-                yield from _walk_steps(v)
-    elif isinstance(tree, list):
-        for v in tree:
-            yield from _walk_steps(v)
-
-
-def _find_step(tree: Any) -> Optional[float]:
-    values = {float(c[k]) for c, k in _walk_steps(tree) if c[k] is not None}
-    if len(values) > 1:
-        raise CheckpointError(f"optimizer step counters disagree: {sorted(values)}")
-    return values.pop() if values else None
-
-
-def _set_step(tree: dict, value: float) -> None:
-    """Put the saved Adam step where each optimizer's load_state_dict reads it."""
-    for child in tree.values():
-        if "param_state_sharding_type" in child:  # DistributedOptimizer: in its param groups
-            for group in child["optimizer"]["param_groups"]:
-                group["step"] = int(value)
-        else:  # megatron's other optimizers: one shared state['common_step']
-            child.get("optimizer", child)["state"]["common_step"] = torch.tensor(float(value))
-
-
-def _agreed_step(steps: list) -> Optional[float]:
-    values = {s for s in steps if s is not None}
-    if len(values) > 1:
-        raise CheckpointError(f"optimizer step counters disagree across ranks: {sorted(values)}")
-    return values.pop() if values else None
+    return child_optimizers(optimizer)
 
 
 # --------------------------------------------------------------------------------------------
