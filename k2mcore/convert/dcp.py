@@ -124,6 +124,7 @@ class DCPWriter:
         metadata = Metadata(state_dict_metadata=self._tensors, planner_data=None,
                             storage_data=self._storage,
                             storage_meta=StorageMeta(checkpoint_id=None, save_id=uuid.uuid4().hex))
+        # dist/metadata.json is megatron's own (its backend), not k2mcore's checkpoint marker
         small = {".metadata": pickle.dumps(metadata), "metadata.json": json.dumps(MEGATRON_METADATA).encode()}
         for name, data in small.items():
             with open(os.path.join(self.path, name), "wb") as f:

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from k2mcore.checkpoint.format import DIST
 from k2mcore.config.schema import K2Config, ModelConfig
 from k2mcore.hf.mapping import HFFormatError, TensorSource, hf_to_mcore, model_config_from_hf, read_hf_config
 
@@ -40,7 +41,7 @@ def convert_hf_to_mcore(
     target = _target_dtype(hf, dtype, source.fp8)
     shapes = expected_shapes(model)
     tmp = temporary_output(out, force)
-    writer = DCPWriter(os.path.join(tmp, "dist"), file_bytes=file_bytes)
+    writer = DCPWriter(os.path.join(tmp, DIST), file_bytes=file_bytes)
     bar = Progress(total_tensors=len(shapes), total_bytes=_source_bytes(hf_dir), enabled=progress,
                    desc="hf-to-mcore")
     seen = set()
@@ -100,16 +101,12 @@ def _source_bytes(hf_dir: str) -> int:
 
 def _write_checkpoint_files(tmp: str, model: ModelConfig, writer: DCPWriter, extra: Optional[dict] = None) -> dict:
     """config.yaml; returns the marker of a weights-only checkpoint, for the commit to write."""
-    import zlib
-
-    from k2mcore.checkpoint.format import weights_only_marker
+    from k2mcore.checkpoint.format import CONFIG, DIST, file_entry, weights_only_marker
     from k2mcore.config.loader import dump_yaml
 
     cfg = K2Config(model=model)
     cfg.run.dir = f"runs/{model.name.replace('/', '_')}"
-    dump_yaml(cfg, os.path.join(tmp, "config.yaml"))
-    files = {f"dist/{k}": v for k, v in writer.files.items()}
-    with open(os.path.join(tmp, "config.yaml"), "rb") as f:
-        data = f.read()
-    files["config.yaml"] = {"size": len(data), "crc32": zlib.crc32(data)}
+    dump_yaml(cfg, os.path.join(tmp, CONFIG))
+    files = {f"{DIST}/{k}": v for k, v in writer.files.items()}
+    files[CONFIG] = file_entry(os.path.join(tmp, CONFIG))
     return weights_only_marker(model=model.name, files=files, extra=extra)
