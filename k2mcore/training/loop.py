@@ -104,7 +104,7 @@ def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
     from k2mcore.model.build import build_model
     from k2mcore.parallel.groups import init_distributed
 
-    from . import checkpoint as ckpt
+    from k2mcore import checkpoint as ckpt
     from .faults import SkipCounter, StopRequest, injected_nan_steps, optimizer_step
     from .metrics import MetricsLogger
     from .step import forward_backward, wrap_ddp
@@ -127,9 +127,10 @@ def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
         summary = check_data(cfg)
     from k2mcore.config.validate import resolve_layout
 
-    init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=cfg.train.seed)
+    groups = init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=cfg.train.seed)
     model = wrap_ddp(build_model(cfg), distributed_optimizer=cfg.parallel.distributed_optimizer)
     optimizer, scheduler = build_optimizer(cfg, model)
+    checkpoints = ckpt.CheckpointManager(ckpt_root, cfg, groups)
 
     step, consumed = 0, 0
     weights_only = False
@@ -137,7 +138,7 @@ def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
         load_start = time.perf_counter()
         # a weights-only checkpoint (k2m-convert hf-to-mcore) starts training at step 0
         weights_only = not ckpt.has_optimizer_state(resume_from)
-        meta = ckpt.load_checkpoint(resume_from, model, *(() if weights_only else (optimizer, scheduler)))
+        meta = checkpoints.load(resume_from, model, *(() if weights_only else (optimizer, scheduler)))
         load_s = time.perf_counter() - load_start
         step, consumed = int(meta["step"]), int(meta["consumed_samples"])
 
@@ -170,8 +171,7 @@ def train(cfg: K2Config, data: Optional[Iterator[dict]] = None) -> list[dict]:
     def save() -> None:
         nonlocal saved_step
         if step != saved_step:
-            ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
-                                 consumed_samples=consumed, cfg=cfg)
+            checkpoints.save(step, model, optimizer, scheduler, consumed_samples=consumed)
             saved_step = step
 
     try:
