@@ -184,7 +184,7 @@ def phase_save(out: str) -> None:
     except ck.CheckpointError as exc:
         result["interrupted_error"] = str(exc)
     result["after_interrupt"] = sorted(os.listdir(root))
-    result["latest_after_interrupt"] = ck.latest_checkpoint(root)
+    result["latest_after_interrupt"] = checkpoints.latest()
     # load step 2 explicitly from here on (the root's newest is step 4)
     step2 = ck.step_dir(root, 2)
     log("interrupted save")
