@@ -232,8 +232,8 @@ def main() -> None:
                 continue
             seen.add((dp, eff))
             runs.append((dp, ep, eff))
-    print(f"kimi-k2 shapes, PP16 x VPP2, TP1, world = 16 * dp; all 16 stages; ratios vs ZeRO-1 "
-          f"AdamW of the same run")
+    print("kimi-k2 shapes, PP16 x VPP2, TP1, world = 16 * dp; all 16 stages; ratios vs ZeRO-1 "
+          "AdamW of the same run")
     head = (f"{'layout':<14} {'method':<7} {'pad %':>8} {'bytes':>7} {'busiest':>8} "
             f"{'NS/mean':>7} {'NS/LB':>7} {'NS/gLB':>7} {'state':>7}")
     print(head)

@@ -44,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from k2mcore.convert.output import ConvertError
     from k2mcore.hf.fp8 import FP8FormatError
     from k2mcore.hf.mapping import HFFormatError
-    from k2mcore.training.checkpoint import CheckpointError
+    from k2mcore.checkpoint.format import CheckpointError
 
     try:
         if args.command == "hf-to-mcore":

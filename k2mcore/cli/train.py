@@ -99,7 +99,7 @@ def main(argv: Optional[list[str]] = None, *, faults=None) -> int:
     except ValueError as exc:
         # bad input found once ranks exist (a checkpoint or data file): one line, no traceback
         from k2mcore.data import DataError
-        from k2mcore.training.checkpoint import CheckpointError
+        from k2mcore.checkpoint.format import CheckpointError
 
         if not isinstance(exc, (ConfigError, DataError, CheckpointError)):
             raise

@@ -1,5 +1,6 @@
 """megatron-core dist-checkpointing and DistributedOptimizer internals that k2mcore's checkpoints
-adapt (k2mcore/training/checkpoint.py uses these; nothing else does).
+adapt (k2mcore/checkpoint/manager.py and dcp_reader.py, and k2mcore/optim/state.py use these;
+nothing else does).
 
 - an in-process torch_dist writer (megatron's forks a process per file);
 - the loader's DCP reader swapped for one whose `.metadata` goes through an allow-list;

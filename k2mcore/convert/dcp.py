@@ -6,7 +6,8 @@ hold a few tensors at a time. The on-disk format is DCP's FileSystemWriter's, it
 each chunk `torch.save`d into a data file, and a pickled `Metadata` (tensor shapes, chunk
 offsets, and where each chunk's bytes are) in `.metadata`. Directories written here load
 through megatron's dist-checkpointing like any other, under any parallel layout; directories
-megatron wrote are read here chunk by chunk.
+megatron wrote are read here chunk by chunk, their `.metadata` through the trainer's
+allow-listed unpickler (k2mcore.checkpoint.dcp_reader).
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+from k2mcore.checkpoint.dcp_reader import read_dcp_metadata
+from k2mcore.checkpoint.format import CheckpointError
 
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                      "common_backend": "torch", "common_backend_version": 1}
@@ -120,6 +124,7 @@ class DCPWriter:
         metadata = Metadata(state_dict_metadata=self._tensors, planner_data=None,
                             storage_data=self._storage,
                             storage_meta=StorageMeta(checkpoint_id=None, save_id=uuid.uuid4().hex))
+        # dist/metadata.json is megatron's own (its backend), not k2mcore's checkpoint marker
         small = {".metadata": pickle.dumps(metadata), "metadata.json": json.dumps(MEGATRON_METADATA).encode()}
         for name, data in small.items():
             with open(os.path.join(self.path, name), "wb") as f:
@@ -145,8 +150,6 @@ class DCPReader:
     """Read a torch_dist directory's tensors chunk by chunk (never a whole file)."""
 
     def __init__(self, path: str) -> None:
-        from k2mcore.training.checkpoint import CheckpointError, read_dcp_metadata
-
         self.path = path
         try:
             self.metadata = read_dcp_metadata(os.path.join(path, ".metadata"))

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from k2mcore.checkpoint.format import DIST
 from k2mcore.config.schema import K2Config, ModelConfig
 from k2mcore.hf.mapping import HFFormatError, TensorSource, hf_to_mcore, model_config_from_hf, read_hf_config
 
@@ -40,7 +41,7 @@ def convert_hf_to_mcore(
     target = _target_dtype(hf, dtype, source.fp8)
     shapes = expected_shapes(model)
     tmp = temporary_output(out, force)
-    writer = DCPWriter(os.path.join(tmp, "dist"), file_bytes=file_bytes)
+    writer = DCPWriter(os.path.join(tmp, DIST), file_bytes=file_bytes)
     bar = Progress(total_tensors=len(shapes), total_bytes=_source_bytes(hf_dir), enabled=progress,
                    desc="hf-to-mcore")
     seen = set()
@@ -48,13 +49,13 @@ def convert_hf_to_mcore(
     try:
         with removed_on_error(tmp):
             _stream(source, model, shapes, writer, bar, target, seen, hf_dir)
-            _write_checkpoint_files(tmp, model, writer, extra={
+            marker = _write_checkpoint_files(tmp, model, writer, extra={
                 "source": {"hf_dir": os.path.abspath(hf_dir), "model_type": hf.get("model_type"),
                            "fp8": source.fp8, "dtype": str(target).replace("torch.", "")}})
     finally:
         bar.close()
         source.close()
-    commit_output(tmp, out)
+    commit_output(tmp, out, marker)  # the marker last: a weights-only checkpoint
     if progress:
         mb = writer.bytes_written / 2**20
         print(f"hf-to-mcore: {len(seen)} tensors, {mb:.1f} MiB in {time.perf_counter() - start:.1f} s -> {out}",
@@ -98,18 +99,14 @@ def _source_bytes(hf_dir: str) -> int:
                if f.endswith(".safetensors"))
 
 
-def _write_checkpoint_files(tmp: str, model: ModelConfig, writer: DCPWriter, extra: Optional[dict] = None) -> None:
-    """config.yaml, then the k2mcore marker of a weights-only checkpoint (last)."""
-    import zlib
-
+def _write_checkpoint_files(tmp: str, model: ModelConfig, writer: DCPWriter, extra: Optional[dict] = None) -> dict:
+    """config.yaml; returns the marker of a weights-only checkpoint, for the commit to write."""
+    from k2mcore.checkpoint.format import CONFIG, DIST, file_entry, weights_only_marker
     from k2mcore.config.loader import dump_yaml
-    from k2mcore.training.checkpoint import write_weights_only_marker
 
     cfg = K2Config(model=model)
     cfg.run.dir = f"runs/{model.name.replace('/', '_')}"
-    dump_yaml(cfg, os.path.join(tmp, "config.yaml"))
-    files = {f"dist/{k}": v for k, v in writer.files.items()}
-    with open(os.path.join(tmp, "config.yaml"), "rb") as f:
-        data = f.read()
-    files["config.yaml"] = {"size": len(data), "crc32": zlib.crc32(data)}
-    write_weights_only_marker(tmp, model=model.name, files=files, extra=extra)
+    dump_yaml(cfg, os.path.join(tmp, CONFIG))
+    files = {f"{DIST}/{k}": v for k, v in writer.files.items()}
+    files[CONFIG] = file_entry(os.path.join(tmp, CONFIG))
+    return weights_only_marker(model=model.name, files=files, extra=extra)

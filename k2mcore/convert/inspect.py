@@ -2,7 +2,6 @@
 bytes and dtypes, FP8 or not. Reads metadata and headers only."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
@@ -15,7 +14,7 @@ from .output import ConvertError
 
 
 def describe(path: str) -> str:
-    from k2mcore.training.checkpoint import is_checkpoint
+    from k2mcore.checkpoint.format import is_checkpoint
 
     if not os.path.isdir(path):
         raise ConvertError(f"{path}: no such directory")
@@ -43,11 +42,12 @@ def _size(n: int) -> str:
 
 
 def _describe_k2mcore(path: str) -> str:
+    from k2mcore.checkpoint.format import read_marker
+
     from .mcore_to_hf import open_checkpoint
 
     step_dir, model, reader = open_checkpoint(path)
-    with open(os.path.join(step_dir, "metadata.json")) as f:
-        meta = json.load(f)
+    meta = read_marker(step_dir)
     layout = meta["layout"]
     if layout.get("converted"):
         src = meta.get("source") or {}

@@ -13,6 +13,15 @@ import time
 
 import torch
 
+from k2mcore.checkpoint.format import (
+    CONFIG,
+    DIST,
+    MARKER,
+    CheckpointError,
+    is_checkpoint,
+    resolve_checkpoint,
+    validate_checkpoint,
+)
 from k2mcore.hf.mapping import hf_config_from_model, mcore_to_hf
 
 from .dcp import DCPFormatError, DCPReader
@@ -28,23 +37,17 @@ def open_checkpoint(path: str):
     """(step directory, model config, DCPReader) of a k2mcore checkpoint, validated by sizes."""
     from k2mcore.config.errors import ConfigError
     from k2mcore.config.loader import load_config
-    from k2mcore.training.checkpoint import (
-        CheckpointError,
-        is_checkpoint,
-        resolve_checkpoint,
-        validate_checkpoint,
-    )
 
     if not os.path.isdir(path):
         raise ConvertError(f"{path}: no such directory")
     if not is_checkpoint(path):
-        raise ConvertError(f"{path}: not a k2mcore checkpoint (no metadata.json marker, and no "
+        raise ConvertError(f"{path}: not a k2mcore checkpoint (no {MARKER} marker, and no "
                            "complete step_* directory under it)")
     try:
         step_dir = resolve_checkpoint(path)
         validate_checkpoint(step_dir, checksums=False)
-        model = load_config(os.path.join(step_dir, "config.yaml")).model
-        reader = DCPReader(os.path.join(step_dir, "dist"))
+        model = load_config(os.path.join(step_dir, CONFIG)).model
+        reader = DCPReader(os.path.join(step_dir, DIST))
     except (CheckpointError, ConfigError, DCPFormatError) as exc:
         raise ConvertError(str(exc)) from None
     return step_dir, model, reader
@@ -67,7 +70,7 @@ def convert_mcore_to_hf(
         if info is None:
             raise ConvertError(f"{step_dir}: tensor {key} is not in the checkpoint")
         if info.shape != want:
-            raise ConvertError(f"{step_dir}: tensor {key} has shape {info.shape}, config.yaml implies {want}")
+            raise ConvertError(f"{step_dir}: tensor {key} has shape {info.shape}, {CONFIG} implies {want}")
 
     def get(name: str) -> torch.Tensor:
         found = split_expert_name(name)

@@ -1,14 +1,17 @@
 """Converter output directories: written under a temporary name, renamed into place when
-complete, so a crash never leaves something that looks like a finished checkpoint."""
+complete (the trainer's atomic commit, k2mcore.checkpoint.commit), so a crash never leaves
+something that looks like a finished checkpoint."""
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import zlib
-from typing import Iterator
+from typing import Iterator, Optional
 
+from k2mcore.checkpoint.commit import Committer
 from k2mcore.hf.mapping import HFFormatError
+
+_COMMITTER = Committer()
 
 
 class ConvertError(ValueError):
@@ -23,10 +26,7 @@ def temporary_output(out: str, force: bool) -> str:
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
         raise ConvertError(f"{parent}: no such directory for the output")
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
+    return _COMMITTER.prepare(os.path.join(parent, f".{os.path.basename(out)}.partial-{os.getpid()}"))
 
 
 @contextlib.contextmanager
@@ -35,25 +35,14 @@ def removed_on_error(tmp: str) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _COMMITTER.discard(tmp)
         raise
 
 
-def commit_output(tmp: str, out: str) -> None:
-    """Replace `out` by the finished `tmp` (the old one is removed only after the rename)."""
-    out = os.path.abspath(out)
-    old = None
-    if os.path.exists(out):
-        old = f"{tmp}.old"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    fd = os.open(os.path.dirname(out), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+def commit_output(tmp: str, out: str, marker: Optional[dict] = None) -> None:
+    """Replace `out` by the finished `tmp`, writing `marker` (a checkpoint's metadata.json) last;
+    an old `out` is removed only after the rename."""
+    _COMMITTER.commit(tmp, os.path.abspath(out), marker)
 
 
 class CRCFile:

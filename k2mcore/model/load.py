@@ -37,7 +37,7 @@ def load_model(path: str, device: str = "cpu") -> K2CausalLM:
 
     Creates a 1-rank process group when none exists. Weights load in fp32 on CPU, bf16 on GPU.
     """
-    from k2mcore.training.checkpoint import is_checkpoint, resolve_checkpoint
+    from k2mcore.checkpoint.format import is_checkpoint, resolve_checkpoint
 
     if is_checkpoint(path):
         return _load_checkpoint(resolve_checkpoint(path), device)
@@ -70,12 +70,13 @@ def _build(model_cfg: ModelConfig, device: str) -> torch.nn.Module:
 def _load_checkpoint(path: str, device: str) -> K2CausalLM:
     import os
 
+    from k2mcore.checkpoint.format import CONFIG
+    from k2mcore.checkpoint.manager import load_weights
     from k2mcore.config.loader import load_config
-    from k2mcore.training.checkpoint import load_checkpoint
 
-    model_cfg = load_config(os.path.join(path, "config.yaml")).model
+    model_cfg = load_config(os.path.join(path, CONFIG)).model
     gpt = _build(model_cfg, device)
-    load_checkpoint(path, [gpt])
+    load_weights(path, [gpt])
     return K2CausalLM(gpt.to(device).eval(), model_cfg).eval()
 
 

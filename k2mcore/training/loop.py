@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+from k2mcore import checkpoint as ckpt
 from k2mcore.config.schema import K2Config
 from k2mcore.parallel.layout import Layout
 
-from . import checkpoint as ckpt
 from .faults import Faults
 from .stop import StopRequest
 
@@ -30,7 +30,7 @@ class _Run:
     stepper: Any  # k2mcore.optim.skip.SkippingStep
     data: Iterator[dict]
     logger: Any  # .metrics.MetricsLogger
-    ckpt_root: str
+    checkpoints: Any  # k2mcore.checkpoint.CheckpointManager
     faults: Faults
     step: int = 0
     consumed: int = 0
@@ -90,7 +90,8 @@ def _set_up(cfg: K2Config, layout: Layout, ckpt_root: str, faults: Faults) -> _R
     optimizer, scheduler = build_optimizer(cfg, model, groups)
     return _Run(cfg=cfg, groups=groups, model=model, optimizer=optimizer, scheduler=scheduler,
                 stepper=SkippingStep(optimizer, cfg.train.max_consecutive_skips),
-                data=iter(()), logger=None, ckpt_root=ckpt_root, faults=faults)
+                data=iter(()), logger=None, faults=faults,
+                checkpoints=ckpt.CheckpointManager(ckpt_root, cfg, groups))
 
 
 def _resume(run: _Run, resume_from: Optional[str]) -> None:
@@ -103,7 +104,7 @@ def _resume(run: _Run, resume_from: Optional[str]) -> None:
         start = time.perf_counter()
         weights_only = not ckpt.has_optimizer_state(resume_from)
         states = () if weights_only else (run.optimizer, run.scheduler)
-        meta = ckpt.load_checkpoint(resume_from, run.model, *states)
+        meta = run.checkpoints.load(resume_from, run.model, *states)
         run.step, run.consumed = int(meta["step"]), int(meta["consumed_samples"])
         what = "initialized weights from" if weights_only else "resumed from"
         note = (f"\n{what} {meta['path']} at step {run.step} in "
@@ -177,15 +178,15 @@ def _step(run: _Run, first_step: int) -> dict:
 
 def _save(run: _Run) -> None:
     if run.step != run.saved_step:
-        ckpt.save_checkpoint(run.ckpt_root, run.step, run.model, run.optimizer, run.scheduler,
-                             consumed_samples=run.consumed, cfg=run.cfg)
+        run.checkpoints.save(run.step, run.model, run.optimizer, run.scheduler,
+                             consumed_samples=run.consumed)
         run.saved_step = run.step
 
 
 def _finish(run: _Run) -> None:
     if run.groups.rank != 0:
         return
-    saved = ckpt.step_dir(run.ckpt_root, run.saved_step)
+    saved = ckpt.step_dir(run.checkpoints.root, run.saved_step)
     where = saved if os.path.isdir(saved) else "none saved (see checkpoint.interval)"
     print(f"metrics: {run.logger.path}\ntensorboard: "
           f"{os.path.join(run.cfg.run.dir, 'tensorboard')}\ncheckpoint: {where}", flush=True)

@@ -23,13 +23,15 @@ import time
 import torch
 import torch.distributed as dist
 
+from k2mcore import checkpoint as ck
 from k2mcore.config.loader import load_config
 from k2mcore.config.validate import resolve_layout
 from k2mcore.model.build import build_model
+from k2mcore.optim.chain import child_optimizers
+from k2mcore.optim.state import SHARDING_METADATA
 from k2mcore.parallel.groups import init_distributed
 from k2mcore.parallel.reshard import gather_full
-from k2mcore.training import checkpoint as ck
-from k2mcore.training.loop import build_optimizer
+from k2mcore.optim.build import build_optimizer
 from k2mcore.training.step import forward_backward, wrap_ddp
 
 LAYOUTS: dict[str, dict] = {
@@ -58,26 +60,34 @@ def build(layout: str):
         # gradients whose sign reduction order flips make Adam differ by ~3e-6 after resharding
         "model.init_std=0.006",
     ])
-    init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=SEED)
-    model = wrap_ddp(build_model(cfg), distributed_optimizer=cfg.parallel.distributed_optimizer)
-    optimizer, scheduler = build_optimizer(cfg, model)
-    return cfg, model, optimizer, scheduler
+    groups = init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=SEED)
+    model = wrap_ddp(build_model(cfg, groups), groups,
+                     distributed_optimizer=cfg.parallel.distributed_optimizer)
+    optimizer, scheduler = build_optimizer(cfg, model, groups)
+    return cfg, model, optimizer, scheduler, groups
 
 
-def train_step(model, optimizer, scheduler, step: int) -> float:
+class CrashBeforeRename(ck.Committer):
+    """A save that dies while committing: its marker half written, nothing renamed."""
+
+    def commit(self, tmp: str, final: str, marker=None) -> None:
+        with open(os.path.join(tmp, ck.MARKER + ".part"), "w") as f:
+            f.write(json.dumps(marker)[:100])
+        raise OSError("simulated crash before the rename")
+
+
+def train_step(model, optimizer, scheduler, step: int, groups) -> float:
     """One step on a fixed global batch of `step` (this data-parallel rank's share of it)."""
-    from megatron.core import parallel_state as ps
-
     g = torch.Generator().manual_seed(SEED + step)
     data = torch.randint(0, 1024, (GLOBAL_BATCH, SEQ + 1), generator=g)
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    dp, rank = groups.layout.dp, groups.dp_rank
     per = GLOBAL_BATCH // dp
     batches = [{"tokens": s[None, :-1], "labels": s[None, 1:], "loss_mask": torch.ones(1, SEQ)}
                for s in data[rank * per:(rank + 1) * per]]
     # as Megatron-LM's train_step: without it megatron's non-distributed optimizers leave
     # param.grad aliasing main_grad, and the next backward adds each gradient twice
     optimizer.zero_grad()
-    loss = forward_backward(model, batches, seq_length=SEQ, micro_batch_size=1)
+    loss = forward_backward(model, groups, batches, seq_length=SEQ, micro_batch_size=1)
     ok, _, _ = optimizer.step()
     assert ok
     scheduler.step(increment=1)
@@ -98,8 +108,8 @@ def gather_optimizer(model, optimizer) -> dict:
     )
 
     model_sd = {f"m{i}": c.module.sharded_state_dict() for i, c in enumerate(model)}
-    state = {i: child.sharded_state_dict(model_sd, metadata=ck._OPTIM_METADATA)["param_state"]
-             for i, child in enumerate(ck._optimizers(optimizer))}
+    state = {i: child.sharded_state_dict(model_sd, metadata=SHARDING_METADATA)["param_state"]
+             for i, child in enumerate(child_optimizers(optimizer))}
     apply_factories(state)
     local = []
     for sh in nested_values(state):
@@ -125,17 +135,18 @@ def snapshot(model, optimizer) -> dict:
 
 def resume_at(path: str, layout: str) -> dict:
     """Build at `layout`, load `path`, record what was loaded and two more steps."""
-    cfg, model, optimizer, scheduler = build(layout)
+    cfg, model, optimizer, scheduler, groups = build(layout)
     log(f"built {layout}")
     start = time.perf_counter()
-    meta = ck.load_checkpoint(path, model, optimizer, scheduler)
+    checkpoints = ck.CheckpointManager(os.path.dirname(path), cfg, groups)
+    meta = checkpoints.load(path, model, optimizer, scheduler)
     load_s = time.perf_counter() - start
-    rng_after_load = ck._rng_state()
+    rng_after_load = ck.rng_state()
     log("loaded")
     loaded = snapshot(model, optimizer)
     log("snapshot")
     lr = optimizer.param_groups[0]["lr"]
-    losses = [train_step(model, optimizer, scheduler, s) for s in (3, 4)]
+    losses = [train_step(model, optimizer, scheduler, s, groups) for s in (3, 4)]
     return {"meta": {k: meta[k] for k in ("step", "consumed_samples", "rng_restored", "path")},
             "load_s": load_s, "loaded": loaded, "losses": losses, "lr": lr,
             "after": gather_full(model), "rng_after_load": rng_after_load}
@@ -144,41 +155,36 @@ def resume_at(path: str, layout: str) -> dict:
 def phase_save(out: str) -> None:
     root = os.path.join(out, "ckpt")
     log("imported")
-    cfg, model, optimizer, scheduler = build("tp2-ep2")
+    cfg, model, optimizer, scheduler, groups = build("tp2-ep2")
+    checkpoints = ck.CheckpointManager(root, cfg, groups)
     rank0 = dist.get_rank() == 0
     log("built tp2-ep2")
     times, result = [], {}
     for step in (1, 2):
-        train_step(model, optimizer, scheduler, step)
+        train_step(model, optimizer, scheduler, step, groups)
         log(f"step {step}")
         start = time.perf_counter()
-        ck.save_checkpoint(root, step, model, optimizer, scheduler,
-                           consumed_samples=step * GLOBAL_BATCH, cfg=cfg)
+        checkpoints.save(step, model, optimizer, scheduler, consumed_samples=step * GLOBAL_BATCH)
         times.append(time.perf_counter() - start)
-    rng_at_save = ck._rng_state()
+    rng_at_save = ck.rng_state()
     result["step2"] = snapshot(model, optimizer)
     result["lr3"] = optimizer.param_groups[0]["lr"]
     log("snapshot")
-    result["losses"] = [train_step(model, optimizer, scheduler, s) for s in (3, 4)]
+    result["losses"] = [train_step(model, optimizer, scheduler, s, groups) for s in (3, 4)]
     result["after"] = gather_full(model)
     log("steps 3-4")
-    ck.save_checkpoint(root, 4, model, optimizer, scheduler, consumed_samples=16, cfg=cfg)
+    checkpoints.save(4, model, optimizer, scheduler, consumed_samples=16)
     result["after_keep"] = sorted(os.listdir(root))
 
     # a save that dies after writing everything but before its commit
-    def crash(*args, **kwargs):
-        raise OSError("simulated crash before the rename")
-
-    real_commit, ck._commit = ck._commit, crash
+    crashing = ck.CheckpointManager(root, cfg, groups, committer=CrashBeforeRename())
     try:
-        ck.save_checkpoint(root, 5, model, optimizer, scheduler, consumed_samples=20, cfg=cfg)
+        crashing.save(5, model, optimizer, scheduler, consumed_samples=20)
         result["interrupted_error"] = None
     except ck.CheckpointError as exc:
         result["interrupted_error"] = str(exc)
-    finally:
-        ck._commit = real_commit
     result["after_interrupt"] = sorted(os.listdir(root))
-    result["latest_after_interrupt"] = ck.latest_checkpoint(root)
+    result["latest_after_interrupt"] = checkpoints.latest()
     # load step 2 explicitly from here on (the root's newest is step 4)
     step2 = ck.step_dir(root, 2)
     log("interrupted save")
@@ -201,10 +207,11 @@ def phase_load(out: str) -> None:
     log("imported")
     result = resume_at(step2, "1rank")
     result.pop("rng_after_load")
-    cfg, model, optimizer, scheduler = build("1rank")
-    result["errors"] = error_scenarios(out, step2, model, optimizer, scheduler)
+    cfg, model, optimizer, scheduler, groups = build("1rank")
+    checkpoints = ck.CheckpointManager(root, cfg, groups)
+    result["errors"] = error_scenarios(out, step2, checkpoints, model, optimizer, scheduler)
     log("error scenarios")
-    result["latest_from_root"] = ck.load_checkpoint(root, model, None, None)["step"]
+    result["latest_from_root"] = checkpoints.load(root, model, None, None)["step"]
     result["plain_adam"] = plain_adam_round_trip(os.path.join(out, "plain"))
     log("plain adam")
     torch.save(result, os.path.join(out, "load_phase.pt"))
@@ -213,18 +220,18 @@ def phase_load(out: str) -> None:
 def plain_adam_round_trip(root: str) -> dict:
     """megatron's non-distributed optimizer (state keyed per parameter, step as 'common_step'):
     save at step 2, continue to 3; load step 2 into fresh objects, redo step 3."""
-    cfg, model, optimizer, scheduler = build("1rank-plain-adam")
+    cfg, model, optimizer, scheduler, groups = build("1rank-plain-adam")
     for step in (1, 2):
-        train_step(model, optimizer, scheduler, step)
-    ck.save_checkpoint(root, 2, model, optimizer, scheduler, consumed_samples=8, cfg=cfg)
-    want = [train_step(model, optimizer, scheduler, 3)], gather_full(model)
-    cfg, model, optimizer, scheduler = build("1rank-plain-adam")
-    ck.load_checkpoint(root, model, optimizer, scheduler)
-    got = [train_step(model, optimizer, scheduler, 3)], gather_full(model)
+        train_step(model, optimizer, scheduler, step, groups)
+    ck.CheckpointManager(root, cfg, groups).save(2, model, optimizer, scheduler, consumed_samples=8)
+    want = [train_step(model, optimizer, scheduler, 3, groups)], gather_full(model)
+    cfg, model, optimizer, scheduler, groups = build("1rank-plain-adam")
+    ck.CheckpointManager(root, cfg, groups).load(root, model, optimizer, scheduler)
+    got = [train_step(model, optimizer, scheduler, 3, groups)], gather_full(model)
     return {"losses": (want[0], got[0]), "after": (want[1], got[1])}
 
 
-def error_scenarios(out: str, good: str, model, optimizer, scheduler) -> dict:
+def error_scenarios(out: str, good: str, checkpoints, model, optimizer, scheduler) -> dict:
     """Damaged copies of a good checkpoint -> the CheckpointError message (or None)."""
     bad_root = os.path.join(out, "bad")
     shutil.rmtree(bad_root, ignore_errors=True)
@@ -235,7 +242,7 @@ def error_scenarios(out: str, good: str, model, optimizer, scheduler) -> dict:
         shutil.copytree(good, path)
         damage(path)
         try:
-            ck.load_checkpoint(path, model, optimizer, scheduler)
+            checkpoints.load(path, model, optimizer, scheduler)
             errors[name] = None
         except ck.CheckpointError as exc:
             errors[name] = str(exc)
@@ -267,7 +274,7 @@ def error_scenarios(out: str, good: str, model, optimizer, scheduler) -> dict:
     attempt("pickle_sharded_object", plant_sharded_object(mark))
     tmp = os.path.join(out, "ckpt", ".tmp_step_00000005")
     try:
-        ck.load_checkpoint(tmp, model, optimizer, scheduler)
+        checkpoints.load(tmp, model, optimizer, scheduler)
         errors["tmp_dir"] = None
     except ck.CheckpointError as exc:
         errors["tmp_dir"] = str(exc)
@@ -282,7 +289,7 @@ def resign(path: str, rel: str) -> None:
     with open(meta_path) as f:
         meta = json.load(f)
     full = os.path.join(path, rel)
-    meta["files"][rel] = {"size": os.path.getsize(full), "crc32": ck._crc32(full)}
+    meta["files"][rel] = {"size": os.path.getsize(full), "crc32": ck.crc32(full)}
     with open(meta_path, "w") as f:
         json.dump(meta, f)
 

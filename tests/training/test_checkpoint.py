@@ -15,7 +15,7 @@ import pytest
 import torch
 from launching import launch
 
-from k2mcore.training import checkpoint as ck
+from k2mcore import checkpoint as ck
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "ckpt_worker.py")
@@ -184,9 +184,9 @@ def test_prune_keeps_the_newest_and_drops_temporaries(tmp_path):
         _fake(tmp_path, f"step_{step:08d}", good)
     _fake(tmp_path, "step_00000011")  # incomplete: not counted, not deleted by pruning
     _fake(tmp_path, ".tmp_step_00000012")
-    ck._prune(str(tmp_path), keep=2, newest=str(tmp_path / "step_00000010"))
+    ck.Committer().prune(str(tmp_path), keep=2, newest=str(tmp_path / "step_00000010"))
     assert sorted(os.listdir(tmp_path)) == ["step_00000003", "step_00000010", "step_00000011"]
-    ck._prune(str(tmp_path), keep=0, newest=str(tmp_path / "step_00000010"))  # 0: keep all
+    ck.Committer().prune(str(tmp_path), keep=0, newest=str(tmp_path / "step_00000010"))  # 0: keep all
     assert len(os.listdir(tmp_path)) == 3
 
 

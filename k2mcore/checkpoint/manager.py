@@ -1,0 +1,353 @@
+"""Saving and loading training checkpoints: model and optimizer through megatron's
+dist-checkpointing (torch_dist), the rest as JSON (the format: k2mcore.checkpoint.format).
+
+Every rank writes its shards under `<root>/.tmp_step_N`; after a barrier rank 0 commits the
+directory (marker last, one rename: k2mcore.checkpoint.commit), so a crash leaves the previous
+checkpoint the newest complete one. No unrestricted pickle on load: DCP's `.metadata` goes
+through an allow-listed unpickler, every `torch.load` runs with weights_only forced on
+(k2mcore.checkpoint.dcp_reader), our own files are JSON. The optimizer state's form is
+k2mcore.optim.state's.
+
+Save and load are collective over the default process group; an error on any rank is raised as
+the same CheckpointError on every rank, so none is left waiting in a barrier.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from k2mcore.compat.dist_checkpoint import in_process_save_strategy
+from k2mcore.config.schema import K2Config
+from k2mcore.optim import state as optim_state
+from k2mcore.parallel.groups import ProcessGroups
+
+from .commit import Committer
+from .dcp_reader import restricted_unpickling
+from .format import (
+    CONFIG,
+    DIST,
+    FORMAT,
+    FORMAT_VERSION,
+    RNG,
+    CheckpointError,
+    check_files,
+    file_entry,
+    first_line,
+    latest_checkpoint,
+    read_json,
+    read_marker,
+    resolve_checkpoint,
+    rng_file,
+    step_dir,
+    tmp_step_dir,
+    versions,
+    write_json,
+)
+from .rng import rng_state, set_rng_state
+
+#: the layout entries that must all match for per-rank RNG streams to mean the same again
+_LAYOUT_KEYS = ("world_size", "tp", "pp", "vpp", "ep", "etp", "cp", "dp", "sp")
+
+
+class CheckpointManager:
+    """Checkpoints of one training run under `root`: save (with keep-K), load, the newest one.
+
+    `groups` says the layout saved into metadata.json and compared on load (RNG states are
+    restored only at the same layout), and which ranks share the writing. `committer` publishes
+    a finished save and prunes old ones (tests pass one that fails part-way).
+    """
+
+    def __init__(self, root: str, cfg: K2Config, groups: ProcessGroups, *,
+                 committer: Optional[Committer] = None) -> None:
+        self.root = root
+        self.cfg = cfg
+        self.groups = groups
+        self.committer = committer or Committer()
+
+    def latest(self) -> Optional[str]:
+        """The newest complete checkpoint under root, or None."""
+        return latest_checkpoint(self.root)
+
+    def layout(self) -> dict:
+        """The layout entry of metadata.json for this run."""
+        p = self.cfg.parallel
+        return {**self.groups.layout.sizes(), "pipeline_layout": p.pipeline_layout,
+                "first_stage_layers": p.first_stage_layers,
+                "last_stage_layers": p.last_stage_layers,
+                "distributed_optimizer": p.distributed_optimizer}
+
+    # ----------------------------------------------------------------------------------------
+    def save(self, step: int, model: list, optimizer: Any, scheduler: Any, *,
+             consumed_samples: int) -> str:
+        """Write `<root>/step_<N>` (collective over all ranks), prune to the last `keep`.
+
+        Returns the checkpoint directory. Raises CheckpointError on every rank if any rank failed.
+        """
+        from megatron.core import dist_checkpointing
+
+        from k2mcore.config.loader import dump_yaml
+
+        cfg = self.cfg
+        start = time.perf_counter()
+        rank = dist.get_rank()
+        final, tmp = step_dir(self.root, step), tmp_step_dir(self.root, step)
+        if rank == 0:  # a fresh tmp: whatever a crashed save of this step left is removed
+            self.committer.prepare(tmp, subdirs=(DIST, RNG))
+        dist.barrier()
+
+        state = _model_state(model)
+        adam_step = None
+        if optimizer is not None:
+            state["optimizer"], adam_step = optim_state.state_to_save(optimizer, state)
+        try:
+            dist_checkpointing.save(state, os.path.join(tmp, DIST),
+                                    sharded_strategy=self._save_strategy())
+        except CheckpointException as exc:  # DCP gathered a failure (e.g. disk full) to all ranks
+            raise CheckpointError(f"{final}: save failed: {_describe(exc)}") from exc
+        write_json(os.path.join(tmp, rng_file(rank)), rng_state())
+        if rank == 0:
+            dump_yaml(cfg, os.path.join(tmp, CONFIG))
+        adam_steps = _all_gather(adam_step)
+        dist.barrier()
+        files = _checksums(tmp)
+
+        meta = {
+            "format": FORMAT, "version": FORMAT_VERSION, "step": step,
+            "consumed_samples": int(consumed_samples),
+            "layout": self.layout(),
+            "optimizer": None if optimizer is None else {
+                "name": cfg.optimizer.name, "sharding": optim_state.OPTIMIZER_SHARDING,
+                "adam_step": optim_state.agreed_step(adam_steps)},
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "model": cfg.model.name,
+            "versions": versions(),
+            "files": files,
+        }
+        error = None
+        if rank == 0:
+            try:
+                self.committer.commit(tmp, final, meta)
+            except Exception as exc:  # reported to every rank below, so none hangs in a barrier
+                error = f"{final}: save failed before it was complete ({type(exc).__name__}: {exc})"
+        error = _broadcast(error)
+        if error:
+            raise CheckpointError(error)
+        if rank == 0:
+            try:
+                self.committer.prune(self.root, keep=cfg.checkpoint.keep, newest=final)
+            except OSError as exc:  # the new checkpoint is complete; old ones stay a while longer
+                print(f"checkpoint: could not prune {self.root}: {exc}", flush=True)
+            print(f"saved checkpoint {final} in {time.perf_counter() - start:.2f} s", flush=True)
+        dist.barrier()  # every rank returns with the checkpoint committed and pruned
+        return final
+
+    def _save_strategy(self) -> Any:
+        """The in-process torch_dist writer, with the writing spread over data-parallel replicas.
+
+        Without the spreading, every replicated tensor (all of them, under the distributed
+        optimizer's model-space format) is written by data-parallel rank 0 alone. As
+        Megatron-LM's default `--ckpt-fully-parallel-save`.
+        """
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelSaveStrategyWrapper,
+        )
+
+        return FullyParallelSaveStrategyWrapper(in_process_save_strategy(),
+                                                self.groups.dp_cp_group)
+
+    # ----------------------------------------------------------------------------------------
+    def load(self, path: str, model: list, optimizer: Any = None, scheduler: Any = None) -> dict:
+        """Load a checkpoint (or the newest complete one under a root) into this rank's objects.
+
+        Collective. Works at any layout: tensors are resharded by dist-checkpointing. RNG states
+        are restored only when the layout (world size and every parallel size) equals the saved
+        one, since per-rank generator streams have no meaning at another layout. Pass
+        optimizer/scheduler None to load the model only. Returns metadata.json plus `path` and
+        `rng_restored`. A CheckpointError after validation may leave the objects partly
+        overwritten: treat it as fatal.
+        """
+        start = time.perf_counter()
+        path = resolve_checkpoint(path)
+        meta = _load_state(path, model, optimizer, scheduler)
+        current = self.groups.layout.sizes()
+        same_layout = all(meta["layout"].get(k) == current.get(k) for k in _LAYOUT_KEYS)
+        if same_layout:
+            set_rng_state(read_json(os.path.join(path, rng_file(dist.get_rank()))))
+        if dist.get_rank() == 0:
+            note = "" if same_layout else " (other layout: RNG states not restored)"
+            print(f"loaded checkpoint {path} (step {meta['step']}) in "
+                  f"{time.perf_counter() - start:.2f} s{note}", flush=True)
+        return {**meta, "path": path, "rng_restored": same_layout}
+
+
+def load_weights(path: str, model: list) -> dict:
+    """Load only the model of a checkpoint (or a root's newest one), e.g. in `load_model`'s
+    1-rank process, which has no ProcessGroups of its own. Collective over the default group.
+    The RNG states stay as they are: they belong to the training run. Returns metadata.json plus
+    `path`."""
+    start = time.perf_counter()
+    path = resolve_checkpoint(path)
+    meta = _load_state(path, model, None, None)
+    if dist.get_rank() == 0:
+        print(f"loaded checkpoint {path} (step {meta['step']}) in "
+              f"{time.perf_counter() - start:.2f} s (weights only)", flush=True)
+    return {**meta, "path": path}
+
+
+def _load_state(path: str, model: list, optimizer: Any, scheduler: Any) -> dict:
+    """Validate `path` on all ranks, then load model, optimizer and scheduler; returns metadata."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    meta = _collective_validate(path)
+    _check_common(os.path.join(path, DIST, "common.pt"))
+    state = _model_state(model)
+    saved_opt = meta["optimizer"] or {}
+    if optimizer is not None:
+        if not saved_opt:
+            raise CheckpointError(f"{path}: holds no optimizer state (saved without one)")
+        name = optim_state.optimizer_name(optimizer)
+        if saved_opt.get("name", "adamw") != name:
+            raise CheckpointError(
+                f"{path}: optimizer state is {saved_opt.get('name')!r}, this run uses "
+                f"{name!r} (Muon momentum is not Adam state)")
+        state["optimizer"] = optim_state.state_to_load(optimizer, state)
+    try:
+        with restricted_unpickling():
+            loaded, _, not_in_ckpt = dist_checkpointing.load(
+                state, os.path.join(path, DIST),
+                sharded_strategy=TorchDistLoadShardedStrategy(),
+                strict=StrictHandling.RETURN_UNEXPECTED,  # requested keys absent from the ckpt
+            )
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
+        raise CheckpointError(
+            f"{path}: cannot load model/optimizer state "
+            f"(saved as model {meta.get('model')!r}, optimizer {saved_opt.get('name')!r}):"
+            f" {_describe(exc)}"
+        ) from exc
+    # layers' _extra_state (TE's FP8 scaling history; None on local layers) is optional: a
+    # converted checkpoint has none, and the layers keep their fresh state
+    missing = sorted(k for k in set().union(*_all_gather(sorted(not_in_ckpt)))
+                     if "_extra_state" not in k)
+    if missing:
+        raise CheckpointError(
+            f"{path}: {len(missing)} tensors of this model/optimizer are not in the checkpoint "
+            f"(e.g. {missing[0]}); saved as model {meta.get('model')!r}, optimizer "
+            f"{saved_opt.get('name')!r}"
+        )
+
+    for key, chunk in zip(_model_keys(model), model):
+        getattr(chunk, "module", chunk).load_state_dict(loaded[key], strict=True)
+    if optimizer is not None:
+        optim_state.apply_loaded_state(optimizer, loaded["optimizer"], saved_opt["adam_step"])
+    if scheduler is not None and meta.get("scheduler"):
+        _load_scheduler(scheduler, meta["scheduler"])
+    return meta
+
+
+def _load_scheduler(scheduler: Any, saved: dict) -> None:
+    """Restore the step count; the schedule's shape follows the current config (so a run can be
+    extended with a larger train.iters), and differences are reported."""
+    current = scheduler.state_dict()
+    diffs = [f"{k} {saved[k]} -> {v}" for k, v in current.items()
+             if k != "num_steps" and k in saved and saved[k] != v]
+    if diffs and dist.get_rank() == 0:
+        print(f"checkpoint: LR/WD schedule differs from the saved one ({', '.join(diffs)}); "
+              f"using the current config", flush=True)
+    scheduler.num_steps = 0
+    scheduler.step(increment=int(saved["num_steps"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Model state
+def _model_keys(model: list) -> list[str]:
+    # Megatron-LM's names: 'model' without virtual stages, 'model0', 'model1', ... with them.
+    # Only the dict structure uses them; tensors are keyed by global names (layer numbers are
+    # global), so VPP and non-VPP checkpoints load into each other.
+    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+
+
+def _model_state(model: list) -> dict:
+    """The sharded state dict of the model chunks, as it is saved."""
+    return {key: getattr(chunk, "module", chunk).sharded_state_dict()
+            for key, chunk in zip(_model_keys(model), model)}
+
+
+# --------------------------------------------------------------------------------------------
+# Collective checks
+def _collective_validate(path: str) -> dict:
+    """Every rank checks sizes and a share of the checksums; all raise the same first error."""
+    try:
+        meta = read_marker(path)
+        errors = check_files(path, meta, (dist.get_rank(), dist.get_world_size()), True)
+    except CheckpointError as exc:
+        meta, errors = None, [str(exc)]
+    everyone = _all_gather(errors[:1])
+    first = next((e[0] for e in everyone if e), None)
+    if first:
+        raise CheckpointError(first)
+    return meta
+
+
+def _check_common(path: str) -> None:
+    """A legacy common.pt (megatron < 0.19 wrote one; 0.19 still loads it when present, in place
+    of the common state inside the DCP files): tensors and plain data only."""
+    if not os.path.exists(path):
+        return
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: {_describe(exc)}") from None
+
+
+def _checksums(tmp: str) -> dict:
+    """{relative path: {size, crc32}} of the files under tmp; the reading is shared by ranks."""
+    names = None
+    if dist.get_rank() == 0:
+        names = sorted(
+            os.path.relpath(os.path.join(d, f), tmp)
+            for d, _, fs in os.walk(tmp) for f in fs
+        )
+    names = _broadcast(names)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {n: file_entry(os.path.join(tmp, n)) for i, n in enumerate(names) if i % world == rank}
+    merged: dict = {}
+    for part in _all_gather(mine):
+        merged.update(part)
+    return dict(sorted(merged.items()))
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception from deep inside a save or load (DCP wraps each rank's)."""
+    failures = getattr(exc, "failures", None)  # torch.distributed.checkpoint CheckpointException
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        exc = inner[0] if isinstance(inner, tuple) else inner
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    if refused:
+        return (f"refused to unpickle {refused.group(1)} (only tensors and plain data are "
+                f"loaded from a checkpoint)")
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"{exc.filename}: missing from the checkpoint"
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def _all_gather(obj: Any) -> list:
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
