@@ -91,7 +91,7 @@ def test_metrics_tensorboard_and_plot(reference):
     assert [r["lr"] for r in rows[:3]] == pytest.approx([0.0, 1e-3, 2e-3])
     assert any(f.startswith("events.out.tfevents") for f in
                os.listdir(os.path.join(reference, "tensorboard")))
-    out = subprocess.run([sys.executable, "-m", "k2mcore.training.plot", reference],
+    out = subprocess.run([sys.executable, "-m", "k2mcore.cli.plot", reference],
                          capture_output=True, text=True, env=_env())
     png = os.path.join(reference, "metrics.png")
     assert out.returncode == 0 and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
