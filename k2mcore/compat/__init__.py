@@ -8,6 +8,7 @@ fails with one line naming the patch. Modules:
 - `dist_checkpoint`: the in-process torch_dist writer, the allow-listed DCP reader, and the
   DistributedOptimizer's Adam-state loading fixes;
 - `mla`: MLA self-attention with TP-replicated down projections and the spec's own q/kv norms;
+- `uneven_shards`: ZeRO-1 shards of unequal size for MuonClip's owner-aligned buffers;
 - `console`: megatron's and torch's known noise, shown once or not at all.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ def declared_modules() -> list[str]:
     """Import every module that declares patches (so `PATCHES` is complete); their names."""
     import importlib
 
-    names = ["cpu", "dist_checkpoint", "mla"]
+    names = ["cpu", "dist_checkpoint", "mla", "uneven_shards"]
     for name in names:
         importlib.import_module(f"{__name__}.{name}")
     return names
