@@ -112,6 +112,9 @@ class MuonConfig:
     split_gated: bool = True  # orthogonalize SwiGLU gate and up projections separately (as HF's)
     lr_scale: float = 1.0  # Muon's lr = optimizer.lr's schedule x lr_scale
     weight_decay: Optional[float] = None  # null: optimizer.weight_decay
+    # ZeRO-1 shards cut so each matrix lies whole on one rank (its Newton-Schulz owner), so
+    # MuonClip moves ZeRO-1's bytes; false: megatron's equal shards plus two all_to_alls
+    owner_aligned_shards: bool = True
 
 
 @dataclass

@@ -3,7 +3,7 @@ decay = AdamW; ZeRO-1 when the distributed optimizer is on), turned into MuonCli
 `optimizer.name: muonclip`, and its LR/WD scheduler."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from k2mcore.config.schema import K2Config
 from k2mcore.parallel.groups import ProcessGroups
@@ -28,6 +28,18 @@ def build_optimizer(cfg: K2Config, model: list, groups: ProcessGroups) -> tuple[
     if o.name == "muonclip":
         _install_muonclip(cfg, opt, model, groups)
     return opt, sched
+
+
+def ddp_param_layout(cfg: K2Config, chunks: list, groups: ProcessGroups) -> Optional[Any]:
+    """How DDP lays out the buffers of the unwrapped `chunks`: MuonClip's owner-aligned shards
+    (optimizer.muon.owner_aligned_shards), else None (megatron's distributed optimizer's)."""
+    m = cfg.optimizer.muon
+    if cfg.optimizer.name != "muonclip" or not m.owner_aligned_shards:
+        return None
+    from .owner_layout import OwnerAlignedLayout
+
+    return OwnerAlignedLayout(chunks, groups, router_in_muon=m.router_in_muon,
+                              split_gated=m.split_gated)
 
 
 def build_scheduler(cfg: K2Config, opt: Any) -> Any:

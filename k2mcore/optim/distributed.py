@@ -121,6 +121,10 @@ class ExchangePlan:
         send[d] its pieces for owner d, recv[s] the pieces rank s sends it as owner,
         ret[d] the slices it returns to d, back[o] the slices owner o returns to it."""
         me, n = self.rank, self.size
+        #: every piece already sits on its matrix's owner (owner-aligned shards without TP):
+        #: the exchanges would move nothing, so none is run
+        self.silent = all(o == r for i, o in enumerate(self.owner)
+                          for r in range(n) if self.pieces[r][i] is not None)
         self.send: list[list[int]] = [[] for _ in range(n)]
         self.recv: list[list[int]] = [[] for _ in range(n)]
         self.ret: list[list[int]] = [[] for _ in range(n)]
@@ -145,15 +149,32 @@ class ExchangePlan:
         return 0 if piece is None else piece.end - piece.start
 
 
-def balance(costs: Sequence[int], size: int) -> list[int]:
-    """Owner per job, greedy longest-processing-time first; deterministic (ties by index)."""
+def balance(costs: Sequence[int], size: int,
+            candidates: Optional[Sequence[Optional[Sequence[int]]]] = None) -> list[int]:
+    """Owner per job, greedy longest-processing-time first; deterministic (ties by index, then
+    rank). `candidates[i]`: the ranks job i may go to (None: any)."""
     owner = [0] * len(costs)
-    heap = [(0, r) for r in range(size)]
+    if candidates is None:
+        heap = [(0, r) for r in range(size)]
+        for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+            load, r = heapq.heappop(heap)
+            owner[i] = r
+            heapq.heappush(heap, (load + costs[i], r))
+        return owner
+    loads = [0] * size
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        load, r = heapq.heappop(heap)
+        r = min(candidates[i] or range(size), key=lambda r: (loads[r], r))
         owner[i] = r
-        heapq.heappush(heap, (load + costs[i], r))
+        loads[r] += costs[i]
     return owner
+
+
+def _whole_holders(pieces: list[list[Optional[_Piece]]], i: int, m: _Matrix) -> list[int]:
+    """Ranks holding a whole TP shard of matrix i as a source: where owner-aligned shards put
+    it, so Newton-Schulz runs where the gradient already is."""
+    numel = math.prod(m.local_shape)
+    return [r for r, mine in enumerate(pieces)
+            if mine[i] is not None and mine[i].source and mine[i].start == 0 and mine[i].end == numel]
 
 
 def build_plan(
@@ -169,7 +190,8 @@ def build_plan(
         if any(names != [m.name for m in matrices] for names, _ in gathered):
             raise RuntimeError("MuonClip: ranks holding the same parameters list different Muon matrices")
         pieces = [p for _, p in gathered]
-    owner = balance([m.cost for m in matrices], size)
+    owner = balance([m.cost for m in matrices], size,
+                    [_whole_holders(pieces, i, m) for i, m in enumerate(matrices)])
     flops = [0] * size
     for i, o in enumerate(owner):
         flops[o] += matrices[i].cost
@@ -325,7 +347,7 @@ class ShardedMuonClip(torch.optim.AdamW):
     def _all_to_all(self, parts: list[Tensor], send_sizes: list[int], recv_sizes: list[int],
                     device: Any, dtype: torch.dtype) -> Tensor:
         send = torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
-        if self.plan.size == 1:
+        if self.plan.size == 1 or self.plan.silent:  # every piece is its own destination
             return send
         out = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
         dist.all_to_all_single(out, send.contiguous(), recv_sizes, send_sizes, group=self.plan.group)

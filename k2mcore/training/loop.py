@@ -78,15 +78,16 @@ def _already_complete(cfg: K2Config, resume_from: Optional[str]) -> bool:
 def _set_up(cfg: K2Config, layout: Layout, ckpt_root: str, faults: Faults) -> _Run:
     """Process groups -> model -> DDP -> optimizer and scheduler."""
     from k2mcore.model.build import build_model
-    from k2mcore.optim.build import build_optimizer
+    from k2mcore.optim.build import build_optimizer, ddp_param_layout
     from k2mcore.optim.skip import SkippingStep
     from k2mcore.parallel.groups import init_distributed
 
     from .step import wrap_ddp
 
     groups = init_distributed(layout, seed=cfg.train.seed)
-    model = wrap_ddp(build_model(cfg, groups), groups,
-                     distributed_optimizer=cfg.parallel.distributed_optimizer)
+    chunks = build_model(cfg, groups)
+    model = wrap_ddp(chunks, groups, distributed_optimizer=cfg.parallel.distributed_optimizer,
+                     param_layout=ddp_param_layout(cfg, chunks, groups))
     optimizer, scheduler = build_optimizer(cfg, model, groups)
     return _Run(cfg=cfg, groups=groups, model=model, optimizer=optimizer, scheduler=scheduler,
                 stepper=SkippingStep(optimizer, cfg.train.max_consecutive_skips),

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,8 +19,11 @@ from k2mcore.parallel.groups import ProcessGroups
 
 
 def wrap_ddp(chunks: Sequence[torch.nn.Module], groups: ProcessGroups, *,
-             distributed_optimizer: bool) -> list:
-    """megatron DDP around each chunk (fp32 grad buffers), hooked into the schedules."""
+             distributed_optimizer: bool, param_layout: Optional[Any] = None) -> list:
+    """megatron DDP around each chunk (fp32 grad buffers), hooked into the schedules.
+
+    `param_layout`: lays out the buffers instead of megatron's distributed optimizer
+    (k2mcore.optim.owner_layout.OwnerAlignedLayout, for MuonClip)."""
     config = get_model_config(chunks[0])
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -28,15 +31,16 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], groups: ProcessGroups, *,
         use_distributed_optimizer=distributed_optimizer,
         check_for_nan_in_grad=False,
     )
-    model = [
-        DistributedDataParallel(
+    model = []
+    for i, chunk in enumerate(chunks):
+        layout = (param_layout.layout(i, chunk, ddp_config) if param_layout is not None
+                  else _param_layout(chunk, ddp_config, groups))
+        model.append(DistributedDataParallel(
             config=config, ddp_config=ddp_config, module=chunk,
             # only the first chunk's buckets start the first all-reduce (as Megatron-LM does)
-            disable_bucketing=i > 0,
-            full_param_layout=_param_layout(chunk, ddp_config, groups),
-        )
-        for i, chunk in enumerate(chunks)
-    ]
+            disable_bucketing=i > 0, full_param_layout=layout))
+        if param_layout is not None:
+            param_layout.register(i, model[-1])
     config.finalize_model_grads_func = finalize_model_grads
     return model
 
