@@ -6,10 +6,12 @@ Per layout (a widened k2-tiny on gloo ranks, both optimizers built by the traine
 build_optimizer and stepped on the same batches):
   - Newton-Schulz FLOPs per rank (max and min) and the redundancy factor: their sum over all
     ranks / the model's total (one NS per matrix: target 1.00);
-  - optimizer communication bytes per step, summed over ranks: ZeRO-1 AdamW's gradient
-    reduce-scatter plus parameter all-gather (from megatron's DDP buffers: (dp-1)/dp of each
-    buffer per rank and collective), and MuonClip's (the same plus its measured Muon exchange);
-  - median optimizer-step and whole-step times (slowest rank) of both.
+  - bytes handed to torch.distributed collectives over one whole training step (counted at the
+    API, tests/comm_bytes.py), summed over ranks and on the busiest rank, for ZeRO-1 AdamW,
+    MuonClip on owner-aligned shards (the default) and MuonClip on megatron's equal shards with
+    its two all_to_all exchanges ("muon-a2a"); the all_to_all bytes apart (TP gathers only, on
+    owner-aligned shards);
+  - median optimizer-step and whole-step times (slowest rank) of each.
 Then, on this CPU, Newton-Schulz for the widened model's matrices: k2mcore's (fp32, batched by
 shape) against torch.optim.Muon's step on the same matrices (bf16, one at a time).
 Ranks share this machine's cores: compare ratios within one run.
@@ -34,25 +36,13 @@ LAYOUTS = {
         "ep2": {"parallel.ep": 2},
         "tp2-ep2": {"parallel.tp": 2, "parallel.sp": True, "parallel.ep": 2, "parallel.etp": 1},
     },
+    4: {"dp4": {}},
     8: {"tp2-pp2-ep2": {"parallel.tp": 2, "parallel.pp": 2, "parallel.ep": 2,
                         "parallel.sp": True}},
 }
 WIDE = ["model.hidden_size=128", "model.ffn_hidden_size=512", "model.moe_ffn_hidden_size=64",
         "model.kv_lora_rank=64", "model.q_lora_rank=64"]
 GLOBAL_BATCH, SEQ = 8, 64
-
-
-def _zero1_bytes(model) -> int:
-    """Bytes this rank sends in one ZeRO-1 step: grad reduce-scatter + param all-gather."""
-    total = 0
-    for chunk in model:
-        for buf in chunk.buffers + chunk.expert_parallel_buffers:
-            dp = buf.data_parallel_world_size
-            share = (dp - 1) / dp
-            total += share * buf.grad_data.numel() * buf.grad_data.element_size()
-            if buf.param_data is not None:
-                total += share * buf.param_data.numel() * buf.param_data.element_size()
-    return int(total)
 
 
 def _batches(vocab: int, step: int, groups) -> list[dict]:
@@ -66,48 +56,57 @@ def _batches(vocab: int, step: int, groups) -> list[dict]:
             for s in mine]
 
 
-def _run_layout(overrides: dict, optimizer: str, steps: int) -> dict:
+MODES = {  # name -> optimizer settings
+    "adamw": ["optimizer.name=adamw"],
+    "muon": ["optimizer.name=muonclip"],  # owner-aligned ZeRO-1 shards (the default)
+    "muon-a2a": ["optimizer.name=muonclip", "optimizer.muon.owner_aligned_shards=false"],
+}
+
+
+def _run_layout(overrides: dict, mode: str, steps: int) -> dict:
     import torch.distributed as dist
+    from comm_bytes import count_collective_bytes
 
     from k2mcore.config.loader import load_config
-    from k2mcore.model.build import build_model
-    from k2mcore.parallel.groups import init_distributed
     from k2mcore.config.validate import resolve_layout
-    from k2mcore.optim.build import build_optimizer
+    from k2mcore.model.build import build_model
+    from k2mcore.optim.build import build_optimizer, ddp_param_layout
     from k2mcore.optim.chain import inner_optimizers
+    from k2mcore.parallel.groups import init_distributed
     from k2mcore.training.metrics import attention_report
     from k2mcore.training.step import forward_backward, wrap_ddp
 
-    sets = [f"{k}={json.dumps(v)}" for k, v in overrides.items()] + WIDE + [
-        f"train.seq_length={SEQ}", "train.dtype=fp32", f"optimizer.name={optimizer}",
-        "optimizer.warmup_iters=0", "optimizer.decay_style=constant"]
+    sets = [f"{k}={json.dumps(v)}" for k, v in overrides.items()] + WIDE + MODES[mode] + [
+        f"train.seq_length={SEQ}", "train.dtype=fp32", "optimizer.warmup_iters=0",
+        "optimizer.decay_style=constant", "model.measure_max_attn_logit=true"]
     cfg = load_config("k2-tiny", sets)
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    groups = init_distributed(resolve_layout(cfg, world), seed=1)
-    model = wrap_ddp(build_model(cfg, groups), groups, distributed_optimizer=True)
+    groups = init_distributed(resolve_layout(cfg, dist.get_world_size()), seed=1)
+    chunks = build_model(cfg, groups)
+    model = wrap_ddp(chunks, groups, distributed_optimizer=True,
+                     param_layout=ddp_param_layout(cfg, chunks, groups))
     opt, _ = build_optimizer(cfg, model, groups)
-    inner = inner_optimizers(opt)
-    muon = [o for o in inner if hasattr(o, "plan")]
-    step_s, opt_s, exchange = [], [], []
+    muon = [o for o in inner_optimizers(opt) if hasattr(o, "plan")]
+    step_s, opt_s, counted = [], [], []
     for step in range(steps):
+        batches = _batches(cfg.model.vocab_size, step, groups)
         dist.barrier()
-        start = time.perf_counter()
-        opt.zero_grad()
-        forward_backward(model, groups, _batches(cfg.model.vocab_size, step, groups), seq_length=SEQ,
-                         micro_batch_size=1)
-        dist.barrier()
-        before = time.perf_counter()
-        opt.step()
-        dist.barrier()
-        end = time.perf_counter()
-        if cfg.qk_clip_active:
+        with count_collective_bytes() as counts:
+            start = time.perf_counter()
+            opt.zero_grad()
+            forward_backward(model, groups, batches, seq_length=SEQ, micro_batch_size=1)
+            dist.barrier()
+            before = time.perf_counter()
+            opt.step()
+            dist.barrier()
+            end = time.perf_counter()
             attention_report(cfg, opt, model, groups, stepped=True)
         step_s.append(end - start)
         opt_s.append(end - before)
-        exchange.append(sum(o.zero_comm_counter() for o in muon))
+        counted.append(dict(counts))
     warm = slice(2, None)  # first steps allocate state
+    last = counted[-1]  # every step hands over the same bytes
     return {"step_s": statistics.median(step_s[warm]), "opt_s": statistics.median(opt_s[warm]),
-            "bytes": _zero1_bytes(model) + statistics.median(exchange[warm]),
+            "bytes": sum(last.values()), "exchange": last.get("all_to_all_single", 0),
             "ns_flops": sum(o.plan.ns_flops[o.plan.rank] for o in muon)}
 
 
@@ -117,13 +116,15 @@ def worker(world: int, steps: int, out: str) -> None:
     rows = {}
     for name, overrides in LAYOUTS[world].items():
         rows[name] = {}
-        for optimizer in ("adamw", "muonclip"):
-            mine = _run_layout(overrides, optimizer, steps)
+        for mode in MODES:
+            mine = _run_layout(overrides, mode, steps)
             every: list = [None] * dist.get_world_size()
             dist.all_gather_object(every, mine)
-            rows[name][optimizer] = {
+            rows[name][mode] = {
                 "step_s": max(r["step_s"] for r in every), "opt_s": max(r["opt_s"] for r in every),
                 "bytes": sum(r["bytes"] for r in every),
+                "busiest": max(r["bytes"] for r in every), "ranks": len(every),
+                "exchange": sum(r["exchange"] for r in every),
                 "ns_flops": [r["ns_flops"] for r in every]}
     if dist.get_rank() == 0:
         with open(out, "w") as f:
@@ -184,10 +185,10 @@ def main() -> None:
     ap.add_argument("--worker", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args()
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     if args.worker:
         worker(args.worker, args.steps, args.out)
         return
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     from launching import local_command, local_env  # shared with the tests
 
     rows = {}
@@ -199,21 +200,25 @@ def main() -> None:
             subprocess.run(cmd, env=local_env(), check=True, capture_output=True)
             with open(out) as f:
                 rows.update(json.load(f))
-    total = sum(rows["1rank"]["muonclip"]["ns_flops"])
+    total = sum(rows["1rank"]["muon"]["ns_flops"])
     print(f"MuonClip vs ZeRO-1 AdamW, widened k2-tiny ({GLOBAL_BATCH} x {SEQ} tokens per step, "
-          f"fp32, gloo), model NS total {total / 1e9:.3f} GFLOP per step")
-    print(f"{'layout':12s} {'NS GFLOP/rank max..min':>23s} {'redund.':>8s} {'AdamW MB':>9s} "
-          f"{'Muon MB':>8s} {'bytes x':>8s} {'opt ms A/M':>12s} {'opt x':>6s} {'step ms A/M':>13s} "
-          f"{'step x':>6s}")
+          f"fp32, gloo), model NS total {total / 1e9:.3f} GFLOP per step; bytes: every byte "
+          f"handed to a torch.distributed collective over one whole step, summed over ranks")
+    print(f"{'layout':12s} {'mode':9s} {'NS GFLOP/rank max..min':>23s} {'redund.':>8s} "
+          f"{'MB':>8s} {'bytes x':>8s} {'busiest x':>9s} {'a2a MB':>7s} {'opt ms':>7s} "
+          f"{'opt x':>6s} {'step ms':>8s} {'step x':>6s}")
     for name, r in rows.items():
-        a, m = r["adamw"], r["muonclip"]
-        flops = m["ns_flops"]
-        ratio = f"{m['bytes'] / a['bytes']:.2f}" if a["bytes"] else "n/a"
-        print(f"{name:12s} {max(flops) / 1e9:11.3f}..{min(flops) / 1e9:<9.3f} "
-              f"{sum(flops) / total:8.2f} {a['bytes'] / 1e6:9.2f} {m['bytes'] / 1e6:8.2f} "
-              f"{ratio:>8s} {1e3 * a['opt_s']:5.1f}/{1e3 * m['opt_s']:<6.1f} "
-              f"{m['opt_s'] / a['opt_s']:6.2f} {1e3 * a['step_s']:6.1f}/{1e3 * m['step_s']:<6.1f} "
-              f"{m['step_s'] / a['step_s']:6.2f}")
+        a = r["adamw"]
+        per_rank = a["bytes"] / a["ranks"]
+        for mode, m in r.items():
+            flops = m["ns_flops"]
+            ns = (f"{max(flops) / 1e9:11.3f}..{min(flops) / 1e9:<9.3f} {sum(flops) / total:8.2f}"
+                  if mode != "adamw" else f"{'-':>23s} {'-':>8s}")
+            ratio = f"{m['bytes'] / a['bytes']:.3f}" if a["bytes"] else "n/a"
+            busiest = f"{m['busiest'] / per_rank:.3f}" if per_rank else "n/a"
+            print(f"{name:12s} {mode:9s} {ns} {m['bytes'] / 1e6:8.3f} {ratio:>8s} {busiest:>9s} "
+                  f"{m['exchange'] / 1e6:7.3f} {1e3 * m['opt_s']:7.1f} {m['opt_s'] / a['opt_s']:6.2f} "
+                  f"{1e3 * m['step_s']:8.1f} {m['step_s'] / a['step_s']:6.2f}")
     ns_versus_torch_muon()
 
 

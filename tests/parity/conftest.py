@@ -1,9 +1,10 @@
 """The layout-parity launches, shared by the gradient and the MuonClip parity tests.
 
-Three launches: the 1-rank reference (which also fixes the initial weights), one 2-rank launch
-running seven layouts in turn, and one 8-rank launch (TP2 x PP2 x EP2 with DP2). For each layout
-the worker runs one forward/backward, then 5 MuonClip steps, then (TP layouts) a QK-Clip-only
-step; see layout_worker.py.
+Four launches: the 1-rank reference (which also fixes the initial weights), one 2-rank launch
+running seven layouts in turn, one 8-rank launch (TP2 x PP2 x EP2 with DP2) and one 4-rank
+launch (DP4). For each layout the worker runs one forward/backward, then 5 MuonClip steps, then
+(TP layouts) a QK-Clip-only step, then (layouts without TP) one counted step of MuonClip and of
+AdamW; see layout_worker.py.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import pytest
 import torch
 from launching import launch
-from layout_worker import ALL, CLIP_LAYOUTS, EIGHT_RANK, TWO_RANK
+from layout_worker import ALL, BYTE_LAYOUTS, CLIP_LAYOUTS, EIGHT_RANK, FOUR_RANK, TWO_RANK
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "layout_worker.py")
@@ -29,6 +30,7 @@ def parity_dir(tmp_path_factory) -> str:
     _launch(out, ["1rank"], 1, "--write-init")
     _launch(out, TWO_RANK, 2)
     _launch(out, EIGHT_RANK, 8)
+    _launch(out, FOUR_RANK, 4)
     return out
 
 
@@ -44,6 +46,11 @@ def results(parity_dir) -> dict:
 @pytest.fixture(scope="session")
 def muonclip_results(parity_dir) -> dict:
     return {name: _load(parity_dir, f"{name}.muonclip.pt") for name in ALL}
+
+
+@pytest.fixture(scope="session")
+def byte_results(parity_dir) -> dict:
+    return {name: _load(parity_dir, f"{name}.bytes.pt") for name in BYTE_LAYOUTS}
 
 
 @pytest.fixture(scope="session")

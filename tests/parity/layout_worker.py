@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -33,10 +34,14 @@ LAYOUTS: dict[str, dict] = {
     "dp2": {},
     "tp2-ep2": {"parallel.tp": 2, "parallel.sp": True, "parallel.ep": 2, "parallel.etp": 1},
     "tp2-pp2-ep2": {"parallel.tp": 2, "parallel.pp": 2, "parallel.ep": 2, "parallel.sp": True},
+    "dp4": {},
 }
 TWO_RANK = ["tp2-sp", "pp2", "pp2-vpp2", "pp2-uneven", "ep2", "dp2", "tp2-ep2"]
 EIGHT_RANK = ["tp2-pp2-ep2"]
-ALL = ["1rank", *TWO_RANK, *EIGHT_RANK]
+FOUR_RANK = ["dp4"]
+ALL = ["1rank", *TWO_RANK, *EIGHT_RANK, *FOUR_RANK]
+# layouts without TP whose collective bytes per training step are counted, MuonClip and AdamW
+BYTE_LAYOUTS = ("dp2", "ep2", "pp2", "dp4")
 GLOBAL_BATCH, SEQ, SEED = 4, 32, 1234
 # MuonClip phase: steps on fresh batches, with a QK-Clip threshold the toy's logits exceed
 MUON_STEPS, MUON_TAU = 5, 0.05
@@ -90,7 +95,7 @@ def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, 
                  tag: str) -> None:
     """`steps` MuonClip steps from the shared initial weights; saves losses, attention reports,
     the full weights after every step and each rank's Newton-Schulz FLOPs."""
-    from k2mcore.optim.build import build_optimizer
+    from k2mcore.optim.build import build_optimizer, ddp_param_layout
     from k2mcore.optim.chain import inner_optimizers
     from k2mcore.training.metrics import attention_report
 
@@ -102,11 +107,14 @@ def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, 
         # the clip phase re-measures logits on the same batch: keep routing fixed
         f"model.moe_router_bias_update_rate={1e-3 if lr else 0.0}"])
     groups = init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=SEED)
-    model = wrap_ddp(build_model(cfg, groups), groups, distributed_optimizer=True)
+    chunks = build_model(cfg, groups)
+    model = wrap_ddp(chunks, groups, distributed_optimizer=True,
+                     param_layout=ddp_param_layout(cfg, chunks, groups))
     scatter_full(model, torch.load(init_path, weights_only=True))
     optimizer, _ = build_optimizer(cfg, model, groups)
     inner = inner_optimizers(optimizer)
     flops = sum(o.plan.ns_flops[o.plan.rank] for o in inner)
+    silent = all(o.plan.silent for o in inner)
     rows, weights = [], [gather_full(model)]
     for step in range(steps):
         optimizer.zero_grad()
@@ -121,9 +129,50 @@ def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, 
     heads = _per_head_logits(model)
     all_flops: list = [None] * dist.get_world_size()
     dist.all_gather_object(all_flops, flops)
+    all_silent: list = [None] * dist.get_world_size()
+    dist.all_gather_object(all_silent, silent)
     if dist.get_rank() == 0:
-        torch.save({"rows": rows, "weights": weights, "ns_flops": all_flops, "heads_after": heads},
+        torch.save({"rows": rows, "weights": weights, "ns_flops": all_flops, "heads_after": heads,
+                    "exchange_free": all(all_silent)},
                    os.path.join(out, f"{name}.{tag}.pt"))
+
+
+def count_step_bytes(name: str, out: str, init_path: str) -> None:
+    """Bytes every rank hands to torch.distributed collectives over one whole training step
+    (zero_grad, forward/backward with the gradient reduce-scatter, optimizer step with the
+    parameter all-gather, the attention report), MuonClip against AdamW on the same model."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from comm_bytes import count_collective_bytes, total_over_ranks
+
+    from k2mcore.optim.build import build_optimizer, ddp_param_layout
+    from k2mcore.training.metrics import attention_report
+
+    result = {}
+    for optimizer_name in ("muonclip", "adamw"):
+        overrides = [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[name].items()]
+        cfg = load_config("k2-tiny", overrides + [
+            f"train.seq_length={SEQ}", "train.dtype=fp32", f"optimizer.name={optimizer_name}",
+            "model.measure_max_attn_logit=true"])
+        groups = init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))),
+                                  seed=SEED)
+        chunks = build_model(cfg, groups)
+        model = wrap_ddp(chunks, groups, distributed_optimizer=True,
+                         param_layout=ddp_param_layout(cfg, chunks, groups))
+        scatter_full(model, torch.load(init_path, weights_only=True))
+        optimizer, _ = build_optimizer(cfg, model, groups)
+        batches = micro_batches(cfg.model.vocab_size, groups)
+        dist.barrier()
+        with count_collective_bytes() as counts:
+            optimizer.zero_grad()
+            forward_backward(model, groups, batches, seq_length=SEQ, micro_batch_size=1)
+            optimizer.step()
+            attention_report(cfg, optimizer, model, groups, stepped=True)
+        mine = sum(counts.values())
+        per_rank: list = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, (mine, dict(counts)))
+        result[optimizer_name] = {"total": total_over_ranks(counts), "per_rank": per_rank}
+    if dist.get_rank() == 0:
+        torch.save(result, os.path.join(out, f"{name}.bytes.pt"))
 
 
 def _per_head_logits(model) -> dict:
@@ -158,6 +207,8 @@ def main() -> None:
                      tag="muonclip")
         if name in CLIP_LAYOUTS:
             run_muonclip(name, args.out, init_path, lr=0.0, steps=1, tau=CLIP_TAU, tag="clip")
+        if name in BYTE_LAYOUTS:
+            count_step_bytes(name, args.out, init_path)
     dist.barrier()
     dist.destroy_process_group()
 

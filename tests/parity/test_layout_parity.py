@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layout_worker import EIGHT_RANK, TWO_RANK
+from layout_worker import EIGHT_RANK, FOUR_RANK, TWO_RANK
 
 LOSS_RTOL = 1e-6
 GRAD_RTOL = 1e-5  # of the tensor's largest |grad|: fp32 reductions in another order
 
 
-@pytest.mark.parametrize("layout", TWO_RANK + EIGHT_RANK)
+@pytest.mark.parametrize("layout", TWO_RANK + EIGHT_RANK + FOUR_RANK)
 def test_layout_matches_one_rank(results, layout):
     ref, got = results["1rank"], results[layout]
     assert abs(got["loss"] - ref["loss"]) <= LOSS_RTOL * abs(ref["loss"]), (got["loss"], ref["loss"])
@@ -31,7 +31,7 @@ def test_layout_matches_one_rank(results, layout):
     assert worst <= GRAD_RTOL, f"{worst_key}: {worst:.2e}"
 
 
-@pytest.mark.parametrize("layout", ["1rank"] + TWO_RANK + EIGHT_RANK)
+@pytest.mark.parametrize("layout", ["1rank"] + TWO_RANK + EIGHT_RANK + FOUR_RANK)
 def test_parameters_per_rank_match_the_plan(results, layout):
     """What each rank of the real build holds equals k2m-train --check's analytic count."""
     got = results[layout]
@@ -39,7 +39,7 @@ def test_parameters_per_rank_match_the_plan(results, layout):
         assert held == got["expected_counts"][pp_rank], (pp_rank, held, got["expected_counts"])
 
 
-@pytest.mark.parametrize("layout", TWO_RANK + EIGHT_RANK)
+@pytest.mark.parametrize("layout", TWO_RANK + EIGHT_RANK + FOUR_RANK)
 def test_fresh_weights_do_not_depend_on_the_layout(results, layout):
     """train.init=layout_invariant: every layout builds exactly the 1-rank initial weights."""
     ref, got = results["1rank"]["fresh_weights"], results[layout]["fresh_weights"]

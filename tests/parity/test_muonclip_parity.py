@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from layout_worker import ALL, CLIP_LAYOUTS, CLIP_TAU, MUON_STEPS, MUON_TAU
+from layout_worker import ALL, BYTE_LAYOUTS, CLIP_LAYOUTS, CLIP_TAU, LAYOUTS, MUON_STEPS, MUON_TAU
 
 from k2mcore.optim.newton_schulz import ns_flops
 
@@ -68,6 +68,30 @@ def test_newton_schulz_runs_once_per_matrix(muonclip_results, layout):
     assert sum(flops) == total, f"redundancy factor {sum(flops) / total:.3f}"
     if layout in ("dp2", "tp2-sp", "ep2"):  # one stage on two ranks: the work is split evenly
         assert max(flops) <= 1.02 * total / 2
+
+
+@pytest.mark.parametrize("layout", ALL)
+def test_owner_aligned_shards_need_no_exchange_without_tp(muonclip_results, layout):
+    """Every Muon matrix lies whole in its owner's ZeRO-1 shard: without TP no piece moves, so
+    MuonClip runs no all_to_all; a TP-split matrix still gathers its TP shards on one rank."""
+    has_tp = LAYOUTS[layout].get("parallel.tp", 1) > 1
+    assert muonclip_results[layout]["exchange_free"] is not has_tp
+
+
+@pytest.mark.parametrize("layout", BYTE_LAYOUTS)
+def test_muonclip_moves_zero1_adamws_bytes(byte_results, layout):
+    """Bytes handed to torch.distributed collectives over a whole training step, summed over
+    ranks: MuonClip within 2% of ZeRO-1 AdamW on the same model; its busiest rank within 25% of
+    AdamW's per-rank mean."""
+    muon, adam = byte_results[layout]["muonclip"], byte_results[layout]["adamw"]
+    assert adam["total"] > 0
+    assert muon["total"] <= 1.02 * adam["total"], (muon["total"] / adam["total"], muon, adam)
+    busiest = max(b for b, _ in muon["per_rank"])
+    assert busiest <= 1.25 * adam["total"] / len(adam["per_rank"]), (busiest, adam)
+    def a2a(run: dict) -> int:  # the MoE token dispatch's, at EP > 1: the same for both
+        return sum(ops.get("all_to_all_single", 0) for _, ops in run["per_rank"])
+
+    assert a2a(muon) == a2a(adam)  # MuonClip adds no exchange of its own
 
 
 @pytest.mark.parametrize("layout", CLIP_LAYOUTS)
