@@ -80,7 +80,7 @@ def _run_layout(overrides: dict, mode: str, steps: int) -> dict:
         f"train.seq_length={SEQ}", "train.dtype=fp32", "optimizer.warmup_iters=0",
         "optimizer.decay_style=constant", "model.measure_max_attn_logit=true"]
     cfg = load_config("k2-tiny", sets)
-    groups = init_distributed(resolve_layout(cfg, dist.get_world_size()), seed=1)
+    groups = init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=1)
     chunks = build_model(cfg, groups)
     model = wrap_ddp(chunks, groups, distributed_optimizer=True,
                      param_layout=ddp_param_layout(cfg, chunks, groups))
