@@ -3,7 +3,7 @@ tests and, through tests/ on sys.path, the benchmarks).
 
 Every collective's input is counted on the rank that hands it over: a reduce-scatter or an
 all-reduce counts its whole input, an all-gather its local shard, an all-to-all what it sends,
-a broadcast the source's tensor. megatron's gradient buffers call the collectives through names
+a broadcast the source's tensor; a collective over a group of one rank counts nothing. megatron's gradient buffers call the collectives through names
 they bound at import (`dist_all_gather_func`, `dist_reduce_scatter_func`); those are wrapped too.
 A collective that calls another (an adapter) is counted once, at the outermost call.
 """
@@ -25,26 +25,29 @@ def _nbytes(obj: Any) -> int:
     return 0
 
 
-# op name -> which argument holds what this rank hands over (position, keyword)
-_INPUTS: dict[str, tuple[int, str]] = {
-    "all_reduce": (0, "tensor"),
-    "reduce_scatter_tensor": (1, "input"),
-    "_reduce_scatter_base": (1, "input"),
-    "reduce_scatter": (1, "input_list"),
-    "all_gather_into_tensor": (1, "input_tensor"),
-    "_all_gather_base": (1, "input_tensor"),
-    "all_gather": (1, "tensor"),
-    "all_to_all_single": (1, "input"),
-    "all_to_all": (1, "input_tensor_list"),
-    "broadcast": (0, "tensor"),
+# op name -> (position, keyword) of what this rank hands over, and position of the group
+_INPUTS: dict[str, tuple[int, str, int]] = {
+    "all_reduce": (0, "tensor", 2),
+    "reduce_scatter_tensor": (1, "input", 3),
+    "_reduce_scatter_base": (1, "input", 3),
+    "reduce_scatter": (1, "input_list", 3),
+    "all_gather_into_tensor": (1, "input_tensor", 2),
+    "_all_gather_base": (1, "input_tensor", 2),
+    "all_gather": (1, "tensor", 2),
+    "all_to_all_single": (1, "input", 4),
+    "all_to_all": (1, "input_tensor_list", 2),
+    "broadcast": (0, "tensor", 2),
 }
 
 
 def _wrap(name: str, fn: Callable, counts: Counter, depth: list) -> Callable:
-    pos, key = _INPUTS[name]
+    pos, key, group_pos = _INPUTS[name]
 
     def counted(*args: Any, **kwargs: Any) -> Any:
-        if depth[0] == 0:  # the outermost call: a wrapper calling another collective counts once
+        group = kwargs.get("group", args[group_pos] if len(args) > group_pos else None)
+        # the outermost call only (a wrapper calling another collective counts once), and only
+        # over a group of several ranks (a 1-rank group's bytes never leave the rank)
+        if depth[0] == 0 and dist.get_world_size(group) > 1:
             handed = kwargs.get(key, args[pos] if len(args) > pos else None)
             src = kwargs.get("src", args[1] if len(args) > 1 else 0)
             if name == "broadcast" and dist.get_rank() != src:
