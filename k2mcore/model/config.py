@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from k2mcore import platform
 from k2mcore.config.schema import ModelConfig, ParallelConfig
+from k2mcore.parallel.layout import megatron_sizes
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -93,11 +94,7 @@ def mla_config(
         # attribute k2mcore's own core attention fills) only when asked
         log_max_attention_logit=use_te and model.measure_max_attn_logit,
         # parallelism
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp,
-        context_parallel_size=parallel.cp,
+        **megatron_sizes(parallel),
         sequence_parallel=parallel.sp,
         # precision; the fusions need CUDA kernels
         params_dtype=dtype,

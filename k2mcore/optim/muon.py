@@ -16,7 +16,7 @@ eps). This is torch.optim.Muon(adjust_lr_fn="match_rms_adamw", nesterov=True).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -32,7 +32,8 @@ def rms_match_scale(shape: torch.Size | tuple[int, ...]) -> float:
     return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
 
 
-def nesterov_input(grad: Tensor, momentum_buf: Tensor, *, momentum: float = 0.95, nesterov: bool = True) -> Tensor:
+def nesterov_input(grad: Tensor, momentum_buf: Tensor, *, momentum: float = _HP.momentum,
+                   nesterov: bool = _HP.nesterov) -> Tensor:
     """Update momentum_buf in place (EMA) and return Newton-Schulz's input U_t.
 
     Element-wise, so it runs on any shard of a matrix (a ZeRO slice) with its matching buffer.
@@ -44,10 +45,10 @@ def nesterov_input(grad: Tensor, momentum_buf: Tensor, *, momentum: float = 0.95
 def orthogonalized_update(
     u: Tensor,
     *,
-    ns_steps: int = 5,
-    coefficients: Coefficients = "k2",
-    eps: float = 1e-7,
-    ns_dtype: Optional[torch.dtype] = None,
+    ns_steps: int = _HP.ns_steps,
+    coefficients: Coefficients = _HP.coefficients,
+    eps: float = _HP.eps,
+    ns_dtype: Optional[torch.dtype] = _HP.ns_dtype,
     split_rows: int = 1,
 ) -> Tensor:
     """O_t = NS(U_t) * 0.2 sqrt(max dims), fp32, for a full matrix [n, m] or a stack [E, n, m].
@@ -67,22 +68,18 @@ def muon_update(
     grad: Tensor,
     momentum_buf: Tensor,
     *,
-    momentum: float = 0.95,
-    nesterov: bool = True,
-    ns_steps: int = 5,
-    coefficients: Coefficients = "k2",
-    eps: float = 1e-7,
-    ns_dtype: Optional[torch.dtype] = None,
-    split_rows: int = 1,
+    momentum: float = _HP.momentum,
+    nesterov: bool = _HP.nesterov,
+    **ns: Any,
 ) -> Tensor:
     """Update momentum_buf in place and return O_t (NS output x 0.2 sqrt(max dims)), fp32.
 
     grad/momentum_buf: a full matrix [n, m] or expert stack [E, n, m] (each expert on its own).
-    See orthogonalized_update for split_rows.
+    `ns`: orthogonalized_update's keyword arguments (ns_steps, coefficients, eps, ns_dtype,
+    split_rows).
     """
     u = nesterov_input(grad, momentum_buf, momentum=momentum, nesterov=nesterov)
-    return orthogonalized_update(u, ns_steps=ns_steps, coefficients=coefficients, eps=eps,
-                                 ns_dtype=ns_dtype, split_rows=split_rows)
+    return orthogonalized_update(u, **ns)
 
 
 def apply_muon_update(param: Tensor, update: Tensor, *, lr: float, weight_decay: float) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from k2mcore import platform
-from k2mcore.parallel.layout import Layout
+from k2mcore.parallel.layout import Layout, megatron_sizes
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,8 @@ def init_distributed(layout: Layout, seed: int, timeout_minutes: int = 30) -> Pr
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
+        **megatron_sizes(layout),
         virtual_pipeline_model_parallel_size=layout.vpp,
-        context_parallel_size=layout.cp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
         distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=not on_cpu,  # on CPU every group is gloo already
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from k2mcore.config.errors import ConfigError
 from k2mcore.config.schema import K2Config, ModelConfig, ParallelConfig
@@ -155,6 +155,14 @@ def _stages_from_layout(model: ModelConfig, par: ParallelConfig) -> tuple[Stages
         raise ConfigError(f"{key}={layout!r}: " + "; ".join(problems))
     stages = [[flat[v * pp + r] for v in range(detected)] for r in range(pp)]
     return stages, vpp
+
+
+def megatron_sizes(sizes: Any) -> dict:
+    """The parallel sizes under megatron's keyword names, shared by initialize_model_parallel and
+    TransformerConfig; `sizes`: a Layout or a ParallelConfig (anything with tp/pp/cp/ep/etp)."""
+    return {"tensor_model_parallel_size": sizes.tp, "pipeline_model_parallel_size": sizes.pp,
+            "context_parallel_size": sizes.cp, "expert_model_parallel_size": sizes.ep,
+            "expert_tensor_parallel_size": sizes.etp}
 
 
 @dataclass(frozen=True)
