@@ -41,7 +41,7 @@ EIGHT_RANK = ["tp2-pp2-ep2"]
 FOUR_RANK = ["dp4"]
 ALL = ["1rank", *TWO_RANK, *EIGHT_RANK, *FOUR_RANK]
 # layouts without TP whose collective bytes per training step are counted, MuonClip and AdamW
-BYTE_LAYOUTS = ("dp2", "ep2", "pp2", "dp4")
+BYTE_LAYOUTS = ("ep2", "dp4")
 GLOBAL_BATCH, SEQ, SEED = 4, 32, 1234
 # MuonClip phase: steps on fresh batches, with a QK-Clip threshold the toy's logits exceed
 MUON_STEPS, MUON_TAU = 5, 0.05
