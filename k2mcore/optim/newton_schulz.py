@@ -12,6 +12,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .shard_plan import ns_flops  # noqa: F401  (defined without torch, for the planner)
+
 K2_COEFFS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 
 #: named coefficient sets, selectable by name in MuonClip(coefficients=...)
@@ -80,12 +82,3 @@ def newton_schulz(
     return X.to(G.dtype).contiguous()
 
 
-def ns_flops(p: int, q: int, steps: int = 5) -> int:
-    """Matmul FLOPs of `steps` Newton-Schulz iterations on one p x q matrix (p <= q after transpose).
-
-    Per step (2 FLOPs per multiply-add): A = X X^T costs 2 p^2 q; A^2 (p x p x p) costs 2 p^3;
-    B X (p x p times p x q) costs 2 p^2 q. Total steps * (4 p^2 q + 2 p^3); element-wise
-    scalings and the norm are O(pq) and not counted. Inputs with p > q are transposed first.
-    """
-    p, q = min(p, q), max(p, q)
-    return steps * (4 * p * p * q + 2 * p**3)

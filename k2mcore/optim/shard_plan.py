@@ -40,8 +40,12 @@ ALIGN = 64  # megatron's pad_param_start
 
 
 def ns_flops(p: int, q: int, steps: int = 5) -> int:
-    """= k2mcore.optim.newton_schulz.ns_flops (that module imports torch): matmul FLOPs of
-    `steps` NS iterations on a p x q matrix, transposed so that p <= q."""
+    """Matmul FLOPs of `steps` Newton-Schulz iterations on one p x q matrix (p <= q after transpose).
+
+    Per step (2 FLOPs per multiply-add): A = X X^T costs 2 p^2 q; A^2 (p x p x p) costs 2 p^3;
+    B X (p x p times p x q) costs 2 p^2 q. Total steps * (4 p^2 q + 2 p^3); element-wise
+    scalings and the norm are O(pq) and not counted. Inputs with p > q are transposed first.
+    """
     p, q = min(p, q), max(p, q)
     return steps * (4 * p * p * q + 2 * p**3)
 
