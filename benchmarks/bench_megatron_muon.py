@@ -96,9 +96,10 @@ def _run(overrides: dict, mode: str, steps: int) -> dict:
     if mode == "megatron-muon":
         model, opt = _megatron_muon(cfg, groups, chunks)
     else:
+        param_layout = ddp_param_layout(cfg, chunks, groups)
         model = wrap_ddp(chunks, groups, distributed_optimizer=True,
-                         param_layout=ddp_param_layout(cfg, chunks, groups))
-        opt, _ = build_optimizer(cfg, model, groups)
+                         param_layout=param_layout)
+        opt, _ = build_optimizer(cfg, model, groups, param_layout=param_layout)
     gen = torch.Generator().manual_seed(0)
     times, counted = [], {}
     for _ in range(steps):

@@ -14,15 +14,19 @@ marked "EP16->8". Per layout, over all 16 pipeline stages and all their ranks:
              end, one bucket per buffer as k2mcore builds DDP), equal shards;
   busiest    worst stage: its busiest rank's bytes / ZeRO-1's per-rank bytes there;
   NS/mean    worst stage: busiest rank's Newton-Schulz FLOPs (dense + expert) / the mean;
-  NS/LB      the same against max(largest single matrix, mean);
-  NS/gLB     the same against the group lower bound (StagePlan.balance: experts cannot leave
-             their expert-DP group, so at expert-DP 1 a rank's own experts are fixed);
+  NS/LB      the same against max(largest single NS job, mean) (a fused SwiGLU fc1 is two
+             jobs, gate and up, as Newton-Schulz orthogonalizes them apart);
+  NS/gLB     the same against the group lower bound of plans that keep every matrix on its
+             owner (StagePlan.balance: experts cannot leave their expert-DP group, so at
+             expert-DP 1 a rank's own experts are fixed); "off" goes below it;
   state      worst stage: the largest optimizer shard (fp32 master + moments live there) /
              ZeRO-1's shard.
 
 Rows: "zero1" ZeRO-1 AdamW (the baseline); "a2a" today's MuonClip on ZeRO-1 shards (NS owners by
 LPT per holder group, no loads carried between dense and experts; its two bf16 all_to_alls
-added to the bytes); "owner" this plan; "LW-1" megatron's
+added to the bytes); "owner" this plan; "off" this plan with
+Newton-Schulz offloads (ns_offload.py, budget optimizer.muon.ns_offload_budget = 1.5% of the
+stage's ZeRO-1 bytes; their bf16 all_to_all bytes, both ways, added); "LW-1" megatron's
 LayerWiseDistributedOptimizer._compute_per_buffer_param_layout for the Muon params (AdamW params
 in their own DistributedOptimizer buffer, as its compute_full_param_layout does), one bucket;
 "LW-40M" the same with DDP's default bucket size max(4e7, 1e6 * dp) (k2mcore does not overlap the
@@ -36,6 +40,7 @@ import time
 import types
 
 GRAD, PARAM, WIRE = 4, 2, 2  # fp32 grads, bf16 params, bf16 Muon exchange
+OFFLOAD_BUDGET = 0.015  # optimizer.muon.ns_offload_budget's default
 
 
 class _Stand:
@@ -147,7 +152,9 @@ def bench_layout(dp: int, ep: int, shapes, megatron):
     cfg.parallel.ep = ep
     layout = resolve_layout(cfg, 16 * dp)
     world = World.from_layout(layout)
-    tally = {n: Tally() for n in ("zero1", "a2a", "owner", "LW-1", "LW-40M")}
+    from k2mcore.optim.ns_offload import plan_offload
+
+    tally = {n: Tally() for n in ("zero1", "a2a", "owner", "off", "LW-1", "LW-40M")}
     zgb = 0.0
     for pp in range(layout.pp):
         chunks = stage_chunks_from_shapes(shapes, layout, pp)
@@ -197,6 +204,14 @@ def bench_layout(dp: int, ep: int, shapes, megatron):
             stage.ranks, pad=lambda r: sum(p.padding for p, _ in stage.buffers_of(r)),
             bytes_of=stage.bytes_of, state_of=stage.state_numel_of, ns_of=stage.loads.__getitem__,
             **common)
+        off = plan_offload(stage, wire_bytes=WIRE,
+                           budget_bytes=int(OFFLOAD_BUDGET * sum(base_of(r) for r in stage.ranks)))
+        sent = {r: sum(WIRE * m.numel for m in off.offloads if r in (m.holder, m.helper))
+                for r in stage.ranks}
+        tally["off"].stage(
+            stage.ranks, pad=lambda r: sum(p.padding for p, _ in stage.buffers_of(r)),
+            bytes_of=lambda r: stage.bytes_of(r) + sent[r], state_of=stage.state_numel_of,
+            ns_of=off.loads.__getitem__, **common)
         for label, _ in LW_RUNS:
             tally[label].stage(
                 stage.ranks, pad=over(lambda e, g, k=label: e[k][0] - e["held"]),

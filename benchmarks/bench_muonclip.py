@@ -1,6 +1,6 @@
 """MuonClip against ZeRO-1 AdamW per parallel layout, and Newton-Schulz against torch.optim.Muon.
 
-    python benchmarks/bench_muonclip.py [--steps 6]
+    python benchmarks/bench_muonclip.py [--steps 6] [--layouts dp4 ...] [--global-batch 8 32]
 
 Per layout (a widened k2-tiny on gloo ranks, both optimizers built by the trainer's
 build_optimizer and stepped on the same batches):
@@ -11,7 +11,11 @@ build_optimizer and stepped on the same batches):
     MuonClip on owner-aligned shards (the default) and MuonClip on megatron's equal shards with
     its two all_to_all exchanges ("muon-a2a"); the all_to_all bytes apart (TP gathers only, on
     owner-aligned shards);
-  - median optimizer-step and whole-step times (slowest rank) of each.
+  - median optimizer-step and whole-step times (slowest rank) of each, and the analytic
+    Newton-Schulz share: NS FLOPs per step over the forward+backward matmul FLOPs of the Muon
+    matrices (6 x their elements x tokens, experts at top-k/E). NS work per step is fixed by
+    the model; the forward/backward grows with the tokens per step, so the step-time ratio
+    falls as the global batch grows (`--global-batch` runs several sizes in one run).
 Then, on this CPU, Newton-Schulz for the widened model's matrices: k2mcore's (fp32, batched by
 shape) against torch.optim.Muon's step on the same matrices (bf16, one at a time).
 Ranks share this machine's cores: compare ratios within one run.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -45,11 +50,11 @@ WIDE = ["model.hidden_size=128", "model.ffn_hidden_size=512", "model.moe_ffn_hid
 GLOBAL_BATCH, SEQ = 8, 64
 
 
-def _batches(vocab: int, step: int, groups) -> list[dict]:
+def _batches(vocab: int, step: int, groups, global_batch: int) -> list[dict]:
     import torch
 
     g = torch.Generator().manual_seed(step)
-    data = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    data = torch.randint(0, vocab, (global_batch, SEQ + 1), generator=g)
     dp, rank = groups.layout.dp, groups.dp_rank
     mine = data.chunk(dp)[rank]
     return [{"tokens": s[None, :-1], "labels": s[None, 1:], "loss_mask": torch.ones(1, SEQ)}
@@ -63,7 +68,21 @@ MODES = {  # name -> optimizer settings
 }
 
 
-def _run_layout(overrides: dict, mode: str, steps: int) -> dict:
+def _matmul_flops(cfg, tokens: int) -> int:
+    """Forward+backward FLOPs of the Muon matrices for `tokens` tokens: 6 x elements x tokens,
+    routed experts weighted by top-k / experts (the share of tokens each one sees)."""
+    from k2mcore.optim.shard_plan import spec_for
+    from k2mcore.parallel.layout import megatron_param_shapes
+
+    m, total = cfg.model, 0.0
+    for name, shape in megatron_param_shapes(m).items():
+        if spec_for(name, shape).muon:
+            share = m.moe_topk / m.num_experts if ".local_experts." in name else 1.0
+            total += 6 * share * math.prod(shape) * tokens
+    return int(total)
+
+
+def _run_layout(overrides: dict, mode: str, steps: int, global_batch: int) -> dict:
     import torch.distributed as dist
     from comm_bytes import count_collective_bytes
 
@@ -82,13 +101,14 @@ def _run_layout(overrides: dict, mode: str, steps: int) -> dict:
     cfg = load_config("k2-tiny", sets)
     groups = init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=1)
     chunks = build_model(cfg, groups)
+    param_layout = ddp_param_layout(cfg, chunks, groups)
     model = wrap_ddp(chunks, groups, distributed_optimizer=True,
-                     param_layout=ddp_param_layout(cfg, chunks, groups))
-    opt, _ = build_optimizer(cfg, model, groups)
+                     param_layout=param_layout)
+    opt, _ = build_optimizer(cfg, model, groups, param_layout=param_layout)
     muon = [o for o in inner_optimizers(opt) if hasattr(o, "plan")]
     step_s, opt_s, counted = [], [], []
     for step in range(steps):
-        batches = _batches(cfg.model.vocab_size, step, groups)
+        batches = _batches(cfg.model.vocab_size, step, groups, global_batch)
         dist.barrier()
         with count_collective_bytes() as counts:
             start = time.perf_counter()
@@ -107,17 +127,20 @@ def _run_layout(overrides: dict, mode: str, steps: int) -> dict:
     last = counted[-1]  # every step hands over the same bytes
     return {"step_s": statistics.median(step_s[warm]), "opt_s": statistics.median(opt_s[warm]),
             "bytes": sum(last.values()), "exchange": last.get("all_to_all_single", 0),
-            "ns_flops": sum(o.plan.ns_flops[o.plan.rank] for o in muon)}
+            "ns_flops": sum(o.ns_flops_here for o in muon),
+            "matmul_flops": _matmul_flops(cfg, global_batch * SEQ)}
 
 
-def worker(world: int, steps: int, out: str) -> None:
+def worker(world: int, steps: int, out: str, names: list, batch: int) -> None:
     import torch.distributed as dist
 
     rows = {}
     for name, overrides in LAYOUTS[world].items():
+        if names and name not in names and world > 1:
+            continue
         rows[name] = {}
         for mode in MODES:
-            mine = _run_layout(overrides, mode, steps)
+            mine = _run_layout(overrides, mode, steps, batch)
             every: list = [None] * dist.get_world_size()
             dist.all_gather_object(every, mine)
             rows[name][mode] = {
@@ -125,7 +148,7 @@ def worker(world: int, steps: int, out: str) -> None:
                 "bytes": sum(r["bytes"] for r in every),
                 "busiest": max(r["bytes"] for r in every), "ranks": len(every),
                 "exchange": sum(r["exchange"] for r in every),
-                "ns_flops": [r["ns_flops"] for r in every]}
+                "ns_flops": [r["ns_flops"] for r in every], "matmul_flops": every[0]["matmul_flops"]}
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
@@ -182,27 +205,45 @@ def ns_versus_torch_muon(repeats: int = 3) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--layouts", nargs="+", default=[], help="only these (default: all)")
+    ap.add_argument("--global-batch", type=int, nargs="+", default=[GLOBAL_BATCH])
     ap.add_argument("--worker", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     if args.worker:
-        worker(args.worker, args.steps, args.out)
+        worker(args.worker, args.steps, args.out, args.layouts, args.global_batch[0])
         return
-    from launching import local_command, local_env  # shared with the tests
+
+    for batch in args.global_batch:
+        report(_collect(args, batch), batch)
+    ns_versus_torch_muon()
+
+
+def _collect(args, batch: int) -> dict:
+    from launching import local_command, local_env
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for world in LAYOUTS:
+            if args.layouts and world > 1 and not set(args.layouts) & set(LAYOUTS[world]):
+                continue
             out = os.path.join(tmp, f"{world}.json")
-            cmd = local_command(world, __file__, ["--worker", str(world), "--steps",
-                                                  str(args.steps), "--out", out])
+            cmd = local_command(world, __file__, [
+                "--worker", str(world), "--steps", str(args.steps), "--out", out,
+                "--global-batch", str(batch), *(["--layouts", *args.layouts] if args.layouts else [])])
             subprocess.run(cmd, env=local_env(), check=True, capture_output=True)
             with open(out) as f:
                 rows.update(json.load(f))
+    return rows
+
+
+def report(rows: dict, batch: int) -> None:
     total = sum(rows["1rank"]["muon"]["ns_flops"])
-    print(f"MuonClip vs ZeRO-1 AdamW, widened k2-tiny ({GLOBAL_BATCH} x {SEQ} tokens per step, "
-          f"fp32, gloo), model NS total {total / 1e9:.3f} GFLOP per step; bytes: every byte "
+    share = total / rows["1rank"]["muon"]["matmul_flops"]
+    print(f"MuonClip vs ZeRO-1 AdamW, widened k2-tiny ({batch} x {SEQ} tokens per step, "
+          f"fp32, gloo), model NS total {total / 1e9:.3f} GFLOP per step = {share:.2f}x the "
+          f"Muon matrices' forward+backward matmul FLOPs; bytes: every byte "
           f"handed to a torch.distributed collective over one whole step, summed over ranks")
     print(f"{'layout':12s} {'mode':9s} {'NS GFLOP/rank max..min':>23s} {'redund.':>8s} "
           f"{'MB':>8s} {'bytes x':>8s} {'busiest x':>9s} {'a2a MB':>7s} {'opt ms':>7s} "
@@ -219,7 +260,7 @@ def main() -> None:
             print(f"{name:12s} {mode:9s} {ns} {m['bytes'] / 1e6:8.3f} {ratio:>8s} {busiest:>9s} "
                   f"{m['exchange'] / 1e6:7.3f} {1e3 * m['opt_s']:7.1f} {m['opt_s'] / a['opt_s']:6.2f} "
                   f"{1e3 * m['step_s']:8.1f} {m['step_s'] / a['step_s']:6.2f}")
-    ns_versus_torch_muon()
+    print()
 
 
 if __name__ == "__main__":

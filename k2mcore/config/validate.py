@@ -118,6 +118,9 @@ def _check_muonclip(cfg: K2Config) -> None:
         raise ConfigError(f"optimizer.muon.lr_scale: must be >= 0, got {_fmt(m.lr_scale)}")
     if m.weight_decay is not None and not m.weight_decay >= 0:
         raise ConfigError(f"optimizer.muon.weight_decay: must be >= 0 or null, got {_fmt(m.weight_decay)}")
+    if not 0 <= m.ns_offload_budget <= 0.5:
+        raise ConfigError(f"optimizer.muon.ns_offload_budget: must be in [0, 0.5] (a fraction of "
+                          f"ZeRO-1's bytes), got {_fmt(m.ns_offload_budget)}")
     if not q.threshold > 0:
         raise ConfigError(f"qk_clip.threshold: must be > 0, got {_fmt(q.threshold)}")
     if not 0 <= q.alpha <= 1:

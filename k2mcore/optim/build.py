@@ -9,8 +9,10 @@ from k2mcore.config.schema import K2Config
 from k2mcore.parallel.groups import ProcessGroups
 
 
-def build_optimizer(cfg: K2Config, model: list, groups: ProcessGroups) -> tuple[Any, Any]:
-    """(megatron optimizer, OptimizerParamScheduler) for the DDP-wrapped `model` chunks."""
+def build_optimizer(cfg: K2Config, model: list, groups: ProcessGroups, *,
+                    param_layout: Optional[Any] = None) -> tuple[Any, Any]:
+    """(megatron optimizer, OptimizerParamScheduler) for the DDP-wrapped `model` chunks.
+    `param_layout`: what `ddp_param_layout` gave `wrap_ddp` (its NS offloads go to MuonClip)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     o = cfg.optimizer
@@ -26,7 +28,8 @@ def build_optimizer(cfg: K2Config, model: list, groups: ProcessGroups) -> tuple[
     )
     sched = build_scheduler(cfg, opt)
     if o.name == "muonclip":
-        _install_muonclip(cfg, opt, model, groups)
+        _install_muonclip(cfg, opt, model, groups,
+                          offloads=getattr(param_layout, "offloads", ()))
     return opt, sched
 
 
@@ -36,10 +39,12 @@ def ddp_param_layout(cfg: K2Config, chunks: list, groups: ProcessGroups) -> Opti
     m = cfg.optimizer.muon
     if cfg.optimizer.name != "muonclip" or not m.owner_aligned_shards:
         return None
+    from .hparams import MuonHyperParams
     from .owner_layout import OwnerAlignedLayout
 
     return OwnerAlignedLayout(chunks, groups, router_in_muon=m.router_in_muon,
-                              split_gated=m.split_gated)
+                              split_gated=m.split_gated, offload_budget=m.ns_offload_budget,
+                              wire_bytes=MuonHyperParams.from_config(m).wire_dtype().itemsize)
 
 
 def build_scheduler(cfg: K2Config, opt: Any) -> Any:
@@ -60,7 +65,8 @@ def build_scheduler(cfg: K2Config, opt: Any) -> Any:
     )
 
 
-def _install_muonclip(cfg: K2Config, opt: Any, model: list, groups: ProcessGroups) -> None:
+def _install_muonclip(cfg: K2Config, opt: Any, model: list, groups: ProcessGroups, *,
+                      offloads: Any = ()) -> None:
     """megatron's distributed AdamW becomes MuonClip: Muon on the hidden matrices (sharded
     Newton-Schulz), AdamW on the rest, QK-Clip after each step (k2mcore.optim.megatron_muonclip)."""
     from .hparams import MuonHyperParams
@@ -71,5 +77,5 @@ def _install_muonclip(cfg: K2Config, opt: Any, model: list, groups: ProcessGroup
         opt, [getattr(c, "module", c) for c in model], MuonHyperParams.from_config(m), groups,
         router_in_muon=m.router_in_muon, split_gated=m.split_gated,
         qk_clip_threshold=cfg.qk_clip.threshold if cfg.qk_clip_active else None,
-        qk_clip_alpha=cfg.qk_clip.alpha,
+        qk_clip_alpha=cfg.qk_clip.alpha, offloads=offloads,
     )

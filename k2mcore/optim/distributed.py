@@ -149,6 +149,18 @@ class ExchangePlan:
         return 0 if piece is None else piece.end - piece.start
 
 
+@dataclass
+class OffloadPlan:
+    """This optimizer's part of its pipeline stage's Newton-Schulz offloads (ns_offload.py),
+    the same job order on both sides of every pair: `send[d]` the (matrix, row block) jobs this
+    rank owns and pipeline-stage rank d runs, `recv[s]` the block shapes it runs for rank s."""
+
+    group: Optional[dist.ProcessGroup]  # the ranks of this pipeline stage
+    size: int
+    send: list[list[tuple[int, int]]]
+    recv: list[list[tuple[int, int]]]
+
+
 def balance(costs: Sequence[int], size: int,
             candidates: Optional[Sequence[Optional[Sequence[int]]]] = None) -> list[int]:
     """Owner per job, greedy longest-processing-time first; deterministic (ties by index, then
@@ -209,7 +221,7 @@ class ShardedMuonClip(torch.optim.AdamW):
     @classmethod
     def from_inner(
         cls, inner: torch.optim.Optimizer, *, plan: ExchangePlan, muon: list[tuple[Tensor, int]],
-        hparams: MuonHyperParams,
+        hparams: MuonHyperParams, offload: Optional[OffloadPlan] = None,
     ) -> "ShardedMuonClip":
         """Take over megatron's (fresh) inner Adam: its param groups, which already hold the
         main-param shards (views torch's constructor would refuse as non-leaf tensors) and the
@@ -234,6 +246,7 @@ class ShardedMuonClip(torch.optim.AdamW):
                     group["decoupled_weight_decay"] = True
                 self.param_groups.append(group)
         self.plan = plan
+        self.offload = offload
         self.hparams = hparams
         self.muon = muon
         self._muon_ids = {id(p) for p, _ in muon}
@@ -319,7 +332,7 @@ class ShardedMuonClip(torch.optim.AdamW):
                 piece = plan.pieces[src][i]
                 shards[i][piece.tp_rank, piece.start:piece.end] = next(chunks)
         results = self._orthogonalize({i: plan.matrices[i].assemble(
-            shards[i].view(-1, *plan.matrices[i].local_shape)) for i in owned})
+            shards[i].view(-1, *plan.matrices[i].local_shape)) for i in owned}, device, wire)
         local = {i: plan.matrices[i].split(results[i]).reshape(plan.matrices[i].tp_size, -1) for i in owned}
         # 3. every holder's slice of the update back to it
         send = [local[i][plan.pieces[dst][i].tp_rank, plan.pieces[dst][i].start:plan.pieces[dst][i].end]
@@ -330,19 +343,68 @@ class ShardedMuonClip(torch.optim.AdamW):
         order = [i for src in range(plan.size) for i in plan.back[src]]
         return dict(zip(order, back.split([plan.numel(me, i) for i in order])))
 
-    def _orthogonalize(self, full: dict[int, Tensor]) -> dict[int, Tensor]:
-        """Newton-Schulz (unscaled) batched over matrices of the same shape and SwiGLU split."""
-        h, plan = self.hparams, self.plan
-        by_shape: dict[tuple, list[int]] = {}
+    def _orthogonalize(self, full: dict[int, Tensor], device: Any, dtype: torch.dtype) -> dict[int, Tensor]:
+        """Newton-Schulz (unscaled) on the owned matrices, row block by row block (a fused
+        SwiGLU fc1's gate and up halves on their own); the offloaded blocks go to their helpers
+        and come back, and this rank runs the blocks it helps with alongside its own."""
+        plan, off = self.plan, self.offload
+        blocks: dict[tuple, Tensor] = {}
         for i, t in full.items():
-            by_shape.setdefault((tuple(t.shape), plan.matrices[i].split_rows), []).append(i)
-        out: dict[int, Tensor] = {}
-        for (shape, k), ids in by_shape.items():
-            stack = torch.stack([full[i] for i in ids]).view(-1, shape[0] // k, shape[1])
-            o = newton_schulz(stack, h.ns_steps, h.coefficients, h.eps, dtype=stack.dtype)
-            for j, i in enumerate(o.view(len(ids), *shape)):
-                out[ids[j]] = i
+            for h, block in enumerate(t.view(plan.matrices[i].split_rows, -1, t.shape[-1])):
+                blocks[("own", i, h)] = block
+        if off is not None:
+            away = [blocks.pop(("own", i, h)) for d in range(off.size) for i, h in off.send[d]]
+            got = self._offload_all_to_all(
+                [b.reshape(-1) for b in away], [[b.numel() for b in self._blocks_to(d, full)]
+                                                for d in range(off.size)],
+                [[r * c for r, c in off.recv[s]] for s in range(off.size)], device, dtype)
+            for s, parts in enumerate(got):
+                for j, (part, shape) in enumerate(zip(parts, off.recv[s])):
+                    blocks[("help", s, j)] = part.view(shape)
+        outs = self._ns_batched(blocks)
+        if off is not None:
+            back = self._offload_all_to_all(
+                [outs.pop(("help", s, j)).reshape(-1) for s in range(off.size)
+                 for j in range(len(off.recv[s]))],
+                [[r * c for r, c in off.recv[s]] for s in range(off.size)],
+                [[b.numel() for b in self._blocks_to(d, full)] for d in range(off.size)],
+                device, dtype)
+            for d, parts in enumerate(back):
+                for (i, h), part in zip(off.send[d], parts):
+                    outs[("own", i, h)] = part
+        return {i: torch.cat([outs[("own", i, h)].reshape(-1) for h in
+                              range(plan.matrices[i].split_rows)]).view(t.shape)
+                for i, t in full.items()}
+
+    def _blocks_to(self, d: int, full: dict[int, Tensor]) -> list[Tensor]:
+        """The row blocks this rank sends to stage rank d for NS (views, for their sizes)."""
+        plan = self.plan
+        return [full[i].view(plan.matrices[i].split_rows, -1, full[i].shape[-1])[h]
+                for i, h in self.offload.send[d]]
+
+    def _ns_batched(self, blocks: dict[tuple, Tensor]) -> dict[tuple, Tensor]:
+        h = self.hparams
+        by_shape: dict[tuple, list] = {}
+        for key, t in blocks.items():
+            by_shape.setdefault(tuple(t.shape), []).append(key)
+        out: dict[tuple, Tensor] = {}
+        for keys in by_shape.values():
+            o = newton_schulz(torch.stack([blocks[k] for k in keys]), h.ns_steps, h.coefficients,
+                              h.eps, dtype=blocks[keys[0]].dtype)
+            out.update(zip(keys, o))
         return out
+
+    def _offload_all_to_all(self, parts: list[Tensor], send: list[list[int]],
+                            recv: list[list[int]], device: Any, dtype: torch.dtype) -> list[list[Tensor]]:
+        """One all_to_all over the stage; [src][job] -> the flat tensors received."""
+        off = self.offload
+        send_sizes, recv_sizes = [sum(x) for x in send], [sum(x) for x in recv]
+        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
+        out = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+        dist.all_to_all_single(out, flat.contiguous(), recv_sizes, send_sizes, group=off.group)
+        self.comm_bytes += flat.element_size() * sum(send_sizes)
+        pieces = iter(out.split([n for sizes in recv for n in sizes]))
+        return [[next(pieces) for _ in sizes] for sizes in recv]
 
     def _all_to_all(self, parts: list[Tensor], send_sizes: list[int], recv_sizes: list[int],
                     device: Any, dtype: torch.dtype) -> Tensor:
@@ -353,6 +415,20 @@ class ShardedMuonClip(torch.optim.AdamW):
         dist.all_to_all_single(out, send.contiguous(), recv_sizes, send_sizes, group=self.plan.group)
         self.comm_bytes += send.element_size() * (sum(send_sizes) - send_sizes[self.plan.rank])
         return out
+
+    @property
+    def ns_flops_here(self) -> int:
+        """Newton-Schulz FLOPs this rank runs per step: its owned matrices', less the row
+        blocks it offloads, plus the blocks it runs for other ranks."""
+        plan, off = self.plan, self.offload
+        flops = plan.ns_flops[plan.rank]
+        if off is not None:
+            for jobs in off.send:
+                for i, _ in jobs:
+                    m = plan.matrices[i]
+                    flops -= m.cost // m.split_rows
+            flops += sum(ns_flops(r, c) for shapes in off.recv for r, c in shapes)
+        return flops
 
     def zero_comm_counter(self) -> int:
         sent, self.comm_bytes = self.comm_bytes, 0

@@ -10,7 +10,7 @@ import torch
 
 from k2mcore.config.schema import MuonConfig
 
-from .newton_schulz import resolve_coefficients
+from .newton_schulz import default_ns_dtype, resolve_coefficients
 
 _CONFIG = MuonConfig()
 _NS_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -35,3 +35,9 @@ class MuonHyperParams:
                    coefficients=resolve_coefficients(m.coefficients), eps=NS_EPS,
                    ns_dtype=_NS_DTYPES[m.ns_dtype], lr_scale=m.lr_scale,
                    weight_decay=m.weight_decay)
+
+    def wire_dtype(self) -> torch.dtype:
+        """The dtype Newton-Schulz computes in here, which the Muon exchanges carry."""
+        from k2mcore import platform
+
+        return self.ns_dtype or default_ns_dtype(platform.device())

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from k2mcore.parallel.groups import ProcessGroups
 
 from .chain import child_optimizers
-from .distributed import ExchangePlan, ShardedMuonClip, _Matrix, _Piece, build_plan
+from .distributed import ExchangePlan, OffloadPlan, ShardedMuonClip, _Matrix, _Piece, build_plan
 from .hparams import MuonHyperParams
 from .param_groups import split_params
 from .qk_clip import ShardedQKClip
@@ -63,11 +63,14 @@ def install_muonclip(
     split_gated: bool = True,
     qk_clip_threshold: Optional[float] = 100.0,
     qk_clip_alpha: float = 0.5,
+    offloads: Sequence = (),
 ) -> list[ShardedMuonClip]:
     """Replace the inner optimizer of every DistributedOptimizer in `optimizer` (collective).
 
-    `chunks`: the unwrapped model chunks (GPTModel), in order. Returns the new inner optimizers;
-    the first one of the dense parameters carries the QK-Clip hook.
+    `chunks`: the unwrapped model chunks (GPTModel), in order. `offloads`: this pipeline stage's
+    Newton-Schulz offloads (k2mcore.optim.ns_offload, from the owner-aligned layout's stage
+    plan; the same list on every rank of the stage). Returns the new inner optimizers; the first
+    one of the dense parameters carries the QK-Clip hook.
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -107,8 +110,15 @@ def install_muonclip(
                                 end=start + shard.numel(), source=sharded or tp_rank == 0))
             shards.append((shard, i))
         plan: ExchangePlan = build_plan(matrices, local, expert_group if expert else dense_group)
+        offload = _offload_plan([m for m in offloads if m.expert == expert], matrices,
+                                len(chunks), dense_group, groups)
+        if offload is not None and any(plan.owner[i] != plan.rank for jobs in offload.send
+                                       for i, _ in jobs):
+            raise RuntimeError("MuonClip offload: a matrix planned on this rank is owned by "
+                               "another (owner-aligned shards expected)")
         inner = child.optimizer
-        new = ShardedMuonClip.from_inner(inner, plan=plan, muon=shards, hparams=hparams)
+        new = ShardedMuonClip.from_inner(inner, plan=plan, muon=shards, hparams=hparams,
+                                         offload=offload)
         child.optimizer = new
         child.init_state_fn = new.init_state
         installed.append((expert, new, child))
@@ -120,3 +130,34 @@ def install_muonclip(
             group=groups.dp_cp_group,
             shard_of=lambda w, child=child: _main_shard(child, w)))
     return [new for _, new, _ in installed]
+
+
+def _offload_plan(offloads: Sequence, matrices: list[_Matrix], num_chunks: int,
+                  stage_group: dist.ProcessGroup, groups: ProcessGroups) -> Optional[OffloadPlan]:
+    """This rank's sends and receives among the stage's offloads of one optimizer (dense or
+    expert); None when the stage has none, so no rank of it runs the exchange."""
+    if not offloads:
+        return None
+    from .shard_plan import World
+
+    world, me = World.from_layout(groups.layout), dist.get_rank()
+    planned = world.rank(tp=groups.tp_rank, dp=groups.dp_rank, pp=groups.pp_rank)  # CP is 1
+    if planned != me:  # the planner numbers ranks as megatron's RankGenerator does
+        raise RuntimeError(f"MuonClip offload: rank {me} is rank {planned} in the shard plan")
+    index = {m.name: i for i, m in enumerate(matrices)}
+    size = dist.get_world_size(stage_group)
+    send: list = [[] for _ in range(size)]
+    recv: list = [[] for _ in range(size)]
+    for m in offloads:
+        holder = dist.get_group_rank(stage_group, m.holder)
+        helper = dist.get_group_rank(stage_group, m.helper)
+        if m.holder == me:
+            name = f"chunk{m.chunk}.{m.name}" if num_chunks > 1 else m.name
+            i = index.get(name)
+            if i is None or matrices[i].split_rows != m.halves:
+                raise RuntimeError(f"MuonClip offload: {name} is not a Muon matrix of this rank "
+                                   f"as planned")
+            send[helper].append((i, m.half))
+        if m.helper == me:
+            recv[holder].append(tuple(m.shape))
+    return OffloadPlan(group=stage_group, size=size, send=send, recv=recv)

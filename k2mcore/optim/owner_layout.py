@@ -15,6 +15,7 @@ from torch import nn
 
 from k2mcore.parallel.groups import ProcessGroups
 
+from .ns_offload import plan_offload
 from .param_groups import split_params
 from .shard_plan import ParamSpec, StageChunk, StagePlan, World, plan_stage, to_full_param_layout
 
@@ -34,14 +35,25 @@ class OwnerAlignedLayout:
     built, `register(index, ddp_chunk)` after."""
 
     def __init__(self, chunks: Sequence[nn.Module], groups: ProcessGroups, *,
-                 router_in_muon: bool = True, split_gated: bool = True) -> None:
+                 router_in_muon: bool = True, split_gated: bool = True,
+                 offload_budget: float = 0.0, wire_bytes: int = 2) -> None:
+        """`offload_budget`: optimizer.muon.ns_offload_budget, the bytes NS offloads may send
+        per step as a fraction of the stage's ZeRO-1 bytes; `wire_bytes`: the NS dtype's size."""
         self.groups = groups
         self.router_in_muon, self.split_gated = router_in_muon, split_gated
         self._specs = [self._chunk_specs(c) for c in chunks]
         stage_chunks = [StageChunk(dense=d, experts=[e] * groups.layout.ep if e else [])
                         for d, e in self._specs]
-        self.stage: StagePlan = plan_stage(stage_chunks, World.from_layout(groups.layout),
-                                           pp_rank=groups.pp_rank)
+        stage = plan_stage(stage_chunks, World.from_layout(groups.layout), pp_rank=groups.pp_rank)
+        param_bytes = next(iter(chunks[0].parameters())).element_size()
+        zero1 = sum(stage.zero1_bytes_of(r, param_bytes=param_bytes) for r in stage.ranks)
+        self.stage: StagePlan = plan_offload(stage, budget_bytes=int(offload_budget * zero1),
+                                             wire_bytes=wire_bytes)
+
+    @property
+    def offloads(self) -> list:
+        """This stage's Newton-Schulz offloads (k2mcore.optim.ns_offload.Offload)."""
+        return list(self.stage.offloads)
 
     def _chunk_specs(self, chunk: nn.Module) -> tuple[list, list]:
         """(dense specs, expert specs) of one chunk, in megatron's buffer grouping."""

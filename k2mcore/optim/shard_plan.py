@@ -128,6 +128,7 @@ class BufferPlan:
     padding: int
     zero1_numel: int  # megatron's DistributedOptimizer buffer for the same params
     costs: dict = field(default_factory=dict)  # Muon matrix name -> NS FLOPs
+    shapes: dict = field(default_factory=dict)  # Muon matrix name -> (NS shape, split_rows)
 
     @property
     def loads(self) -> list:
@@ -254,7 +255,8 @@ def plan_buffer(params: Sequence[ParamSpec], dp: int, *, start_loads: Optional[S
         shard_bounds=bounds, owner={params[i].name: owner_of[i] for i in muon}, ns_load=ns,
         start_loads=loads0, numel=numel, padding=numel - sum(p.numel for p in params),
         zero1_numel=zero1_numel([p.numel for p in params], dp, align=align, end_divisor=end_divisor),
-        costs={params[i].name: params[i].cost for i in muon})
+        costs={params[i].name: params[i].cost for i in muon},
+        shapes={params[i].name: (params[i].shape, params[i].split_rows) for i in muon})
 
 
 def _arrange(blocks: list, adamw: list, slot: list, fills: list, level: Fraction) -> list:
@@ -418,7 +420,8 @@ class StagePlan:
     world: World
     pp_rank: int
     chunks: list
-    loads: dict  # global rank -> NS FLOPs over all chunks
+    loads: dict  # global rank -> NS FLOPs over all chunks (after `offloads`)
+    offloads: list = field(default_factory=list)  # k2mcore.optim.ns_offload.Offload
 
     @property
     def ranks(self) -> list:
@@ -452,12 +455,14 @@ class StagePlan:
         return sum(p.shard_numel[g] for p, g in self.buffers_of(rank))
 
     def balance(self) -> dict:
-        """NS load over the stage's ranks: `max`, `mean`, `largest` single matrix,
+        """NS load over the stage's ranks: `max`, `mean`, `largest` single NS job (a matrix, or
+        one gate/up half of a fused SwiGLU fc1, which NS orthogonalizes on its own),
         `lower_bound` = max(largest, mean), and `group_lower_bound`, which also counts what the
-        groups force: an expert-DP group's experts stay inside it, so its ranks carry at least
-        their group's expert NS / expert_dp on average, and every dense matrix lands in some
-        group, raising that average by its cost / expert_dp (at expert-DP 1: the rank's own
-        experts plus the matrix). Both bound every plan's max from below."""
+        groups force when every matrix stays on its owner (no ns_offload): an expert-DP group's
+        experts stay inside it, so its ranks carry at least their group's expert NS / expert_dp
+        on average, and every dense matrix lands in some group, raising that average by its
+        cost / expert_dp (at expert-DP 1: the rank's own experts plus the matrix). Both bound
+        every plan's max from below (the group bound only without offloads)."""
         w = self.world
         values = list(self.loads.values())
         mean = sum(values) / len(values)
@@ -467,9 +472,10 @@ class StagePlan:
             dense += chunk.dense.costs.values()
             for e, plan in enumerate(chunk.experts):
                 expert[e] += sum(plan.ns_load)
-        largest = max([*dense] + [c for ch in self.chunks for p in ch.experts
-                                  for c in p.costs.values()], default=0)
-        bounds = [mean, largest, max(expert) / w.expert_dp]
+        plans = [p for ch in self.chunks for p in [ch.dense, *ch.experts]]
+        largest = max((c // p.shapes[n][1] for p in plans for n, c in p.costs.items()), default=0)
+        whole = max((c for p in plans for c in p.costs.values()), default=0)  # on its owner
+        bounds = [mean, whole, max(expert) / w.expert_dp]
         if w.dense_dp > 1:
             bounds += [min(e + c for e in expert) / w.expert_dp for c in dense]
         return {"max": max(values), "mean": mean, "largest": largest,

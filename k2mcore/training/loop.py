@@ -86,9 +86,10 @@ def _set_up(cfg: K2Config, layout: Layout, ckpt_root: str, faults: Faults) -> _R
 
     groups = init_distributed(layout, seed=cfg.train.seed)
     chunks = build_model(cfg, groups)
+    param_layout = ddp_param_layout(cfg, chunks, groups)
     model = wrap_ddp(chunks, groups, distributed_optimizer=cfg.parallel.distributed_optimizer,
-                     param_layout=ddp_param_layout(cfg, chunks, groups))
-    optimizer, scheduler = build_optimizer(cfg, model, groups)
+                     param_layout=param_layout)
+    optimizer, scheduler = build_optimizer(cfg, model, groups, param_layout=param_layout)
     return _Run(cfg=cfg, groups=groups, model=model, optimizer=optimizer, scheduler=scheduler,
                 stepper=SkippingStep(optimizer, cfg.train.max_consecutive_skips),
                 data=iter(()), logger=None, faults=faults,

@@ -137,6 +137,8 @@ def test_takes_over_another_adam_and_refuses_a_stepped_optimizer():
     (["optimizer.muon.lr_scale=-1"], "optimizer.muon.lr_scale: must be >= 0, got -1.0"),
     (["optimizer.muon.weight_decay=-0.1"], "optimizer.muon.weight_decay: must be >= 0 or null, got -0.1"),
     (["optimizer.muon.ns_dtype=fp16"], "optimizer.muon.ns_dtype: 'fp16' is not one of auto, fp32, bf16"),
+    (["optimizer.muon.ns_offload_budget=0.9"],
+     "optimizer.muon.ns_offload_budget: must be in [0, 0.5] (a fraction of ZeRO-1's bytes), got 0.9"),
     (["optimizer.name=muonclip", "parallel.distributed_optimizer=false"],
      "optimizer.name=muonclip needs parallel.distributed_optimizer=true"),
 ])

@@ -49,6 +49,28 @@ MUON_STEPS, MUON_TAU = 5, 0.05
 # inside the initial logits' range (about 0.08 to 0.13), so some heads clip and some do not
 CLIP_TAU = 0.11
 CLIP_LAYOUTS = ("1rank", "tp2-sp", "tp2-ep2", "tp2-pp2-ep2")
+# the toy is balanced without Newton-Schulz offloads; this layout's MuonClip run forces some
+# (both ways, dense SwiGLU halves and expert matrices) so the offload exchange is proved exact
+FORCED_OFFLOAD_LAYOUT = "ep2"
+
+
+def force_offloads(param_layout) -> None:
+    """Every rank of the stage sends the next rank its first up-half of a fused fc1 and its
+    first expert matrix block (the planner's order: deterministic on every rank)."""
+    import dataclasses
+
+    from k2mcore.optim.ns_offload import _jobs
+
+    stage = param_layout.stage
+    ranks = sorted(stage.loads)
+    moves = []
+    for r, jobs in _jobs(stage).items():
+        helper = ranks[(ranks.index(r) + 1) % len(ranks)]
+        picks = [next((j for j in jobs if j.half == 1 and not j.expert), None),
+                 next((j for j in jobs if j.expert), None)]
+        moves += [dataclasses.replace(j, helper=helper) for j in picks if j is not None]
+    moves.sort(key=lambda m: (m.holder, m.chunk, m.expert, m.name, m.half))
+    param_layout.stage = dataclasses.replace(stage, offloads=moves)
 
 
 def micro_batches(vocab: int, groups, seed: int = SEED) -> list[dict]:
@@ -108,12 +130,16 @@ def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, 
         f"model.moe_router_bias_update_rate={1e-3 if lr else 0.0}"])
     groups = init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=SEED)
     chunks = build_model(cfg, groups)
+    param_layout = ddp_param_layout(cfg, chunks, groups)
+    if name == FORCED_OFFLOAD_LAYOUT:
+        force_offloads(param_layout)
     model = wrap_ddp(chunks, groups, distributed_optimizer=True,
-                     param_layout=ddp_param_layout(cfg, chunks, groups))
+                     param_layout=param_layout)
     scatter_full(model, torch.load(init_path, weights_only=True))
-    optimizer, _ = build_optimizer(cfg, model, groups)
+    optimizer, _ = build_optimizer(cfg, model, groups, param_layout=param_layout)
     inner = inner_optimizers(optimizer)
-    flops = sum(o.plan.ns_flops[o.plan.rank] for o in inner)
+    flops = sum(o.ns_flops_here for o in inner)
+    offloaded = sum(len(jobs) for o in inner if o.offload is not None for jobs in o.offload.send)
     silent = all(o.plan.silent for o in inner)
     rows, weights = [], [gather_full(model)]
     for step in range(steps):
@@ -131,9 +157,11 @@ def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, 
     dist.all_gather_object(all_flops, flops)
     all_silent: list = [None] * dist.get_world_size()
     dist.all_gather_object(all_silent, silent)
+    all_offloaded: list = [None] * dist.get_world_size()
+    dist.all_gather_object(all_offloaded, offloaded)
     if dist.get_rank() == 0:
         torch.save({"rows": rows, "weights": weights, "ns_flops": all_flops, "heads_after": heads,
-                    "exchange_free": all(all_silent)},
+                    "exchange_free": all(all_silent), "offloaded": all_offloaded},
                    os.path.join(out, f"{name}.{tag}.pt"))
 
 
@@ -156,10 +184,11 @@ def count_step_bytes(name: str, out: str, init_path: str) -> None:
         groups = init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))),
                                   seed=SEED)
         chunks = build_model(cfg, groups)
+        param_layout = ddp_param_layout(cfg, chunks, groups)
         model = wrap_ddp(chunks, groups, distributed_optimizer=True,
-                         param_layout=ddp_param_layout(cfg, chunks, groups))
+                         param_layout=param_layout)
         scatter_full(model, torch.load(init_path, weights_only=True))
-        optimizer, _ = build_optimizer(cfg, model, groups)
+        optimizer, _ = build_optimizer(cfg, model, groups, param_layout=param_layout)
         batches = micro_batches(cfg.model.vocab_size, groups)
         dist.barrier()
         with count_collective_bytes() as counts:

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from layout_worker import ALL, BYTE_LAYOUTS, CLIP_LAYOUTS, CLIP_TAU, LAYOUTS, MUON_STEPS, MUON_TAU
+from layout_worker import (
+    ALL,
+    BYTE_LAYOUTS,
+    CLIP_LAYOUTS,
+    CLIP_TAU,
+    FORCED_OFFLOAD_LAYOUT,
+    LAYOUTS,
+    MUON_STEPS,
+    MUON_TAU,
+)
 
 from k2mcore.optim.newton_schulz import ns_flops
 
@@ -66,8 +75,16 @@ def test_newton_schulz_runs_once_per_matrix(muonclip_results, layout):
     flops = muonclip_results[layout]["ns_flops"]  # per rank
     total = _hand_count(muonclip_results["1rank"]["weights"][0])
     assert sum(flops) == total, f"redundancy factor {sum(flops) / total:.3f}"
-    if layout in ("dp2", "tp2-sp", "ep2"):  # one stage on two ranks: the work is split evenly
+    if layout in ("dp2", "tp2-sp"):  # one stage on two ranks: the work is split evenly
         assert max(flops) <= 1.02 * total / 2
+
+
+def test_forced_offloads_ran_both_ways(muonclip_results):
+    """The layout whose weights above match one rank's with Newton-Schulz offloads did offload:
+    each rank sent its neighbour a SwiGLU half and an expert matrix (layout_worker.force_offloads)."""
+    assert muonclip_results[FORCED_OFFLOAD_LAYOUT]["offloaded"] == [2, 2]
+    assert all(n == 0 for name in ALL if name != FORCED_OFFLOAD_LAYOUT
+               for n in muonclip_results[name]["offloaded"])
 
 
 @pytest.mark.parametrize("layout", ALL)
