@@ -82,53 +82,77 @@ def _matmul_flops(cfg, tokens: int) -> int:
     return int(total)
 
 
-def _run_layout(overrides: dict, mode: str, steps: int, global_batch: int) -> dict:
-    import torch.distributed as dist
-    from comm_bytes import count_collective_bytes
-
+def _build(overrides: dict, modes: list, global_batch: int) -> dict:
+    """One model and optimizer per mode, under one set of process groups (the same layout)."""
     from k2mcore.config.loader import load_config
     from k2mcore.config.validate import resolve_layout
     from k2mcore.model.build import build_model
     from k2mcore.optim.build import build_optimizer, ddp_param_layout
     from k2mcore.optim.chain import inner_optimizers
     from k2mcore.parallel.groups import init_distributed
-    from k2mcore.training.metrics import attention_report
-    from k2mcore.training.step import forward_backward, wrap_ddp
+    from k2mcore.training.step import wrap_ddp
 
-    sets = [f"{k}={json.dumps(v)}" for k, v in overrides.items()] + WIDE + MODES[mode] + [
-        f"train.seq_length={SEQ}", "train.dtype=fp32", "optimizer.warmup_iters=0",
-        "optimizer.decay_style=constant", "model.measure_max_attn_logit=true"]
-    cfg = load_config("k2-tiny", sets)
-    groups = init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=1)
-    chunks = build_model(cfg, groups)
-    param_layout = ddp_param_layout(cfg, chunks, groups)
-    model = wrap_ddp(chunks, groups, distributed_optimizer=True,
-                     param_layout=param_layout)
-    opt, _ = build_optimizer(cfg, model, groups, param_layout=param_layout)
-    muon = [o for o in inner_optimizers(opt) if hasattr(o, "plan")]
-    step_s, opt_s, counted = [], [], []
-    for step in range(steps):
-        batches = _batches(cfg.model.vocab_size, step, groups, global_batch)
+    runs, groups = {}, None
+    for mode in modes:
+        sets = [f"{k}={json.dumps(v)}" for k, v in overrides.items()] + WIDE + MODES[mode] + [
+            f"train.seq_length={SEQ}", "train.dtype=fp32", "optimizer.warmup_iters=0",
+            "optimizer.decay_style=constant", "model.measure_max_attn_logit=true"]
+        cfg = load_config("k2-tiny", sets)
+        if groups is None:
+            groups = init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))),
+                                      seed=1)
+        chunks = build_model(cfg, groups)
+        param_layout = ddp_param_layout(cfg, chunks, groups)
+        model = wrap_ddp(chunks, groups, distributed_optimizer=True, param_layout=param_layout)
+        opt, _ = build_optimizer(cfg, model, groups, param_layout=param_layout)
+        runs[mode] = {"cfg": cfg, "groups": groups, "model": model, "opt": opt,
+                      "muon": [o for o in inner_optimizers(opt) if hasattr(o, "plan")],
+                      "step_s": [], "opt_s": [], "counted": []}
+    return runs
+
+
+def _step(run: dict, step: int, global_batch: int) -> None:
+    import torch.distributed as dist
+    from comm_bytes import count_collective_bytes
+
+    from k2mcore.training.metrics import attention_report
+    from k2mcore.training.step import forward_backward
+
+    cfg, groups, model, opt = run["cfg"], run["groups"], run["model"], run["opt"]
+    batches = _batches(cfg.model.vocab_size, step, groups, global_batch)
+    dist.barrier()
+    with count_collective_bytes() as counts:
+        start = time.perf_counter()
+        opt.zero_grad()
+        forward_backward(model, groups, batches, seq_length=SEQ, micro_batch_size=1)
         dist.barrier()
-        with count_collective_bytes() as counts:
-            start = time.perf_counter()
-            opt.zero_grad()
-            forward_backward(model, groups, batches, seq_length=SEQ, micro_batch_size=1)
-            dist.barrier()
-            before = time.perf_counter()
-            opt.step()
-            dist.barrier()
-            end = time.perf_counter()
-            attention_report(cfg, opt, model, groups, stepped=True)
-        step_s.append(end - start)
-        opt_s.append(end - before)
-        counted.append(dict(counts))
+        before = time.perf_counter()
+        opt.step()
+        dist.barrier()
+        end = time.perf_counter()
+        attention_report(cfg, opt, model, groups, stepped=True)
+    run["step_s"].append(end - start)
+    run["opt_s"].append(end - before)
+    run["counted"].append(dict(counts))
+
+
+def _run_layout(overrides: dict, steps: int, global_batch: int) -> dict:
+    """Every mode on the same batches, their steps interleaved (adamw, muon, muon-a2a, adamw,
+    ...), so drifts in this shared machine's speed fall on all of them alike."""
+    runs = _build(overrides, list(MODES), global_batch)
+    for step in range(steps):
+        for run in runs.values():
+            _step(run, step, global_batch)
     warm = slice(2, None)  # first steps allocate state
-    last = counted[-1]  # every step hands over the same bytes
-    return {"step_s": statistics.median(step_s[warm]), "opt_s": statistics.median(opt_s[warm]),
-            "bytes": sum(last.values()), "exchange": last.get("all_to_all_single", 0),
-            "ns_flops": sum(o.ns_flops_here for o in muon),
-            "matmul_flops": _matmul_flops(cfg, global_batch * SEQ)}
+    out = {}
+    for mode, run in runs.items():
+        last = run["counted"][-1]  # every step hands over the same bytes
+        out[mode] = {"step_s": statistics.median(run["step_s"][warm]),
+                     "opt_s": statistics.median(run["opt_s"][warm]),
+                     "bytes": sum(last.values()), "exchange": last.get("all_to_all_single", 0),
+                     "ns_flops": sum(o.ns_flops_here for o in run["muon"]),
+                     "matmul_flops": _matmul_flops(run["cfg"], global_batch * SEQ)}
+    return out
 
 
 def worker(world: int, steps: int, out: str, names: list, batch: int) -> None:
@@ -139,8 +163,9 @@ def worker(world: int, steps: int, out: str, names: list, batch: int) -> None:
         if names and name not in names and world > 1:
             continue
         rows[name] = {}
+        results = _run_layout(overrides, steps, batch)
         for mode in MODES:
-            mine = _run_layout(overrides, mode, steps, batch)
+            mine = results[mode]
             every: list = [None] * dist.get_world_size()
             dist.all_gather_object(every, mine)
             rows[name][mode] = {
