@@ -15,6 +15,7 @@ CORPUS = ASSETS_DIR / "sample" / "stdlib_docs.jsonl"
 SAMPLE_PREFIX = ASSETS_DIR / "sample" / "stdlib_docs_text_document"
 TIKTOKEN = ASSETS_DIR / "tokenizer" / "k2-tiny.tiktoken"
 TOKENIZER_JSON = ASSETS_DIR / "tokenizer" / "k2-tiny.tokenizer.json"
+TOKENIZER_DIR = ASSETS_DIR / "tokenizer" / "k2-tiny"  # tokenizer.json + K2-style chat template
 
 
 def corpus_texts(n: Optional[int] = None, start: int = 0) -> list[str]:
