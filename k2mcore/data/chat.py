@@ -15,29 +15,32 @@ without such a block is refused in one line (no guessing of assistant spans from
 
 Special-token text inside messages ("<|im_end|>" typed by a user) is parsed into control tokens
 by transformers, as anywhere in the rendered text; `special_tokens_in_content="parse"` (default)
-does the same. `"plain"` keeps such text plain: every added token's text in a message string is
-wrapped in two private-use markers before rendering; the rendered text is then cut only at the
-special tokens the template wrote (unmarked), and each piece between them — content included,
-markers removed — is tokenized as plain text, exactly as the text path tokenizes a document. The
-text is what transformers renders; only the ids of the marked text change (to the ids of its
-characters), so no special id comes from content. A message string that already holds a marker
-character (U+F0000, U+F0001) is refused in plain mode.
+does the same. `"plain"` keeps such text plain: every added token's text in a message (or tool
+schema) string is wrapped in two private-use markers before rendering; the rendered text is then
+cut only at the special tokens the template wrote (unmarked), and each piece between them —
+content included, markers removed — is tokenized as plain text, exactly as the text path
+tokenizes a document. The text is what transformers renders; only the ids of the marked text
+change (to the ids of its characters), so no special id comes from content. A string that
+already holds a marker character (U+F0000, U+F0001) is refused in plain mode.
 
 Messages follow the OpenAI/Hugging Face convention: `role` one of system, user, assistant, tool;
 `content` a string or a list of `{"type": "text", "text": ...}` parts (null or absent only in an
 assistant message with `tool_calls`); `tool_calls` a list of `{"id", "type": "function",
-"function": {"name", "arguments"}}`; a tool message carries `tool_call_id`. A conversation needs an
-assistant turn. Problems are one-line DataErrors prefixed with where the conversation came from.
+"function": {"name", "arguments"}}`; a tool message carries `tool_call_id`. Tool schemas, when a
+conversation declares them (`tools`), go to the template as apply_chat_template's `tools`. A
+conversation needs an assistant turn. Problems are one-line DataErrors prefixed with where the
+conversation came from.
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from k2mcore.data.errors import DataError
 from k2mcore.data.tokenizers import HF_CONFIG, PathLike, Tokenizer, load_tokenizer, read_hf_config
@@ -143,42 +146,49 @@ class ChatTokenizer:
 
     # --- encoding ---------------------------------------------------------------------------
     def encode(self, messages: Any, where: str = "messages",
-               special_tokens_in_content: str = "parse") -> EncodedChat:
-        """Validate, render, tokenize, mask. `where` prefixes every error ("file.jsonl:12")."""
+               special_tokens_in_content: str = "parse", tools: Any = None) -> EncodedChat:
+        """Validate, render, tokenize, mask. `where` prefixes every error ("file.jsonl:12");
+        `tools`: the tool schemas handed to the template, as apply_chat_template's `tools`."""
         if special_tokens_in_content not in SPECIAL_TEXT_MODES:
             raise ValueError(f"special_tokens_in_content={special_tokens_in_content!r} is not one "
                              f"of {', '.join(SPECIAL_TEXT_MODES)}")
         messages = validate_messages(messages, where)
-        special = self._has_special_text(messages)
+        if tools is not None and (not isinstance(tools, list)
+                                  or not all(isinstance(t, dict) for t in tools)):
+            raise DataError(f"{where}: 'tools' must be a list of tool schemas (JSON objects)")
+        special = self._has_special_text([messages, tools])
         if special and special_tokens_in_content == "plain":
-            ids, mask = self._encode_plain(messages, where)
+            ids, mask = self._encode_plain(messages, tools, where)
         else:
-            ids, mask = self._encode_parsed(messages, where)
+            ids, mask = self._encode_parsed(messages, tools, where)
         return EncodedChat(ids, mask, special)
 
-    def _render_one(self, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    def _render_one(self, messages: list[dict], tools: Optional[list], where: str
+                    ) -> tuple[str, list[tuple[int, int]]]:
         try:
             rendered, spans = self._render(
-                conversations=[messages], chat_template=self.template,
+                conversations=[messages], tools=tools, chat_template=self.template,
                 return_assistant_tokens_mask=True, add_generation_prompt=False, **self.variables)
         except Exception as exc:  # raise_exception's TemplateError, a TypeError in the template..
             raise DataError(f"{where}: the chat template of {self.directory} does not render "
                             f"this conversation ({type(exc).__name__}: {exc})") from None
         return rendered[0], spans[0]
 
-    def _encode_parsed(self, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
-        text, spans = self._render_one(messages, where)
+    def _encode_parsed(self, messages: list[dict], tools: Optional[list], where: str
+                       ) -> tuple[list[int], list[int]]:
+        text, spans = self._render_one(messages, tools, where)
         enc = self._parse.encode(text, add_special_tokens=False)
         return enc.ids, _mask(enc.offsets, spans)
 
-    def _encode_plain(self, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
-        for s in _strings(messages):
+    def _encode_plain(self, messages: list[dict], tools: Optional[list], where: str
+                      ) -> tuple[list[int], list[int]]:
+        for s in _strings([messages, tools]):
             if _MARK_START in s or _MARK_END in s:
-                raise DataError(f"{where}: a message holds U+F0000/U+F0001, the markers "
-                                f"--special-tokens-in-content plain reserves")
-        marked = _map_strings(messages, lambda s: self._special_re.sub(
-            lambda m: f"{_MARK_START}{m.group(0)}{_MARK_END}", s))
-        text, spans = self._render_one(marked, where)
+                raise DataError(f"{where}: a message or tool schema holds U+F0000/U+F0001, "
+                                f"the markers --special-tokens-in-content plain reserves")
+        marked_messages, marked_tools = _map_strings([messages, tools], lambda s: (
+            self._special_re.sub(lambda m: f"{_MARK_START}{m.group(0)}{_MARK_END}", s)))
+        text, spans = self._render_one(marked_messages, marked_tools, where)
         return self._encode_marked(text, spans)
 
     def _encode_marked(self, text: str, spans: list[tuple[int, int]]
@@ -226,8 +236,8 @@ class ChatTokenizer:
         clean_spans = [(_unmarked(a, markers), _unmarked(b, markers)) for a, b in spans]
         return ids, _mask(offsets, clean_spans)
 
-    def _has_special_text(self, messages: list[dict]) -> bool:
-        return any(self._special_re.search(s) for s in _strings(messages))
+    def _has_special_text(self, obj: Any) -> bool:
+        return any(self._special_re.search(s) for s in _strings(obj))
 
 
 def _mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
@@ -247,8 +257,6 @@ def _mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) 
 
 def _unmarked(pos: int, markers: list[int]) -> int:
     """A position in the marked text -> the same place in the text without markers."""
-    import bisect
-
     return pos - bisect.bisect_left(markers, pos)
 
 
@@ -327,13 +335,14 @@ def encode_chat(
     messages: list[dict],
     tokenizer_dir: PathLike,
     *,
+    tools: Optional[list[dict]] = None,
     special_tokens_in_content: str = "parse",
 ) -> tuple[list[int], list[int]]:
     """`(input_ids, loss_mask)` of one conversation: equal to transformers' apply_chat_template
-    with `return_assistant_tokens_mask=True` (its `input_ids`, `assistant_masks`) in "parse"
-    mode; see the module docstring for "plain"."""
+    (with the same `tools`) and `return_assistant_tokens_mask=True` (its `input_ids`,
+    `assistant_masks`) in "parse" mode; see the module docstring for "plain"."""
     enc = load_chat_tokenizer(tokenizer_dir).encode(
-        messages, special_tokens_in_content=special_tokens_in_content)
+        messages, special_tokens_in_content=special_tokens_in_content, tools=tools)
     return enc.ids, enc.mask
 
 

@@ -1,6 +1,7 @@
 """`k2m-preprocess --chat`: conversations (jsonl) -> token ids and loss masks, megatron's format.
 
-Each input line is `{"messages": [...]}` (k2mcore.data.chat names the message rules). Every
+Each input line is `{"messages": [...]}`, with the conversation's tool schemas under `"tools"` if
+it declares any (k2mcore.data.chat names the message rules); other keys are ignored. Every
 conversation is encoded by `ChatTokenizer.encode` (the tokenizer directory's chat template, mask on
 its `{% generation %}` spans) and written as one document to two megatron indexed datasets with
 identical document lengths:
@@ -101,7 +102,7 @@ def _encode(item: tuple[str, int, bytes, str]) -> _Result:
     if not isinstance(doc.get("messages"), list):
         raise DataError(f"{where}: no 'messages' list (a chat line is "
                         f"{{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}})")
-    enc = _CHAT.encode(doc["messages"], where, _MODE)
+    enc = _CHAT.encode(doc["messages"], where, _MODE, tools=doc.get("tools"))
     ids, mask, status = enc.ids, enc.mask, "ok"
     if _MAX_LENGTH is not None and len(ids) > _MAX_LENGTH:
         ids, mask = ids[:_MAX_LENGTH], mask[:_MAX_LENGTH]

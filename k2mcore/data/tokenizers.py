@@ -162,7 +162,8 @@ class Tokenizer(ABC):
 
 
 def read_hf_config(directory: PathLike) -> dict:
-    """A tokenizer directory's tokenizer_config.json ({} when absent); one-line DataError on junk."""
+    """A tokenizer directory's tokenizer_config.json ({} when absent); a one-line DataError on
+    junk."""
     path = Path(directory) / HF_CONFIG
     if not path.is_file():
         return {}

@@ -126,8 +126,8 @@ def test_plain_machinery_without_special_text_equals_parse():
     chat = load_chat_tokenizer(TOKENIZER_DIR)
     for messages in CONVERSATIONS[:3]:
         valid = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        text, spans = chat._render_one(valid, "x")
-        assert chat._encode_marked(text, spans) == chat._encode_parsed(valid, "x")
+        text, spans = chat._render_one(valid, None, "x")
+        assert chat._encode_marked(text, spans) == chat._encode_parsed(valid, None, "x")
 
 
 def test_template_variables_and_chat_template_file(tmp_path):
@@ -163,3 +163,20 @@ def test_importing_the_data_package_does_not_import_transformers():
             "k2mcore.data.chat_dataset, k2mcore.cli.preprocess; "
             "assert 'transformers' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "lookup_docstring", "description": "The docstring of a stdlib name.",
+    "parameters": {"type": "object", "properties": {"name": {"type": "string"}},
+                   "required": ["name"]}}}]
+
+
+def test_tool_schemas_are_rendered_as_transformers_does(hf):
+    messages = CONVERSATIONS[2]
+    ids, mask = encode_chat(messages, TOKENIZER_DIR, tools=TOOLS)
+    out = hf.apply_chat_template(messages, tools=TOOLS, tokenize=True, return_dict=True,
+                                 return_assistant_tokens_mask=True)
+    assert (ids, mask) == (list(out["input_ids"]), list(out["assistant_masks"]))
+    text = hf.apply_chat_template(messages, tools=TOOLS, tokenize=False)
+    assert text.startswith("<|im_system|>tool_declare<|im_middle|>[{\"type\": \"function\"")
+    assert sum(mask) == sum(encode_chat(messages, TOKENIZER_DIR)[1])  # declarations untrained

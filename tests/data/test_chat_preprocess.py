@@ -71,6 +71,16 @@ def test_round_trip_equals_encode_chat(jsonl, tmp_path):
         assert meta["tokenizer"]["fingerprint"] == "7d982710f29d92dc"  # k2-tiny's, any format
 
 
+def test_tool_schemas_per_line(tmp_path):
+    tools = [{"type": "function", "function": {"name": "lookup_docstring", "parameters": {}}}]
+    src = tmp_path / "t.jsonl"
+    src.write_text(json.dumps({"messages": CONVERSATIONS[2], "tools": tools}) + "\n"
+                   + json.dumps({"messages": CONVERSATIONS[0], "id": 7}) + "\n")
+    stats = preprocess_chat([str(src)], str(tmp_path / "t"), str(TOKENIZER_DIR), progress=False)
+    assert _read(stats.outputs[0]) == [encode_chat(CONVERSATIONS[2], TOKENIZER_DIR, tools=tools)[0],
+                                       encode_chat(CONVERSATIONS[0], TOKENIZER_DIR)[0]]
+
+
 def test_plain_special_text_option(jsonl, tmp_path):
     path, conversations = jsonl
     stats = preprocess_chat([str(path)], str(tmp_path / "p"), str(TOKENIZER_DIR),
@@ -181,6 +191,8 @@ GOOD = json.dumps({"messages": CONVERSATIONS[0]})
      r"bad\.jsonl:2: message 1 has unknown role 'bot' \(expected system, user, assistant, tool\)"),
     ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}]}',
      r"bad\.jsonl:2: message 0 \(user\): 'content' must be a string or a list"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], '
+     '"tools": {"name": "f"}}', r"bad\.jsonl:2: 'tools' must be a list of tool schemas"),
     ('{"messages": [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]}',
      r"bad\.jsonl:2: no assistant turn \(nothing to train on\)"),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
