@@ -14,6 +14,7 @@ setup(
             "data/assets/*.txt",
             "data/assets/sample/*",
             "data/assets/tokenizer/*",
+            "data/assets/tokenizer/*/*",  # Hugging Face tokenizer directories (k2-tiny/)
         ]
     },
     install_requires=[
@@ -35,7 +36,9 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda120>=2.0"],  # the default loader when it imports
         "gpu": ["transformer-engine[pytorch]"],
-        "test": ["pytest", "transformers>=4.57"],
+        # chat data (k2m-preprocess --chat, encode_chat): transformers' chat-template renderer
+        "chat": ["transformers>=4.57", "jinja2>=3.1.6"],
+        "test": ["pytest", "transformers>=4.57", "jinja2>=3.1.6"],
     },
     entry_points={
         "console_scripts": [

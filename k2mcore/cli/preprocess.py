@@ -1,10 +1,13 @@
-"""`k2m-preprocess`: tokenize jsonl/text into megatron .bin/.idx datasets (k2mcore.data.preprocess)."""
+"""`k2m-preprocess`: tokenize jsonl/text into megatron .bin/.idx datasets (k2mcore.data.preprocess);
+with `--chat`, conversations into token ids + loss masks (k2mcore.data.chat_preprocess)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Optional, Sequence
 
+from k2mcore.data.chat import SPECIAL_TEXT_MODES
+from k2mcore.data.chat_preprocess import OVERLONG, preprocess_chat
 from k2mcore.data.errors import DataError
 from k2mcore.data.preprocess import TEXT_MODES, PROG, preprocess
 
@@ -15,8 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("input")
     g.add_argument("--input", required=True, nargs="+", metavar="PATH",
                    help="jsonl (one JSON object per line) or text files; globs and .gz work")
-    g.add_argument("--json-keys", nargs="+", default=["text"],
-                   help="keys to extract from each JSON line (default: text)")
+    g.add_argument("--json-keys", nargs="+", default=None,
+                   help="keys to extract from each JSON line (default: text; not with --chat)")
     g.add_argument("--input-format", choices=("auto", "jsonl", "text"), default="auto",
                    help="auto: .jsonl/.json/.ndjson are jsonl, anything else text")
     g.add_argument("--text-docs", choices=TEXT_MODES, default="paragraph",
@@ -24,12 +27,29 @@ def _parser() -> argparse.ArgumentParser:
                         "per line, or per file")
     g = p.add_argument_group("tokenization")
     g.add_argument("--tokenizer", required=True, metavar="PATH",
-                   help="a Hugging Face tokenizer.json or a tiktoken BPE file (K2 layout)")
+                   help="a Hugging Face tokenizer.json, a tiktoken BPE file (K2 layout) or a "
+                        "Hugging Face tokenizer directory (with --chat: a directory whose "
+                        "chat template has {%% generation %%} blocks)")
     g.add_argument("--append-eod", action="store_true",
-                   help="append the end-of-document token to every document")
+                   help="append the end-of-document token to every document (not with --chat)")
+    g = p.add_argument_group("chat (--chat)")
+    g.add_argument("--chat", action="store_true",
+                   help='jsonl of {"messages": [...]} conversations rendered by the tokenizer '
+                        "directory's chat template; writes <prefix>_input_ids_document and "
+                        "<prefix>_loss_mask_document (1 on assistant tokens)")
+    g.add_argument("--max-length", type=int, default=None, metavar="N",
+                   help="conversations longer than N tokens are truncated or dropped "
+                        "(--overlong); default: no limit")
+    g.add_argument("--overlong", choices=OVERLONG, default="truncate",
+                   help="truncate (default; dropped anyway if no assistant token is left) or "
+                        "drop conversations longer than --max-length")
+    g.add_argument("--special-tokens-in-content", choices=SPECIAL_TEXT_MODES, default="parse",
+                   help="special-token text in messages: parse into control tokens as "
+                        "transformers does (default), or keep it plain text")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True,
-                   help="writes <prefix>_<key>_document.{bin,idx} (megatron's naming)")
+                   help="writes <prefix>_<key>_document.{bin,idx} (megatron's naming); with "
+                        "--chat <prefix>_input_ids_document and <prefix>_loss_mask_document")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     g.add_argument("--log-interval", type=int, default=None,
@@ -38,14 +58,61 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _chat_conflict(args: argparse.Namespace) -> Optional[str]:
+    if not args.chat:
+        for flag, value, default in (("--max-length", args.max_length, None),
+                                     ("--overlong", args.overlong, "truncate"),
+                                     ("--special-tokens-in-content",
+                                      args.special_tokens_in_content, "parse")):
+            if value != default:
+                return f"{flag} needs --chat"
+        return None
+    if args.append_eod:
+        return "--append-eod: not with --chat (the chat template ends every turn itself)"
+    if args.json_keys is not None:
+        return "--json-keys: not with --chat (conversations are read from 'messages')"
+    if args.input_format == "text":
+        return "--input-format text: not with --chat (conversations are jsonl)"
+    return None
+
+
+def _chat(args: argparse.Namespace) -> int:
+    try:
+        stats = preprocess_chat(
+            args.input, args.output_prefix, args.tokenizer, max_length=args.max_length,
+            overlong=args.overlong, special_tokens_in_content=args.special_tokens_in_content,
+            workers=args.workers, progress=not args.no_progress,
+        )
+    except DataError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    for prefix in stats.outputs:
+        print(f"wrote {prefix}.bin/.idx")
+    limit = f"--max-length {args.max_length}" if args.max_length else "no --max-length"
+    how = "kept as plain text" if args.special_tokens_in_content == "plain" else "parsed"
+    print(f"{stats.read} conversations read, {stats.written} written; {stats.truncated} "
+          f"truncated, {stats.dropped} dropped ({limit}, --overlong {args.overlong}); "
+          f"{stats.with_special_text} with special-token text in content ({how})")
+    print(f"{stats.tokens} tokens, {stats.assistant_tokens} assistant tokens in "
+          f"{stats.seconds:.2f}s: {stats.conversations_per_s:.0f} conversations/s, "
+          f"{stats.tokens_per_s:.0f} tokens/s")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.workers < 1:
         print(f"{PROG}: error: --workers must be >= 1", file=sys.stderr)
         return 2
+    conflict = _chat_conflict(args)
+    if conflict:
+        print(f"{PROG}: error: {conflict}", file=sys.stderr)
+        return 2
+    if args.chat:
+        return _chat(args)
     try:
         stats = preprocess(
-            args.input, args.output_prefix, args.tokenizer, json_keys=args.json_keys,
+            args.input, args.output_prefix, args.tokenizer, json_keys=args.json_keys or ["text"],
             append_eod=args.append_eod, workers=args.workers, input_format=args.input_format,
             text_mode=args.text_docs, progress=not args.no_progress,
         )

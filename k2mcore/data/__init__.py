@@ -1,4 +1,6 @@
-"""Data: tokenizers, preprocessing, megatron datasets and blends, DALI/torch loaders.
+"""Data: tokenizers, preprocessing, megatron datasets and blends, DALI/torch loaders; chat data
+(`encode_chat`, `preprocess_chat`, `build_chat_datasets`: conversations rendered by the
+tokenizer's chat template, loss on the assistant tokens).
 
 The trainer calls `check_data(cfg)` (optional, early, one-line errors) and
 `build_data_iterator(cfg, dp_rank=, dp_size=, consumed_samples=)`. Names resolve lazily, so
@@ -25,6 +27,12 @@ _EXPORTS = {
     "DataIterator": "k2mcore.data.batches",
     "MicroBatchSampler": "k2mcore.data.batches",
     "dali_available": "k2mcore.data.loaders",
+    "encode_chat": "k2mcore.data.chat",
+    "load_chat_tokenizer": "k2mcore.data.chat",
+    "preprocess_chat": "k2mcore.data.chat_preprocess",
+    "ChatDataset": "k2mcore.data.chat_dataset",
+    "build_chat_datasets": "k2mcore.data.chat_dataset",
+    "check_chat_dataset": "k2mcore.data.chat_dataset",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -105,7 +105,7 @@ def read_index(prefix: str, key: str = "data.blend") -> IndexInfo:
     return IndexInfo(prefix, dtype, lengths, doc_idx)
 
 
-def _token_range(prefix: str, dtype: type, cache_dir: Optional[str]) -> tuple[int, int]:
+def token_range(prefix: str, dtype: type, cache_dir: Optional[str]) -> tuple[int, int]:
     """(min, max) token id of `<prefix>.bin`, cached by path/size/mtime: a full scan reads the
     whole file (about a second per GB), once per file version, not once per run."""
     path = os.path.abspath(bin_path(prefix))
@@ -165,7 +165,7 @@ def check_indexed_dataset(
             f"{key}: {idx}: {which} is empty (0 tokens; {count} empty in all) — "
             f"re-run k2m-preprocess, which drops empty documents"
         )
-    lo, hi = _token_range(prefix, info.dtype, cache_dir)
+    lo, hi = token_range(prefix, info.dtype, cache_dir)
     if lo < 0:
         raise DataError(f"{key}: {bin_path(prefix)}: negative token id {lo}")
     if hi >= vocab_size:

@@ -6,7 +6,8 @@ are named as megatron names them, `<prefix>_<key>_document.{bin,idx}`, written t
 megatron-core's IndexedDatasetBuilder. Two additions: `--tokenizer PATH` (a tokenizer.json or a
 K2-style tiktoken file) and plain-text input. Empty documents are dropped (megatron keeps them as
 zero-length sequences, which the data checks reject). A `<...>_document.json` sidecar records the
-tokenizer's fingerprint so training can refuse data made with another tokenizer.
+tokenizer's fingerprint so training can refuse data made with another tokenizer. Conversations
+(`--chat`: token ids + assistant loss masks) are k2mcore.data.chat_preprocess's.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def _is_jsonl(path: str, fmt: str) -> bool:
 _Item = tuple[str, int, bytes, str]
 
 
-def _items(paths: Sequence[str], fmt: str, text_mode: str) -> Iterator[_Item]:
+def read_items(paths: Sequence[str], fmt: str, text_mode: str) -> Iterator[_Item]:
     for path in paths:
         with _open(path) as f:
             if _is_jsonl(path, fmt):
@@ -150,7 +151,7 @@ def output_prefix(prefix: str, key: str) -> str:
     return f"{prefix}_{key}_document"
 
 
-def _expand(inputs: Sequence[str]) -> list[str]:
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
     paths: list[str] = []
     for pattern in inputs:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
@@ -181,7 +182,7 @@ def preprocess(
         warnings.simplefilter("ignore")
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    paths = _expand(inputs)
+    paths = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer, key="--tokenizer")
     eod = None
     if append_eod:
@@ -215,10 +216,10 @@ def preprocess(
             # fork shares the loaded tokenizer; tokenizers' own threads stay off in the workers
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             pool = get_context("fork").Pool(workers, _init_worker, (tok, keys, eod, dtype))
-            results = pool.imap(_encode, _items(paths, input_format, text_mode), chunk_size)
+            results = pool.imap(_encode, read_items(paths, input_format, text_mode), chunk_size)
         else:
             _init_worker(tok, keys, eod, dtype)
-            results = map(_encode, _items(paths, input_format, text_mode))
+            results = map(_encode, read_items(paths, input_format, text_mode))
         last = start
         for arrays, nbytes in results:
             for k, ids in enumerate(arrays):
@@ -253,7 +254,7 @@ def preprocess(
         bar.close()
     stats.seconds = time.perf_counter() - start
     stats.documents, stats.tokens = sum(per_key_docs), sum(per_key_tokens)
-    meta_tok = {**tok.describe(), "path": tok.path.name}  # the fingerprint identifies it
+    meta_tok = {**tok.describe(), "path": tok.name}  # the fingerprint identifies it
     for k, (b, p) in enumerate(zip(builders, prefixes)):
         b.finalize(p + ".idx.tmp")
         os.replace(p + ".bin.tmp", p + ".bin")

@@ -1,5 +1,11 @@
 """Tokenizers: a Hugging Face `tokenizer.json` or a tiktoken BPE file laid out as Kimi-K2's.
 
+Either may also be named by its Hugging Face tokenizer directory (the kind `AutoTokenizer` loads,
+which is what the chat path needs for its template): the directory's `tokenizer.json`, or its
+`tiktoken.model`, gives the same ids and fingerprint as the file alone; its
+`tokenizer_config.json` names the padding token and, when no EOD candidate is in the vocabulary,
+the end-of-document token (`eos_token`).
+
 Kimi-K2 ships `tiktoken.model` (one "base64(token bytes) rank" line per token), splits text with
 the regex of its `tokenization_kimi.py` (`K2_PAT_STR`), and places 256 reserved special tokens
 right after the BPE ranks, named by `tokenizer_config.json` when one sits next to the file and
@@ -51,6 +57,9 @@ K2_SPECIAL_TOKENS: dict[int, str] = {
 }
 # The document separator appended by `--append-eod`: the first of these the vocabulary has.
 EOD_CANDIDATES = ("<|endoftext|>", "[EOS]", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
+# The padding token (chat samples are padded to the sequence length): the first one present.
+PAD_CANDIDATES = ("[PAD]", "<pad>", "<|pad|>", "<|padding|>")
+HF_CONFIG = "tokenizer_config.json"
 
 # Encoded to fingerprint a tokenizer: two files that give the same ids here (and the same vocab
 # size and EOD) are taken to be the same tokenizer, whatever their format.
@@ -95,7 +104,9 @@ class Tokenizer(ABC):
     path: Path
     vocab_size: int  # every id is < vocab_size (specials included)
     eod: Optional[int]  # None: the vocabulary has none of EOD_CANDIDATES
+    pad: Optional[int]  # the config's pad_token, else the first of PAD_CANDIDATES; None: neither
     special_tokens: dict[str, int]
+    directory: Optional[Path] = None  # the Hugging Face directory it was loaded from, if any
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -114,6 +125,13 @@ class Tokenizer(ABC):
         payload = json.dumps([self.vocab_size, self.eod, self.encode(_PROBE_TEXT)])
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
+    @property
+    def name(self) -> str:
+        """How data sidecars name it: the file, or `<directory>/<file>`."""
+        if self.directory is not None:
+            return f"{self.directory.name}/{self.path.name}"
+        return self.path.name
+
     def describe(self) -> dict:
         return {"kind": self.kind, "path": str(self.path), "vocab_size": self.vocab_size,
                 "eod": self.eod, "fingerprint": self.fingerprint()}
@@ -122,7 +140,40 @@ class Tokenizer(ABC):
         for name in EOD_CANDIDATES:
             if name in self.special_tokens:
                 return self.special_tokens[name]
+        return self._configured_id("eos_token")
+
+    def _pick_pad(self) -> Optional[int]:
+        configured = self._configured_id("pad_token")
+        if configured is not None:
+            return configured
+        for name in PAD_CANDIDATES:
+            if name in self.special_tokens:
+                return self.special_tokens[name]
         return None
+
+    def _configured_id(self, attr: str) -> Optional[int]:
+        """The id of the directory config's `attr` (e.g. "pad_token"), if it names a token."""
+        if self.directory is None:
+            return None
+        value = read_hf_config(self.directory).get(attr)
+        if isinstance(value, dict):  # an AddedToken as transformers saves it
+            value = value.get("content")
+        return self.special_tokens.get(value) if isinstance(value, str) else None
+
+
+def read_hf_config(directory: PathLike) -> dict:
+    """A tokenizer directory's tokenizer_config.json ({} when absent); a one-line DataError on
+    junk."""
+    path = Path(directory) / HF_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 class HFTokenizer(Tokenizer):
@@ -130,10 +181,11 @@ class HFTokenizer(Tokenizer):
 
     kind = "hf"
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, directory: Optional[PathLike] = None) -> None:
         from tokenizers import Tokenizer as _HF
 
         self.path = Path(path)
+        self.directory = Path(directory) if directory is not None else None
         try:
             self._tok = _HF.from_file(str(self.path))
         except Exception as exc:  # the Rust error is multi-line and does not name the file
@@ -147,6 +199,7 @@ class HFTokenizer(Tokenizer):
             t.content: i for i, t in self._tok.get_added_tokens_decoder().items()
         }
         self.eod = self._pick_eod()
+        self.pad = self._pick_pad()
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -155,10 +208,10 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def __getstate__(self) -> dict:  # re-read in worker processes
-        return {"path": self.path}
+        return {"path": self.path, "directory": self.directory}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"])
+        self.__init__(state["path"], state.get("directory"))
 
 
 def read_tiktoken_ranks(path: PathLike) -> dict[bytes, int]:
@@ -191,10 +244,12 @@ class TiktokenTokenizer(Tokenizer):
 
     kind = "tiktoken"
 
-    def __init__(self, path: PathLike, pat_str: str = K2_PAT_STR) -> None:
+    def __init__(self, path: PathLike, pat_str: str = K2_PAT_STR,
+                 directory: Optional[PathLike] = None) -> None:
         import tiktoken
 
         self.path = Path(path)
+        self.directory = Path(directory) if directory is not None else None
         ranks = read_tiktoken_ranks(self.path)
         num_base = max(ranks.values()) + 1
         self.special_tokens = k2_special_tokens(num_base, self._configured_names())
@@ -205,6 +260,7 @@ class TiktokenTokenizer(Tokenizer):
         self._pat_str = pat_str
         self.vocab_size = max(num_base, max(self.special_tokens.values()) + 1)
         self.eod = self._pick_eod()
+        self.pad = self._pick_pad()
 
     def _configured_names(self) -> Optional[dict[int, str]]:
         """`added_tokens_decoder` of a tokenizer_config.json beside the file (K2's HF layout)."""
@@ -224,15 +280,23 @@ class TiktokenTokenizer(Tokenizer):
         return self._enc.decode(list(ids))
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "pat_str": self._pat_str}
+        return {"path": self.path, "pat_str": self._pat_str, "directory": self.directory}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["pat_str"])
+        self.__init__(state["path"], state["pat_str"], state.get("directory"))
 
 
 def load_tokenizer(path: PathLike, key: str = "data.tokenizer") -> Tokenizer:
-    """tokenizer.json (by suffix) or a tiktoken BPE file; DataError naming `key` and the file."""
+    """tokenizer.json (by suffix), a tiktoken BPE file, or a Hugging Face tokenizer directory
+    holding either (`tokenizer.json` first, else `tiktoken.model`); DataError naming `key`."""
     path = Path(path)
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            return HFTokenizer(path / "tokenizer.json", directory=path)
+        if (path / "tiktoken.model").is_file():
+            return TiktokenTokenizer(path / "tiktoken.model", directory=path)
+        raise DataError(f"{key}: tokenizer directory {path} has no tokenizer.json "
+                        f"(nor tiktoken.model)")
     if not path.is_file():
         raise DataError(f"{key}: tokenizer file {path} not found")
     if path.suffix == ".json":
@@ -309,7 +373,7 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, key: str = "data.to
 
 
 __all__: Sequence[str] = (
-    "K2_PAT_STR", "K2_SPECIAL_TOKENS", "EOD_CANDIDATES", "Tokenizer", "HFTokenizer",
-    "TiktokenTokenizer", "load_tokenizer", "train_k2_bpe", "k2_special_tokens", "check_vocab",
-    "read_tiktoken_ranks",
+    "K2_PAT_STR", "K2_SPECIAL_TOKENS", "EOD_CANDIDATES", "PAD_CANDIDATES", "Tokenizer",
+    "HFTokenizer", "TiktokenTokenizer", "load_tokenizer", "train_k2_bpe", "k2_special_tokens",
+    "check_vocab", "read_tiktoken_ranks", "read_hf_config",
 )

@@ -5,7 +5,7 @@ import base64
 import json
 
 import pytest
-from data_helpers import TIKTOKEN, TOKENIZER_JSON, corpus_texts
+from data_helpers import TIKTOKEN, TOKENIZER_DIR, TOKENIZER_JSON, corpus_texts
 
 from k2mcore.data.errors import DataError
 from k2mcore.data.tokenizers import K2_SPECIAL_TOKENS, load_tokenizer
@@ -85,3 +85,40 @@ def test_bad_tokenizer_files(tmp_path):
         load_tokenizer(bad_json)
     with pytest.raises(DataError, match=r"data\.tokenizer: tokenizer file .*nope.* not found"):
         load_tokenizer(tmp_path / "nope.tiktoken")
+
+
+def test_tokenizer_directory_is_its_tokenizer_json(tmp_path):
+    """data.tokenizer may name a Hugging Face directory: the same ids and fingerprint as the
+    file, so data made with either is accepted with the other."""
+    d, f = load_tokenizer(TOKENIZER_DIR), load_tokenizer(TOKENIZER_JSON)
+    assert d.kind == "hf" and d.path == TOKENIZER_DIR / "tokenizer.json"
+    assert d.name == "k2-tiny/tokenizer.json" and f.name == "k2-tiny.tokenizer.json"
+    for text in corpus_texts(100, start=700) + EXTRA:
+        assert d.encode(text) == f.encode(text)
+    assert d.fingerprint() == f.fingerprint() == load_tokenizer(TIKTOKEN).fingerprint()
+    assert (d.vocab_size, d.eod, d.special_tokens) == (f.vocab_size, f.eod, f.special_tokens)
+    assert d.pad == f.pad == 1024 - 256 + 255  # [PAD]: the config's pad_token, K2's slot
+    # K2's own layout: a directory with tiktoken.model
+    (tmp_path / "tiktoken.model").write_bytes(TIKTOKEN.read_bytes())
+    t = load_tokenizer(tmp_path)
+    assert t.kind == "tiktoken" and t.fingerprint() == f.fingerprint()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"data\.tokenizer: tokenizer directory .*empty has no "
+                                        r"tokenizer\.json \(nor tiktoken\.model\)"):
+        load_tokenizer(empty)
+
+
+def test_directory_config_names_pad_and_eod(tmp_path, trained_tokenizers):
+    """Without an EOD candidate in the vocabulary, the config's eos_token is the EOD; its
+    pad_token is the padding id."""
+    data = json.loads(trained_tokenizers[0].read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "[EOS]"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "pad_token": {"content": "[UNK]"}}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.eod == tok.special_tokens["<|im_end|>"] and tok.pad == tok.special_tokens["[UNK]"]
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"tokenizer_config\.json: not valid JSON"):
+        load_tokenizer(tmp_path)

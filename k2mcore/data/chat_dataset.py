@@ -1,0 +1,235 @@
+"""Chat datasets for training: one conversation per sample, loss on the assistant tokens only.
+
+A chat dataset `PREFIX` is the pair `k2m-preprocess --chat --output-prefix PREFIX` writes:
+`PREFIX_input_ids_document` (token ids) and `PREFIX_loss_mask_document` (uint8, 1 on assistant
+tokens), with the same document lengths; `data.blend` names `PREFIX` (`assets:sample/stdlib_chat`
+for the bundled sample, made with `assets:tokenizer/k2-tiny`).
+
+Sample i is one conversation `ids` (packing comes later), as megatron's GPTDataset shapes a sample:
+`tokens = ids[:-1]`, `labels = ids[1:]`, `loss_mask[j]` = the mask of `labels[j]` (float32),
+`position_ids = 0..seq_length-1`, each of length `seq_length`; a conversation longer than
+`seq_length + 1` tokens is truncated, a shorter one padded with `pad_id` (K2's [PAD]) and
+`loss_mask` 0 past its end.
+
+Splits follow megatron's GPTDataset over documents: `data.split` ("98,2,0": train, valid, test
+weights, normalized) becomes cumulative bookends, and split k gets the contiguous conversations
+[round(lo_k * n), round(hi_k * n)); a zero-weight split has no dataset (None). Each split's
+conversations are shuffled by `np.random.RandomState([seed, k])`, a new permutation per epoch,
+epochs following each other until the requested number of samples (a split's size; None: one
+epoch); so the first samples do not depend on how many are requested, and a run that asks for
+more samples later sees the same ones first.
+
+The module is plain numpy; the files are read through megatron-core's IndexedDataset (imported
+when a dataset is built; megatron imports torch).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from k2mcore.data.blend import parse_split
+from k2mcore.data.chat_preprocess import IDS_SUFFIX, MASK_SUFFIX, chat_output_prefixes
+from k2mcore.data.errors import DataError
+from k2mcore.data.indexed import IndexInfo, token_range, check_indexed_dataset, idx_path, read_index
+
+SPLITS = ("train", "valid", "test")  # megatron's Split order
+
+Split = Union[str, Sequence[float]]
+
+
+def chat_prefixes(prefix: str) -> tuple[str, str]:
+    """(ids prefix, mask prefix) of the chat dataset `prefix`; the ids prefix itself
+    (`..._input_ids_document`) is accepted too."""
+    for suffix in (IDS_SUFFIX, MASK_SUFFIX):
+        if prefix.endswith(suffix):
+            prefix = prefix[: -len(suffix)]
+    return chat_output_prefixes(prefix)
+
+
+def split_ranges(split: Split, num_documents: int, key: str = "data.split"
+                 ) -> list[Optional[tuple[int, int]]]:
+    """Megatron's document ranges per split: bookends of the cumulative normalized weights,
+    each rounded times the document count; None for a zero-weight split."""
+    if isinstance(split, str):
+        try:
+            weights = parse_split(split, key)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+    else:
+        total = float(sum(split))
+        weights = [w / total for w in split] + [0.0] * (3 - len(split))
+    ranges: list[Optional[tuple[int, int]]] = []
+    lo = 0.0
+    for w in weights:
+        hi = lo + w
+        if hi <= lo:
+            ranges.append(None)
+        else:
+            ranges.append((int(round(lo * num_documents)), int(round(hi * num_documents))))
+        lo = hi
+    return ranges
+
+
+def shuffled_documents(documents: tuple[int, int], num_samples: Optional[int], seed: int,
+                       split_index: int = 0) -> np.ndarray:
+    """The document of every sample: per epoch a permutation of [start, end), epochs in a row."""
+    start, end = documents
+    n = end - start
+    if n <= 0:
+        raise ValueError(f"no documents in [{start}, {end})")
+    num_samples = n if num_samples is None else num_samples
+    rng = np.random.RandomState([seed, split_index])
+    dtype = np.int32 if end < 2**31 else np.int64
+    epochs = [rng.permutation(n).astype(dtype) for _ in range(math.ceil(num_samples / n))]
+    order = np.concatenate(epochs) if epochs else np.zeros(0, dtype)
+    return order[:num_samples] + dtype(start)
+
+
+class ChatDataset:
+    """Samples of one split of a chat dataset: `dataset[i]` -> {tokens, labels, loss_mask,
+    position_ids} (numpy, length `seq_length`; batches.FIELDS)."""
+
+    def __init__(self, prefix: str, seq_length: int, *, pad_id: int,
+                 documents: Optional[tuple[int, int]] = None, num_samples: Optional[int] = None,
+                 seed: int = 0, split_index: int = 0, shuffle: bool = True) -> None:
+        with warnings.catch_warnings():  # megatron's import warns about absent TE/Apex
+            warnings.simplefilter("ignore")
+            from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        if seq_length < 1:
+            raise ValueError(f"seq_length={seq_length} must be >= 1")
+        self.prefix = prefix
+        self.seq_length = seq_length
+        self.pad_id = int(pad_id)
+        ids_prefix, mask_prefix = chat_prefixes(prefix)
+        for p in (ids_prefix, mask_prefix):
+            read_index(p)  # missing or corrupt files: one line, before megatron asserts
+        self._ids = IndexedDataset(ids_prefix, mmap=True)
+        self._mask = IndexedDataset(mask_prefix, mmap=True)
+        n = len(self._ids)
+        if len(self._mask) != n:
+            raise DataError(f"data.blend: {idx_path(mask_prefix)} has {len(self._mask)} "
+                            f"conversations but {idx_path(ids_prefix)} has {n}")
+        self.documents = documents if documents is not None else (0, n)
+        if shuffle:
+            self.doc_index = shuffled_documents(self.documents, num_samples, seed, split_index)
+        else:
+            start, end = self.documents
+            count = end - start if num_samples is None else num_samples
+            self.doc_index = start + np.arange(count, dtype=np.int64) % max(end - start, 1)
+
+    def __len__(self) -> int:
+        return int(self.doc_index.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} of {len(self)}")
+        doc = int(self.doc_index[index])
+        length = min(int(self._ids.sequence_lengths[doc]), self.seq_length + 1)
+        ids = self._ids.get(doc, 0, length).astype(np.int64)
+        mask = self._mask.get(doc, 0, length)
+        n = max(length - 1, 0)
+        tokens = np.full(self.seq_length, self.pad_id, dtype=np.int64)
+        labels = np.full(self.seq_length, self.pad_id, dtype=np.int64)
+        loss_mask = np.zeros(self.seq_length, dtype=np.float32)
+        tokens[:n] = ids[:-1]
+        labels[:n] = ids[1:]
+        loss_mask[:n] = mask[1:]
+        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
+                "position_ids": np.arange(self.seq_length, dtype=np.int64)}
+
+
+def build_chat_datasets(
+    prefix: str,
+    seq_length: int,
+    split: Split,
+    seed: int,
+    sizes: Sequence[Optional[int]],
+    pad_id: int,
+) -> dict[str, Optional[ChatDataset]]:
+    """{"train"|"valid"|"test": ChatDataset or None (a zero-weight split)} over the documents
+    `split_ranges` gives; `sizes` = samples per split (None: one epoch of its conversations),
+    as `datasets.dataset_sizes(cfg)` computes them for the text path."""
+    info = read_index(chat_prefixes(prefix)[0])
+    ranges = split_ranges(split, info.num_documents)
+    out: dict[str, Optional[ChatDataset]] = {}
+    for k, (name, docs) in enumerate(zip(SPLITS, ranges)):
+        if docs is None:
+            out[name] = None
+            continue
+        if docs[1] <= docs[0]:
+            raise DataError(f"data.split: {split!r} leaves the {name} split of {prefix} "
+                            f"({info.num_documents} conversations) empty; use fewer splits or "
+                            f"more data")
+        out[name] = ChatDataset(prefix, seq_length, pad_id=pad_id, documents=docs,
+                                num_samples=sizes[k], seed=seed, split_index=k)
+    return out
+
+
+@dataclass
+class ChatInfo:
+    ids: IndexInfo
+    mask: IndexInfo
+
+    @property
+    def num_documents(self) -> int:
+        return self.ids.num_documents
+
+    @property
+    def num_tokens(self) -> int:
+        return self.ids.num_tokens
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(np.memmap(self.mask.prefix + ".bin", dtype=np.uint8, mode="r").sum(
+            dtype=np.int64))
+
+
+def check_chat_dataset(
+    prefix: str,
+    *,
+    vocab_size: int,
+    key: str = "data.blend",
+    cache_dir: Optional[str] = None,
+    tokenizer_fingerprint: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    split: Optional[Split] = None,
+) -> ChatInfo:
+    """Every check on a chat dataset, one line naming the file: the ids as
+    `check_indexed_dataset` checks text data (files, structure, empty conversations, ids >=
+    vocab_size, tokenizer fingerprint); the mask's files and structure, its dtype (uint8) and
+    values (0/1), and that it has the ids' conversations and lengths; with `split`, that no
+    split with a weight is left without conversations."""
+    ids_prefix, mask_prefix = chat_prefixes(prefix)
+    ids = check_indexed_dataset(ids_prefix, vocab_size=vocab_size, key=key, cache_dir=cache_dir,
+                                tokenizer_fingerprint=tokenizer_fingerprint,
+                                tokenizer_path=tokenizer_path)
+    mask = read_index(mask_prefix, key)
+    ids_idx, mask_idx = idx_path(ids_prefix), idx_path(mask_prefix)
+    if np.dtype(mask.dtype) != np.uint8:
+        raise DataError(f"{key}: {mask_idx} holds {np.dtype(mask.dtype).name}, not a uint8 "
+                        f"loss mask")
+    if mask.num_documents != ids.num_documents:
+        raise DataError(f"{key}: {mask_idx} has {mask.num_documents} conversations but "
+                        f"{ids_idx} has {ids.num_documents} (files from different runs?)")
+    differ = np.flatnonzero(mask.sequence_lengths != ids.sequence_lengths)
+    if differ.size or not np.array_equal(mask.document_indices, ids.document_indices):
+        i = int(differ[0]) if differ.size else 0
+        raise DataError(
+            f"{key}: {mask_idx}: conversation {i} has {int(mask.sequence_lengths[i])} mask "
+            f"values but {ids_idx} has {int(ids.sequence_lengths[i])} tokens "
+            f"({differ.size} differ; files from different runs?)")
+    lo, hi = token_range(mask_prefix, np.uint8, cache_dir)
+    if hi > 1:
+        raise DataError(f"{key}: {mask_prefix}.bin: loss mask value {hi} (expected 0 or 1)")
+    if split is not None:
+        for name, docs in zip(SPLITS, split_ranges(split, ids.num_documents)):
+            if docs is not None and docs[1] <= docs[0]:
+                raise DataError(f"data.split: {split!r} leaves the {name} split of {prefix} "
+                                f"({ids.num_documents} conversations) empty; use fewer splits "
+                                f"or more data")
+    return ChatInfo(ids, mask)
