@@ -111,12 +111,24 @@ def _fields(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+# keys that were renamed or merged: the error says where they went
+MOVED = {
+    "data.eval_samples": "train.eval_iters (validation samples = eval_iters x global_batch_size)",
+}
+
+
+def _unknown(dotted: str, owner: str, names: list) -> ConfigError:
+    if dotted in MOVED:
+        return ConfigError(f"{dotted}: no longer a key; use {MOVED[dotted]}")
+    return ConfigError(f"{dotted}: unknown key ({owner}: {', '.join(names)})")
+
+
 def _check_key(obj: Any, name: str, dotted: str) -> str:
     names = _fields(type(obj))
     if name not in names:
         parent = dotted.rpartition(".")[0]
         owner = f"section {parent} has" if parent else "sections are"
-        raise ConfigError(f"{dotted}: unknown key ({owner}: {', '.join(names)})")
+        raise _unknown(dotted, owner, names)
     return name
 
 
@@ -128,7 +140,7 @@ def _build(cls: type, raw: Mapping, prefix: str) -> Any:
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             owner = f"section {prefix} has" if prefix else "sections are"
-            raise ConfigError(f"{dotted}: unknown key ({owner}: {', '.join(names)})")
+            raise _unknown(dotted, owner, names)
         kwargs[key] = _coerce(value, hints[key], dotted)
     if cls in _ALL_FIELDS_REQUIRED:
         missing = [n for n in names if n not in raw]

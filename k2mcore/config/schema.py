@@ -96,6 +96,11 @@ class TrainConfig:
     # layout_invariant: every layout starts from the 1-rank weights (k2mcore/model/init.py);
     # megatron: each rank draws its own shard (cheaper for huge models, differs per layout)
     init: str = "layout_invariant"
+    # validation: every eval_interval steps and after the last one (0: never), the masked mean
+    # loss over the first eval_iters global batches of the valid split (the same samples each
+    # time, so the curve compares like with like); eval_iters x global_batch_size samples built
+    eval_interval: int = 0
+    eval_iters: int = 1
 
 
 @dataclass
@@ -154,6 +159,9 @@ class OptimizerConfig:
 @dataclass
 class DataConfig:
     loader: str = "auto"  # auto (DALI when nvidia.dali imports, else torch) | dali | torch
+    # text: documents (k2m-preprocess), loss on every token | chat: conversations
+    # (k2m-preprocess --chat: tokens + assistant loss masks), one per sample, padded
+    format: str = "text"
     # megatron's --data-path: "w1 prefix1 w2 prefix2 ..." (weighted blend) or "prefix1 ..."
     # (weighted by size); a prefix names <prefix>.bin/.idx, "assets:..." the bundled sample data.
     # null: megatron's synthetic (mock) data.
@@ -161,7 +169,6 @@ class DataConfig:
     split: str = "98,2,0"  # train,valid,test weights over each dataset's documents
     tokenizer: Optional[str] = None  # tokenizer.json or tiktoken file the data was made with
     cache_dir: Optional[str] = None  # megatron's index cache; null: <run.dir>/data_cache
-    eval_samples: int = 128  # samples built for each of the valid and test splits
     num_workers: int = 2  # loader worker processes (DALI external_source / torch DataLoader)
     prefetch: int = 2  # micro-batches queued ahead, per worker
     eod_mask_loss: bool = False  # megatron's option: no loss on end-of-document tokens

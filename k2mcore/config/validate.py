@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.recompute": ("none", "selective", "full"),
     "train.init": ("layout_invariant", "megatron"),
     "data.loader": ("auto", "dali", "torch"),
+    "data.format": ("text", "chat"),
     "model.rope_scaling.type": ("yarn",),
     "optimizer.muon.ns_dtype": ("auto", "fp32", "bf16"),
     # k2mcore.optim.NS_COEFFICIENTS' names (a test keeps them equal; --check imports no torch)
@@ -36,7 +37,7 @@ POSITIVE_INTS = (
     "parallel.tp", "parallel.pp", "parallel.ep", "parallel.etp", "parallel.cp",
     "train.iters", "train.global_batch_size", "train.micro_batch_size", "train.seq_length",
     "train.max_consecutive_skips", "optimizer.muon.ns_steps",
-    "checkpoint.keep", "logging.interval", "data.eval_samples", "data.prefetch",
+    "checkpoint.keep", "logging.interval", "train.eval_iters", "data.prefetch",
 )
 OPTIONAL_POSITIVE_INTS = (
     "model.q_lora_rank", "parallel.vpp", "optimizer.wsd_decay_iters", "optimizer.decay_iters",
@@ -46,7 +47,7 @@ NON_NEGATIVE = (
     "model.num_shared_experts", "model.first_k_dense", "train.seed", "train.clip_grad",
     "optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay", "optimizer.adam_eps",
     "optimizer.warmup_iters", "checkpoint.interval", "model.moe_router_bias_update_rate",
-    "model.moe_aux_loss_coeff", "data.num_workers",
+    "model.moe_aux_loss_coeff", "data.num_workers", "train.eval_interval",
 )
 POSITIVE_FLOATS = (
     "model.rms_norm_eps", "model.init_std", "model.rope_theta", "logging.peak_tflops",
@@ -135,11 +136,18 @@ def _check_data(cfg: K2Config) -> None:
     (presets name data that is absent where `k2m-train --check` runs)."""
     d = cfg.data
     try:
-        parse_split(d.split)
+        split = parse_split(d.split)
         if d.blend is not None:
             parse_blend(d.blend)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.train.eval_interval and d.blend is not None and split[1] == 0:
+        raise ConfigError(f"train.eval_interval: {cfg.train.eval_interval} needs a valid split, "
+                          f"but data.split {d.split!r} gives it no documents (e.g. \"98,2,0\", "
+                          f"or train.eval_interval=0)")
+    if d.format == "chat" and d.blend is None:
+        raise ConfigError("data.format: 'chat' needs data.blend (k2m-preprocess --chat output); "
+                          "megatron's mock data is text")
     if d.blend is not None and not d.tokenizer:
         raise ConfigError(
             "data.tokenizer: required when data.blend is set (the tokenizer.json or tiktoken "

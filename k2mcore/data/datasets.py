@@ -1,4 +1,5 @@
-"""Datasets through megatron-core: GPTDataset splits, BlendedDataset blends, the index cache.
+"""Datasets through megatron-core: GPTDataset splits, BlendedDataset blends, the index cache;
+chat data (data.format=chat) through chat_dataset.ChatDataset with megatron's split rule.
 
 `check_data(cfg)` runs every check on the configured data (one-line DataError naming the file or
 field); `build_datasets(cfg)` then builds megatron's datasets. Both work with and without a
@@ -88,6 +89,11 @@ class DataSummary:
         parts = []
         for i, info in enumerate(self.infos):
             w = f"{self.weights[i]:g} x " if self.weights else ""
+            if hasattr(info, "mask"):  # a chat dataset (chat_dataset.ChatInfo)
+                parts.append(f"{w}{os.path.basename(info.ids.prefix)} ({info.num_documents} "
+                             f"conversations, {info.num_tokens} tokens, "
+                             f"{info.num_loss_tokens} assistant tokens)")
+                continue
             parts.append(f"{w}{os.path.basename(info.prefix)} ({info.num_documents} docs, "
                          f"{info.num_tokens} tokens)")
         return "data: " + " + ".join(parts)
@@ -114,6 +120,8 @@ def check_data(cfg: K2Config) -> DataSummary:
         split = parse_split(cfg.data.split)
     except ValueError as exc:
         raise DataError(str(exc)) from None
+    if cfg.data.format == "chat":
+        return _check_chat(cfg, tok, prefixes, weights)
     infos = []
     for prefix in prefixes:
         info = check_indexed_dataset(
@@ -135,13 +143,34 @@ def check_data(cfg: K2Config) -> DataSummary:
     return DataSummary(tok, prefixes, weights, infos)
 
 
+def _check_chat(cfg: K2Config, tok: Tokenizer, prefixes: list, weights) -> DataSummary:
+    """data.format=chat: one chat dataset (k2m-preprocess --chat), checked as a pair."""
+    from k2mcore.data.chat_dataset import check_chat_dataset
+
+    if len(prefixes) != 1:
+        # megatron's BlendedDataset blends its own dataset classes only; one prefix keeps the
+        # sample order megatron-defined (preprocess several jsonl files into one prefix)
+        raise DataError(f"data.blend: data.format=chat takes one chat dataset prefix, got "
+                        f"{len(prefixes)} (pass several jsonl files to one k2m-preprocess --chat)")
+    if tok.pad is None:
+        raise DataError(f"data.tokenizer: {cfg.data.tokenizer} has no padding token (chat "
+                        f"samples are padded to train.seq_length); name one as pad_token in its "
+                        f"tokenizer_config.json")
+    info = check_chat_dataset(prefixes[0], vocab_size=cfg.model.vocab_size,
+                              cache_dir=cache_dir(cfg), tokenizer_fingerprint=tok.fingerprint(),
+                              tokenizer_path=cfg.data.tokenizer, split=cfg.data.split)
+    return DataSummary(tok, prefixes, weights, [info])
+
+
 def dataset_sizes(cfg: K2Config) -> list[int]:
     """Samples to build per split: train = iters x global batch (the sampler's whole range, so a
-    resumed run indexes the same shuffled sample list), valid/test = data.eval_samples."""
+    resumed run indexes the same shuffled sample list), valid/test = train.eval_iters x global
+    batch (what one evaluation reads; every evaluation reads the same ones)."""
     split = parse_split(cfg.data.split) if cfg.data.blend is not None else [1.0, 1.0, 1.0]
-    train = cfg.train.iters * cfg.train.global_batch_size
+    t = cfg.train
+    train = t.iters * t.global_batch_size
     # 0, not None, for an absent split: megatron asserts "size None => no weights" for blends
-    return [train] + [cfg.data.eval_samples if s > 0 else 0 for s in split[1:]]
+    return [train] + [t.eval_iters * t.global_batch_size if s > 0 else 0 for s in split[1:]]
 
 
 def gpt_dataset_config(cfg: K2Config, summary: DataSummary):
@@ -176,6 +205,12 @@ def build_datasets(cfg: K2Config, summary: Optional[DataSummary] = None) -> dict
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
     summary = summary if summary is not None else check_data(cfg)
+    if cfg.data.format == "chat":
+        from k2mcore.data.chat_dataset import build_chat_datasets
+
+        t = cfg.train
+        return build_chat_datasets(summary.prefixes[0], t.seq_length, cfg.data.split, t.seed,
+                                   dataset_sizes(cfg), pad_id=summary.tokenizer.pad)
     config = gpt_dataset_config(cfg, summary)
     cls = GPTDataset if summary.tokenizer is not None else MockGPTDataset
     if summary.tokenizer is None:

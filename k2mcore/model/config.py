@@ -107,6 +107,11 @@ def mla_config(
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
         cuda_graph_modules=[],  # no CUDA graphs; its default "full" is deprecated in 0.19
+        # the loss is the mean over the unmasked tokens of the whole global batch (the schedule
+        # sums token losses, finalize_model_grads divides the gradients by the global count),
+        # not a mean of micro-batch means: with chat data's uneven assistant-token counts, the
+        # update then does not depend on the micro-batch split or the DP degree
+        calculate_per_token_loss=True,
     )
     if parallel.pipeline_layout:
         kw["pipeline_model_parallel_layout"] = parallel.pipeline_layout

@@ -32,6 +32,7 @@ class _Run:
     logger: Any  # .metrics.MetricsLogger
     checkpoints: Any  # k2mcore.checkpoint.CheckpointManager
     faults: Faults
+    summary: Any = None  # k2mcore.data.DataSummary of cfg.data, once checked
     step: int = 0
     consumed: int = 0
     saved_step: int = 0
@@ -57,6 +58,7 @@ def train(cfg: K2Config, layout: Layout, data: Optional[Iterator[dict]] = None, 
         summary = check_data(cfg)
     run = _set_up(cfg, layout, ckpt_root, faults or Faults())
     _resume(run, resume_from)
+    run.summary = summary
     run.data = data if data is not None else _data(run, summary)
     rows = _steps(run, stop)
     _finish(run)
@@ -175,7 +177,29 @@ def _step(run: _Run, first_step: int) -> dict:
            "skipped": int(not ok), "skipped_total": run.stepper.total}
     if cfg.model.measure_max_attn_logit or cfg.qk_clip_active:
         row.update(attention_report(cfg, run.optimizer, run.model, run.groups, stepped=ok))
-    return run.logger.log(row, step_time=time.perf_counter() - start, first_step=first_step)
+    step_time = time.perf_counter() - start
+    if t.eval_interval and (run.step % t.eval_interval == 0 or run.step == t.iters):
+        row.update(_evaluate(run))
+    return run.logger.log(row, step_time=step_time, first_step=first_step)
+
+
+def _evaluate(run: _Run) -> dict:
+    """The validation loss (k2mcore.training.evaluate) on the valid split of cfg.data."""
+    from k2mcore.data import build_data_iterator, check_data
+
+    from .evaluate import evaluate
+
+    cfg, g = run.cfg, run.groups
+    if run.summary is None:
+        run.summary = check_data(cfg)
+
+    def batches():
+        return build_data_iterator(cfg, dp_rank=g.dp_rank, dp_size=g.layout.dp,
+                                   consumed_samples=0, split="valid", summary=run.summary)
+
+    return evaluate(run.model, g, batches, eval_iters=cfg.train.eval_iters,
+                    num_microbatches=g.layout.num_microbatches,
+                    seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size)
 
 
 def _save(run: _Run) -> None:

@@ -102,13 +102,15 @@ class MetricsLogger:
         if self.tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(f"train/{key}", value, row["step"])
+                    tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+                    self.tb.add_scalar(tag, value, row["step"])
             for i, value in enumerate(row.get("max_attn_logit_per_layer") or []):
                 if value is not None:
                     self.tb.add_scalar(f"attn_logit/layer_{i + 1:03d}", value, row["step"])
         if self.wandb is not None:
             self.wandb.log(row, step=row["step"])
-        if row["step"] % self.cfg.logging.interval == 0 or row["step"] == t.iters:
+        if (row["step"] % self.cfg.logging.interval == 0 or row["step"] == t.iters
+                or "val_loss" in row):
             print(self.console_line(row), flush=True)
         return row
 
@@ -125,6 +127,8 @@ class MetricsLogger:
             f"ETA {_hms(row['eta_s'])}",
             f"skipped {row['skipped_total']}",
         ]
+        if "val_loss" in row:
+            parts.append(f"val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.4g})")
         if row.get("max_attn_logit") is not None:
             parts.append(f"max logit {row['max_attn_logit']:.3g}")
         if "clipped_heads" in row:

@@ -1,4 +1,5 @@
-"""metrics.jsonl -> one PNG of loss, learning rate, grad norm (and max attention logit)."""
+"""metrics.jsonl -> one PNG of loss (and validation loss), learning rate, grad norm (and max
+attention logit)."""
 from __future__ import annotations
 
 import os
@@ -22,7 +23,12 @@ def plot_run(metrics_path: str, out_path: Optional[str] = None) -> str:
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True)
     for ax, (key, title) in zip(axes, panels):
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, label="train")
+        if key == "loss" and any("val_loss" in r for r in rows):
+            val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+            ax.plot([p[0] for p in val], [p[1] for p in val], "o-", lw=1.2, ms=3,
+                    label="validation")
+            ax.legend(loc="upper right")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
         skipped = [r["step"] for r in rows if r.get("skipped")]

@@ -88,13 +88,33 @@ def forward_backward(
 ) -> float:
     """Run the schedule over `micro_batches` (dicts of tokens/labels/loss_mask, [mbs, seq]).
 
-    Gradients land in each parameter's `main_grad`, already reduced over data parallelism.
-    Returns the token-averaged loss over the global batch (every rank gets the same value).
+    Gradients land in each parameter's `main_grad`, already reduced over data parallelism and
+    divided by the global batch's unmasked-token count (megatron's per-token loss). Returns that
+    token-averaged loss over the global batch (every rank gets the same value).
     """
+    total, count = loss_totals(model, groups, micro_batches, seq_length=seq_length,
+                               micro_batch_size=micro_batch_size, forward_only=forward_only)
+    # no unmasked token (every assistant turn truncated away): a non-finite loss, which the
+    # skip-step logic turns into a skipped step
+    return total / count if count else float("nan")
+
+
+def loss_totals(
+    model: Sequence[torch.nn.Module],
+    groups: ProcessGroups,
+    micro_batches: Iterable[dict],
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+) -> tuple[float, float]:
+    """`forward_backward`'s schedule; returns (sum of masked token losses, unmasked tokens)
+    over the global batch, the same on every rank."""
     micro_batches = list(micro_batches)
-    for chunk in model:
-        if hasattr(chunk, "zero_grad_buffer"):
-            chunk.zero_grad_buffer()
+    if not forward_only:
+        for chunk in model:
+            if hasattr(chunk, "zero_grad_buffer"):
+                chunk.zero_grad_buffer()
     iterators = [iter(micro_batches) for _ in model]
     reports = get_forward_backward_func()(
         forward_step_func=_forward_step,
@@ -115,4 +135,4 @@ def forward_backward(
         totals.zero_()  # TP ranks hold copies
     for group in (groups.pp_group, groups.tp_group, groups.dp_group):
         dist.all_reduce(totals, group=group)
-    return float(totals[0] / totals[1])
+    return float(totals[0]), float(totals[1])

@@ -136,10 +136,28 @@ def test_override_optional_dataclass():
     ("model.rope_scaling={type: yarn, factor: 40}", "model.rope_scaling: missing "
      "original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim"),
     ("model.rope_scaling=3", "model.rope_scaling: expected a mapping, got 3"),
+    ("data.eval_samples=64", "data.eval_samples: no longer a key; use train.eval_iters "
+                             "(validation samples = eval_iters x global_batch_size)"),
 ])
 def test_override_errors(override, message):
     with pytest.raises(ConfigError) as exc:
         load_config("k2-tiny", [override])
+    assert str(exc.value).startswith(message), str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.format=json"], "data.format: 'json' is not one of text, chat"),
+    (["data.format=chat", "data.blend=null"], "data.format: 'chat' needs data.blend"),
+    (["train.eval_interval=5", "data.split=100,0,0"],
+     "train.eval_interval: 5 needs a valid split, but data.split '100,0,0' gives it no documents"),
+    (["train.eval_iters=0"], "train.eval_iters: must be >= 1"),
+    (["train.eval_interval=-1"], "train.eval_interval: must be >= 0"),
+])
+def test_fine_tuning_and_validation_settings_fail_in_one_line(overrides, message):
+    cfg = load_config("k2-tiny", overrides)
+    with pytest.raises(ConfigError) as exc:
+        resolve_layout(cfg, 1)
     assert str(exc.value).startswith(message), str(exc.value)
     assert "\n" not in str(exc.value)
 

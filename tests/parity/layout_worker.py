@@ -86,6 +86,30 @@ def micro_batches(vocab: int, groups, seed: int = SEED) -> list[dict]:
     ]
 
 
+# SFT-style loss masks: one "assistant span" per sequence, of very different lengths, so a
+# mean of per-micro-batch (or per-rank) means would differ from the per-token mean
+SFT_SPANS = ((2, 5), (0, 29), (11, 19), (30, 32))
+
+
+def sft_micro_batches(vocab: int, groups, mbs: int = 1) -> list[dict]:
+    """micro_batches' global batch with SFT_SPANS as loss masks, `mbs` sequences per
+    micro-batch (this DP rank's share)."""
+    seqs = micro_batches(vocab, groups)
+    per_rank = GLOBAL_BATCH // groups.layout.dp
+    for i, s in enumerate(seqs):
+        a, b = SFT_SPANS[groups.dp_rank * per_rank + i]
+        s["loss_mask"] = torch.zeros(1, SEQ)
+        s["loss_mask"][0, a:b] = 1.0
+    return [{k: torch.cat([s[k] for s in seqs[j:j + mbs]]) for k in seqs[0]}
+            for j in range(0, len(seqs), mbs)]
+
+
+def _sft(model, groups, vocab: int, mbs: int = 1) -> tuple[float, dict]:
+    loss = forward_backward(model, groups, sft_micro_batches(vocab, groups, mbs),
+                            seq_length=SEQ, micro_batch_size=mbs)
+    return loss, gather_full(model, swap=lambda p: p.main_grad)
+
+
 def run(name: str, out: str, init_path: str, write_init: bool) -> None:
     overrides = [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[name].items()]
     cfg = load_config("k2-tiny", overrides + [f"train.seq_length={SEQ}", "train.dtype=fp32"])
@@ -105,10 +129,13 @@ def run(name: str, out: str, init_path: str, write_init: bool) -> None:
         model, groups, micro_batches(cfg.model.vocab_size, groups), seq_length=SEQ,
         micro_batch_size=1)
     grads = gather_full(model, swap=lambda p: p.main_grad)
+    sft = {1: _sft(model, groups, cfg.model.vocab_size)}
+    if name == "1rank":  # the same global batch in 1 and 2 micro-batches (4 above)
+        sft.update({mbs: _sft(model, groups, cfg.model.vocab_size, mbs) for mbs in (2, 4)})
     if dist.get_rank() == 0:
         torch.save(
             {"loss": loss, "grads": grads, "param_counts": counts, "expected_counts": expected,
-             "fresh_weights": fresh},
+             "fresh_weights": fresh, "sft": sft},
             os.path.join(out, f"{name}.pt"),
         )
 

@@ -20,7 +20,7 @@ K2M_TRAIN = os.path.join(BIN, "k2m-train")
 COMMON = ["--config", "k2-tiny", "--set", "train.global_batch_size=4", "--set",
           "train.seq_length=32", "--set", "optimizer.name=adamw", "--set", "optimizer.lr=2e-3",
           "--set", "optimizer.warmup_iters=2", "--set", "optimizer.decay_iters=10",
-          "--set", "train.seed=77",
+          "--set", "train.seed=77", "--set", "train.eval_interval=5", "--set", "train.eval_iters=1",
           "--set", "logging.tensorboard=true", "--set", "model.measure_max_attn_logit=true"]
 LAYOUTS = {
     "dp2-zero1": (2, []),
@@ -85,12 +85,21 @@ def test_metrics_tensorboard_and_plot(reference):
         for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "skipped", "mfu", "eta_s",
                     "max_attn_logit"):
             assert key in r, key
+    # evaluated every 5 steps and after the last one
+    assert [r["step"] for r in rows if "val_loss" in r] == [5, 6]
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in rows if "val_loss" in r)
     losses = [r["loss"] for r in rows]
     assert losses[-1] < losses[0]  # it learns
     # megatron's warmup: 0, then lr * step / warmup_iters
     assert [r["lr"] for r in rows[:3]] == pytest.approx([0.0, 1e-3, 2e-3])
     assert any(f.startswith("events.out.tfevents") for f in
                os.listdir(os.path.join(reference, "tensorboard")))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(reference, "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "val/loss", "val/ppl"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("val/loss")] == [5, 6]
     out = subprocess.run([sys.executable, "-m", "k2mcore.cli.plot", reference],
                          capture_output=True, text=True, env=_env())
     png = os.path.join(reference, "metrics.png")
@@ -128,6 +137,10 @@ def test_adamw_losses_match_one_rank(reference, layout, tmp_path):
     logits = {r["step"]: r["max_attn_logit"] for r in _rows(reference)}
     _close(logits, {r["step"]: r["max_attn_logit"] for r in _rows(str(tmp_path))},
            range(1, 6), 1e-5)
+    # validation after step 5 (train.eval_interval=5): the same held-out loss in every layout
+    val = {r["step"]: r["val_loss"] for r in _rows(reference) if "val_loss" in r}
+    _close(val, {r["step"]: r["val_loss"] for r in _rows(str(tmp_path)) if "val_loss" in r},
+           [5], 1e-5)
 
 
 def test_resume_equals_uninterrupted_also_under_another_layout(reference, tmp_path):

@@ -1,0 +1,58 @@
+"""Validation loss (train.eval_interval / eval_iters) after chat fine-tuning: the masked mean
+token loss over the held-out samples, the same number `load_model`'s logits give on them."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from launching import local_command, local_env
+
+K2M_TRAIN = os.path.join(os.path.dirname(sys.executable), "k2m-train")
+
+
+def test_sft_val_loss_is_the_masked_mean_of_load_models_logits(tmp_path):
+    """Fine-tuned on the bundled chat sample (data.format=chat: assistant tokens only) at
+    DP2 x EP2 with MuonClip, evaluated after step 2 on 2 global batches of the valid split;
+    recomputed here in one process from the saved weights and the same held-out samples."""
+    run = str(tmp_path / "run")
+    sets = ["data.format=chat", "data.blend=assets:sample/stdlib_chat",
+            "data.tokenizer=assets:tokenizer/k2-tiny", "optimizer.name=muonclip",
+            "train.iters=2", "train.eval_interval=2", "train.eval_iters=2",
+            "train.global_batch_size=4", "train.seq_length=128", "checkpoint.interval=2",
+            "parallel.ep=2", "optimizer.lr=1e-2", f"run.dir={run}"]
+    args = ["--config", "k2-tiny"] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run(local_command(2, K2M_TRAIN, args), env=local_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [("val_loss" in r) for r in rows] == [False, True]
+    assert "val loss" in proc.stdout
+    val = rows[-1]
+
+    from k2mcore import load_model
+    from k2mcore.config.loader import load_config
+    from k2mcore.data.datasets import build_datasets
+
+    cfg = load_config(os.path.join(run, "config.yaml"))
+    valid = build_datasets(cfg)["valid"]
+    model = load_model(os.path.join(run, "checkpoints"))
+    total = count = 0.0
+    masked = 0
+    with torch.no_grad():
+        for i in range(cfg.train.eval_iters * cfg.train.global_batch_size):
+            s = valid[i]
+            logits = model(torch.as_tensor(s["tokens"])[None])[0]
+            ce = torch.nn.functional.cross_entropy(logits.double(), torch.as_tensor(s["labels"]),
+                                                   reduction="none")
+            mask = torch.as_tensor(s["loss_mask"], dtype=torch.float64)
+            total += float((ce * mask).sum())
+            count += float(mask.sum())
+            masked += int((mask == 0).sum())
+    assert masked > count  # most tokens (system, user turns, padding) carry no loss
+    want = total / count
+    assert abs(val["val_loss"] - want) <= 1e-5 * want, (val["val_loss"], want)
+    assert abs(val["val_ppl"] - torch.exp(torch.tensor(want)).item()) <= 1e-4 * val["val_ppl"]
