@@ -112,7 +112,10 @@ def _sft(model, groups, vocab: int, mbs: int = 1) -> tuple[float, dict]:
 
 def run(name: str, out: str, init_path: str, write_init: bool) -> None:
     overrides = [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[name].items()]
-    cfg = load_config("k2-tiny", overrides + [f"train.seq_length={SEQ}", "train.dtype=fp32"])
+    # no router-bias update (it runs in finalize_model_grads): the passes below then all see
+    # the initial routing (run_muonclip's steps check the update itself)
+    cfg = load_config("k2-tiny", overrides + [f"train.seq_length={SEQ}", "train.dtype=fp32",
+                                              "model.moe_router_bias_update_rate=0.0"])
     layout = resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     groups = init_distributed(layout, seed=SEED)
     model = wrap_ddp(build_model(cfg, groups), groups, distributed_optimizer=False)
