@@ -12,7 +12,8 @@ share one config. So every optimizer here runs in bf16 (slow on CPU: compare rat
 
 Per layout (widened k2-tiny, 8 x 64 tokens per step, gloo ranks): bytes handed to
 torch.distributed collectives over one whole step summed over ranks (tests/comm_bytes.py), the
-busiest rank's, and the median whole-step time (slowest rank), each against AdamW of the same run.
+busiest rank's, and the median whole-step time (slowest rank), each against AdamW of the same run;
+"replicas": whether every DP-replicated weight is equal on all DP ranks after the steps.
 """
 from __future__ import annotations
 
@@ -116,7 +117,21 @@ def _run(overrides: dict, mode: str, steps: int) -> dict:
             dist.barrier()
             times.append(time.perf_counter() - start)
         counted = dict(counts)
-    return {"step_s": statistics.median(times[2:]), "bytes": sum(counted.values())}
+    return {"step_s": statistics.median(times[2:]), "bytes": sum(counted.values()),
+            "by_kind": counted, "replicas_equal": _replicas_equal(model, groups)}
+
+
+def _replicas_equal(model, groups) -> bool:
+    """Whether every dense (DP-replicated) weight is the same on all DP ranks after the steps:
+    an optimizer that skipped part of the parameter all-gather would leave them apart."""
+    import torch
+    import torch.distributed as dist
+
+    sums = torch.stack([p.detach().double().sum() for chunk in model
+                        for p in chunk.module.parameters() if getattr(p, "allreduce", True)])
+    every = [torch.zeros_like(sums) for _ in range(dist.get_world_size(groups.dp_group))]
+    dist.all_gather(every, sums, group=groups.dp_group)
+    return all(torch.equal(e, sums) for e in every)
 
 
 def worker(world: int, steps: int, out: str) -> None:
@@ -135,7 +150,10 @@ def worker(world: int, steps: int, out: str) -> None:
             errors = [r["error"] for r in every if "error" in r]
             rows[name][mode] = {"error": errors[0]} if errors else {
                 "bytes": sum(r["bytes"] for r in every), "busiest": max(r["bytes"] for r in every),
-                "ranks": len(every), "step_s": max(r["step_s"] for r in every)}
+                "ranks": len(every), "step_s": max(r["step_s"] for r in every),
+                "replicas_equal": all(r["replicas_equal"] for r in every),
+                "by_kind": {k: sum(r["by_kind"].get(k, 0) for r in every)
+                            for k in sorted({k for r in every for k in r["by_kind"]})}}
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
@@ -171,16 +189,18 @@ def main() -> None:
     print(f"megatron 0.19.2 layer-wise Muon vs k2mcore MuonClip vs ZeRO-1 AdamW, widened k2-tiny, "
           f"bf16, {GLOBAL_BATCH} x {SEQ} tokens per step; bytes handed to collectives per step")
     print(f"{'layout':8s} {'mode':14s} {'MB':>8s} {'bytes x':>8s} {'busiest x':>9s} "
-          f"{'step ms':>8s} {'step x':>7s}")
+          f"{'step ms':>8s} {'step x':>7s} {'replicas':>9s}")
     for name, r in rows.items():
         a = r["adamw"]
         for mode, m in r.items():
             if "error" in m:
                 print(f"{name:8s} {mode:14s} refused: {m['error']}")
                 continue
+            kinds = ", ".join(f"{k} {v / 1e6:.3f}" for k, v in m["by_kind"].items())
             print(f"{name:8s} {mode:14s} {m['bytes'] / 1e6:8.3f} {m['bytes'] / a['bytes']:8.3f} "
                   f"{m['busiest'] / (a['bytes'] / a['ranks']):9.3f} {1e3 * m['step_s']:8.1f} "
-                  f"{m['step_s'] / a['step_s']:7.2f}")
+                  f"{m['step_s'] / a['step_s']:7.2f} {str(m['replicas_equal']):>9s}   "
+                  f"MB by collective: {kinds}")
 
 
 if __name__ == "__main__":
