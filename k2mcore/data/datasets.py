@@ -210,7 +210,8 @@ def build_datasets(cfg: K2Config, summary: Optional[DataSummary] = None) -> dict
 
         t = cfg.train
         return build_chat_datasets(summary.prefixes[0], t.seq_length, cfg.data.split, t.seed,
-                                   dataset_sizes(cfg), pad_id=summary.tokenizer.pad)
+                                   dataset_sizes(cfg), pad_id=summary.tokenizer.pad,
+                                   packing=cfg.data.packing, truncate=cfg.data.truncate)
     config = gpt_dataset_config(cfg, summary)
     cls = GPTDataset if summary.tokenizer is not None else MockGPTDataset
     if summary.tokenizer is None:
