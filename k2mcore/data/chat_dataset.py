@@ -109,6 +109,19 @@ def shuffled_documents(documents: tuple[int, int], num_samples: Optional[int], s
     return order[:num_samples]
 
 
+def refuse_overlong(prefix: str, lengths: np.ndarray, seq_length: int, *, start: int = 0,
+                    where: str = "it") -> None:
+    """data.truncate=false: DataError naming the first conversation (`lengths[i]` is
+    conversation start + i) longer than seq_length + 1 tokens."""
+    over = np.flatnonzero(lengths > seq_length + 1)
+    if over.size:
+        raise DataError(
+            f"data.truncate: false, but conversation {start + int(over[0])} of {prefix} has "
+            f"{int(lengths[over[0]])} tokens, more than train.seq_length+1={seq_length + 1} "
+            f"({over.size} such in {where}; set data.truncate=true, raise train.seq_length, or "
+            f"drop them with k2m-preprocess --max-length {seq_length + 1} --overlong drop)")
+
+
 class ChatDataset:
     """Samples of one split of a chat dataset: `dataset[i]` -> {tokens, labels, loss_mask,
     position_ids} (numpy, length `seq_length`; batches.FIELDS)."""
@@ -143,16 +156,8 @@ class ChatDataset:
 
     def _refuse_overlong(self) -> None:
         start, end = self.documents
-        lengths = self._ids.sequence_lengths[start:end]
-        over = np.flatnonzero(lengths > self.seq_length + 1)
-        if over.size:
-            doc = start + int(over[0])
-            raise DataError(
-                f"data.truncate: false, but conversation {doc} of {self.prefix} has "
-                f"{int(lengths[over[0]])} tokens, more than train.seq_length+1="
-                f"{self.seq_length + 1} ({over.size} such in the {self.split} split; set "
-                f"data.truncate=true, raise train.seq_length, or drop them with k2m-preprocess "
-                f"--max-length {self.seq_length + 1} --overlong drop)")
+        refuse_overlong(self.prefix, self._ids.sequence_lengths[start:end], self.seq_length,
+                        start=start, where=f"the {self.split} split")
 
     def _build_index(self, num_samples: Optional[int], seed: int, split_index: int,
                      shuffle: bool) -> None:
@@ -302,12 +307,14 @@ def check_chat_dataset(
     tokenizer_fingerprint: Optional[str] = None,
     tokenizer_path: Optional[str] = None,
     split: Optional[Split] = None,
+    max_seq_length: Optional[int] = None,
 ) -> ChatInfo:
     """Every check on a chat dataset, one line naming the file: the ids as
     `check_indexed_dataset` checks text data (files, structure, empty conversations, ids >=
     vocab_size, tokenizer fingerprint); the mask's files and structure, its dtype (uint8) and
     values (0/1), and that it has the ids' conversations and lengths; with `split`, that no
-    split with a weight is left without conversations."""
+    split with a weight is left without conversations; with `max_seq_length` (data.truncate
+    false), that no conversation is longer than max_seq_length + 1 tokens."""
     ids_prefix, mask_prefix = chat_prefixes(prefix)
     ids = check_indexed_dataset(ids_prefix, vocab_size=vocab_size, key=key, cache_dir=cache_dir,
                                 tokenizer_fingerprint=tokenizer_fingerprint,
@@ -336,4 +343,6 @@ def check_chat_dataset(
                 raise DataError(f"data.split: {split!r} leaves the {name} split of {prefix} "
                                 f"({ids.num_documents} conversations) empty; use fewer splits "
                                 f"or more data")
+    if max_seq_length is not None:
+        refuse_overlong(prefix, ids.sequence_lengths, max_seq_length, where="the dataset")
     return ChatInfo(ids, mask)

@@ -158,7 +158,8 @@ def _check_chat(cfg: K2Config, tok: Tokenizer, prefixes: list, weights) -> DataS
                         f"tokenizer_config.json")
     info = check_chat_dataset(prefixes[0], vocab_size=cfg.model.vocab_size,
                               cache_dir=cache_dir(cfg), tokenizer_fingerprint=tok.fingerprint(),
-                              tokenizer_path=cfg.data.tokenizer, split=cfg.data.split)
+                              tokenizer_path=cfg.data.tokenizer, split=cfg.data.split,
+                              max_seq_length=None if cfg.data.truncate else cfg.train.seq_length)
     return DataSummary(tok, prefixes, weights, [info])
 
 

@@ -166,3 +166,21 @@ def test_packed_batches_through_the_loader():
                            documents=(0, 468))  # the train split of "98,2,0"
     for k in FIELDS:
         assert torch.equal(batch[k], torch.from_numpy(np.stack([ds[10][k], ds[11][k]]))), k
+
+
+def test_check_data_refuses_overlong_conversations_before_training():
+    """What k2m-train runs before any process group: with packing on and data.truncate off, a
+    conversation longer than train.seq_length + 1 is one line naming it."""
+    from k2mcore.config.loader import load_config
+    from k2mcore.data import check_data
+
+    sets = ["data.format=chat", "data.blend=assets:sample/stdlib_chat",
+            f"data.tokenizer={TOKENIZER_DIR}", "data.packing=true"]
+    check_data(load_config("k2-tiny", sets + ["train.seq_length=256"]))  # truncate: true
+    with pytest.raises(DataError) as err:
+        check_data(load_config("k2-tiny", sets + ["train.seq_length=256", "data.truncate=false"]))
+    msg = str(err.value)
+    assert "\n" not in msg and re.match(
+        r"data\.truncate: false, but conversation (\d+) of .*stdlib_chat has (\d+) tokens, more "
+        r"than train\.seq_length\+1=257 \(\d+ such in the dataset; set data\.truncate=true", msg)
+    check_data(load_config("k2-tiny", sets + ["train.seq_length=1024", "data.truncate=false"]))
