@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
-PACK_WINDOW = 8  # open rows a conversation may go to: ~all of first fit's gain on chat lengths
+# open rows a conversation may go to: on the bundled sample within 0.2-1.5 points of an
+# unbounded first fit (seq_length 256-2048), at a cost per conversation that stays bounded
+PACK_WINDOW = 8
 
 
 def positions(length: int, seq_length: int) -> int:
