@@ -40,6 +40,7 @@ class K2CausalLM(torch.nn.Module):
             raise ValueError(f"input_ids: a packed batch is [1, total], got "
                              f"{list(input_ids.shape)}")
         total = input_ids.shape[1]
+        cu_seqlens = torch.as_tensor(cu_seqlens)  # a list of boundaries does too
         params = packed_seq_params(cu_seqlens.to(device), total)
         positions = positions_from_cu_seqlens(cu_seqlens, total).to(device)[None]
         return self.gpt(input_ids, positions, None, packed_seq_params=params).float()

@@ -36,6 +36,7 @@ def test_packed_logits_equal_each_document_alone(model):
         worst = max(worst, (out[0, a:b] - alone).abs().max().item())
     print(f"packed vs alone: max |logit diff| {worst:.2e}")
     assert worst <= 1e-5
+    assert torch.equal(model(ids, cu_seqlens=cu.tolist()), out)  # a list of boundaries too
     # one document covering the batch is the unpacked forward
     single = model(docs[1][None], cu_seqlens=torch.tensor([0, LENGTHS[1]]))
     assert (single - model(docs[1][None])).abs().max() <= 1e-5
