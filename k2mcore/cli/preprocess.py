@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--overlong", choices=OVERLONG, default="truncate",
                    help="truncate (default; dropped anyway if no assistant token is left) or "
                         "drop conversations longer than --max-length")
+    g.add_argument("--pack-length", type=int, default=None, metavar="N",
+                   help="report real tokens against padding with data.packing at "
+                        "train.seq_length=N (default: --max-length - 1, the row a conversation "
+                        "of --max-length tokens fills; without it, the longest conversation's)")
     g.add_argument("--special-tokens-in-content", choices=SPECIAL_TEXT_MODES, default="parse",
                    help="special-token text in messages: parse into control tokens as "
                         "transformers does (default), or keep it plain text")
@@ -61,12 +65,15 @@ def _parser() -> argparse.ArgumentParser:
 def _chat_conflict(args: argparse.Namespace) -> Optional[str]:
     if not args.chat:
         for flag, value, default in (("--max-length", args.max_length, None),
+                                     ("--pack-length", args.pack_length, None),
                                      ("--overlong", args.overlong, "truncate"),
                                      ("--special-tokens-in-content",
                                       args.special_tokens_in_content, "parse")):
             if value != default:
                 return f"{flag} needs --chat"
         return None
+    if args.pack_length is not None and args.pack_length < 1:
+        return f"--pack-length: {args.pack_length} must be >= 1"
     if args.append_eod:
         return "--append-eod: not with --chat (the chat template ends every turn itself)"
     if args.json_keys is not None:
@@ -96,7 +103,19 @@ def _chat(args: argparse.Namespace) -> int:
     print(f"{stats.tokens} tokens, {stats.assistant_tokens} assistant tokens in "
           f"{stats.seconds:.2f}s: {stats.conversations_per_s:.0f} conversations/s, "
           f"{stats.tokens_per_s:.0f} tokens/s")
+    print(_packing_line(stats.outputs[0], args))
     return 0
+
+
+def _packing_line(ids_prefix: str, args: argparse.Namespace) -> str:
+    """Real tokens against padding, packed (data.packing) and one conversation per row."""
+    from k2mcore.data.indexed import read_index
+    from k2mcore.data.packing import packing_efficiency
+
+    lengths = read_index(ids_prefix).sequence_lengths
+    seq_length = args.pack_length or (args.max_length or int(lengths.max())) - 1
+    eff = packing_efficiency(lengths, max(seq_length, 1))
+    return f"packing at train.seq_length={eff.seq_length}: {eff.describe()}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -172,6 +172,12 @@ class DataConfig:
     num_workers: int = 2  # loader worker processes (DALI external_source / torch DataLoader)
     prefetch: int = 2  # micro-batches queued ahead, per worker
     eod_mask_loss: bool = False  # megatron's option: no loss on end-of-document tokens
+    # chat only: several conversations per train.seq_length row (first fit over the shuffled
+    # conversations), each attending only to itself, RoPE positions from 0 in each
+    packing: bool = False
+    # chat only: a conversation longer than train.seq_length + 1 tokens is cut to that (true)
+    # or refused in one line naming it (false)
+    truncate: bool = True
 
 
 @dataclass

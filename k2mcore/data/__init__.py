@@ -1,6 +1,7 @@
 """Data: tokenizers, preprocessing, megatron datasets and blends, DALI/torch loaders; chat data
 (`encode_chat`, `preprocess_chat`, `build_chat_datasets`: conversations rendered by the
-tokenizer's chat template, loss on the assistant tokens).
+tokenizer's chat template, loss on the assistant tokens; `PackedChatDataset` and
+`packing_efficiency` for data.packing).
 
 The trainer calls `check_data(cfg)` (optional, early, one-line errors) and
 `build_data_iterator(cfg, dp_rank=, dp_size=, consumed_samples=)`. Names resolve lazily, so
@@ -31,6 +32,8 @@ _EXPORTS = {
     "load_chat_tokenizer": "k2mcore.data.chat",
     "preprocess_chat": "k2mcore.data.chat_preprocess",
     "ChatDataset": "k2mcore.data.chat_dataset",
+    "PackedChatDataset": "k2mcore.data.chat_dataset",
+    "packing_efficiency": "k2mcore.data.packing",
     "build_chat_datasets": "k2mcore.data.chat_dataset",
     "check_chat_dataset": "k2mcore.data.chat_dataset",
 }

@@ -158,7 +158,8 @@ def _check_chat(cfg: K2Config, tok: Tokenizer, prefixes: list, weights) -> DataS
                         f"tokenizer_config.json")
     info = check_chat_dataset(prefixes[0], vocab_size=cfg.model.vocab_size,
                               cache_dir=cache_dir(cfg), tokenizer_fingerprint=tok.fingerprint(),
-                              tokenizer_path=cfg.data.tokenizer, split=cfg.data.split)
+                              tokenizer_path=cfg.data.tokenizer, split=cfg.data.split,
+                              max_seq_length=None if cfg.data.truncate else cfg.train.seq_length)
     return DataSummary(tok, prefixes, weights, [info])
 
 
@@ -210,7 +211,8 @@ def build_datasets(cfg: K2Config, summary: Optional[DataSummary] = None) -> dict
 
         t = cfg.train
         return build_chat_datasets(summary.prefixes[0], t.seq_length, cfg.data.split, t.seed,
-                                   dataset_sizes(cfg), pad_id=summary.tokenizer.pad)
+                                   dataset_sizes(cfg), pad_id=summary.tokenizer.pad,
+                                   packing=cfg.data.packing, truncate=cfg.data.truncate)
     config = gpt_dataset_config(cfg, summary)
     cls = GPTDataset if summary.tokenizer is not None else MockGPTDataset
     if summary.tokenizer is None:

@@ -1,7 +1,7 @@
 """`k2mcore.load_model`: a Hugging Face K2/DeepseekV3 directory as a 1-rank megatron model."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -15,7 +15,11 @@ _NON_WEIGHTS = ("local_tokens_per_expert",)
 
 
 class K2CausalLM(torch.nn.Module):
-    """Eval-mode wrapper: input_ids [b, s] -> fp32 logits [b, s, vocab]."""
+    """Eval-mode wrapper: input_ids [b, s] -> fp32 logits [b, s, vocab].
+
+    `cu_seqlens` (document boundaries, [docs + 1]: 0, end of the first, ..., total) makes
+    input_ids [1, total] a packed batch: each document gets the logits it would alone (attention
+    within the document, RoPE positions from 0)."""
 
     def __init__(self, gpt: torch.nn.Module, model_config: ModelConfig) -> None:
         super().__init__()
@@ -23,11 +27,23 @@ class K2CausalLM(torch.nn.Module):
         self.config = model_config
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor,
+                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         device = next(self.gpt.parameters()).device
         input_ids = input_ids.to(device)
-        positions = torch.arange(input_ids.shape[1], device=device).expand_as(input_ids)
-        return self.gpt(input_ids, positions, None).float()
+        if cu_seqlens is None:
+            positions = torch.arange(input_ids.shape[1], device=device).expand_as(input_ids)
+            return self.gpt(input_ids, positions, None).float()
+        from .packing import packed_seq_params, positions_from_cu_seqlens
+
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"input_ids: a packed batch is [1, total], got "
+                             f"{list(input_ids.shape)}")
+        total = input_ids.shape[1]
+        cu_seqlens = torch.as_tensor(cu_seqlens)  # a list of boundaries does too
+        params = packed_seq_params(cu_seqlens.to(device), total)
+        positions = positions_from_cu_seqlens(cu_seqlens, total).to(device)[None]
+        return self.gpt(input_ids, positions, None, packed_seq_params=params).float()
 
 
 def load_model(path: str, device: str = "cpu") -> K2CausalLM:

@@ -33,9 +33,10 @@ def _held_out(model: list) -> Iterator[None]:
 
 def evaluate(model: list, groups: Any, batches: Callable[[], Iterator[dict]], *,
              eval_iters: int, num_microbatches: int, seq_length: int,
-             micro_batch_size: int) -> dict:
+             micro_batch_size: int, packed: bool = False) -> dict:
     """{"val_loss", "val_ppl"} over `eval_iters` global batches from `batches()` (a fresh
-    iterator over this DP rank's valid micro-batches). Collective."""
+    iterator over this DP rank's valid micro-batches; `packed`: rows of packed conversations).
+    Collective."""
     from .step import loss_totals
 
     total = count = 0.0
@@ -45,7 +46,8 @@ def evaluate(model: list, groups: Any, batches: Callable[[], Iterator[dict]], *,
             for _ in range(eval_iters):
                 micro = [next(it) for _ in range(num_microbatches)]
                 t, c = loss_totals(model, groups, micro, seq_length=seq_length,
-                                   micro_batch_size=micro_batch_size, forward_only=True)
+                                   micro_batch_size=micro_batch_size, forward_only=True,
+                                   packed=packed)
                 total, count = total + t, count + c
     finally:
         close = getattr(it, "close", None)

@@ -166,7 +166,7 @@ def _step(run: _Run, first_step: int) -> dict:
     run.optimizer.zero_grad()  # megatron's non-distributed optimizers alias grad and main_grad
     batches = [next(run.data) for _ in range(run.groups.layout.num_microbatches)]
     loss = forward_backward(run.model, run.groups, batches, seq_length=t.seq_length,
-                            micro_batch_size=t.micro_batch_size)
+                            micro_batch_size=t.micro_batch_size, packed=cfg.data.packing)
     loss = run.faults.loss(run.step, loss)
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this step applies
     ok, grad_norm = run.stepper.step(loss, run.step)
@@ -199,7 +199,8 @@ def _evaluate(run: _Run) -> dict:
 
     return evaluate(run.model, g, batches, eval_iters=cfg.train.eval_iters,
                     num_microbatches=g.layout.num_microbatches,
-                    seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size)
+                    seq_length=cfg.train.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                    packed=cfg.data.packing)
 
 
 def _save(run: _Run) -> None:

@@ -69,8 +69,40 @@ def _loss(loss_mask: torch.Tensor, per_token: torch.Tensor):
     return total, count, {"lm loss": torch.stack([total.detach(), mask.sum()])}
 
 
-def _forward_step(data_iterator, model):
+def packed_length(seq_length: int, micro_batch_size: int, multiple: int = 1) -> int:
+    """Tokens of a packed micro-batch: its rows end to end, padded to `multiple`."""
+    return -(-seq_length * micro_batch_size // multiple) * multiple
+
+
+def pack_micro_batch(batch: dict, multiple: int = 1) -> dict:
+    """A packed micro-batch ([mbs, s] rows whose position_ids restart at 0 at every document,
+    the row-end padding included) as megatron's THD batch: fields [1, t], the rows end to end,
+    padded to a multiple of `multiple` with one more masked segment (sequence parallelism
+    splits t over TP), and "packed_seq_params" with the document boundaries."""
+    from k2mcore.model.packing import cu_seqlens_from_positions, packed_seq_params
+
+    flat = {k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask",
+                                                 "position_ids")}
+    n = flat["tokens"].shape[1]
+    pad = packed_length(n, 1, multiple) - n
+    if pad:
+        device = flat["tokens"].device
+        extra = {"tokens": torch.zeros(1, pad, dtype=torch.int64, device=device),
+                 "labels": torch.zeros(1, pad, dtype=torch.int64, device=device),
+                 "loss_mask": torch.zeros(1, pad, dtype=flat["loss_mask"].dtype, device=device),
+                 "position_ids": torch.arange(pad, device=device)[None]}
+        flat = {k: torch.cat([v, extra[k].to(v.dtype)], dim=1) for k, v in flat.items()}
+    cu = cu_seqlens_from_positions(flat["position_ids"])
+    return {**flat, "packed_seq_params": packed_seq_params(cu, n + pad)}
+
+
+def _forward_step(data_iterator, model, *, packed: bool = False, multiple: int = 1):
     batch = next(data_iterator)
+    if packed:
+        batch = pack_micro_batch(batch, multiple)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                       packed_seq_params=batch["packed_seq_params"])
+        return output, partial(_loss, batch["loss_mask"])
     tokens = batch["tokens"]
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     output = model(tokens, positions, None, labels=batch["labels"])
@@ -85,15 +117,20 @@ def forward_backward(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool = False,
+    packed: bool = False,
 ) -> float:
     """Run the schedule over `micro_batches` (dicts of tokens/labels/loss_mask, [mbs, seq]).
 
     Gradients land in each parameter's `main_grad`, already reduced over data parallelism and
     divided by the global batch's unmasked-token count (megatron's per-token loss). Returns that
     token-averaged loss over the global batch (every rank gets the same value).
+
+    `packed`: each row holds several documents, told apart by position_ids restarting at 0
+    (k2mcore.data.packing); a micro-batch runs as one THD sequence of its rows end to end.
     """
     total, count = loss_totals(model, groups, micro_batches, seq_length=seq_length,
-                               micro_batch_size=micro_batch_size, forward_only=forward_only)
+                               micro_batch_size=micro_batch_size, forward_only=forward_only,
+                               packed=packed)
     # no unmasked token (every assistant turn truncated away): a non-finite loss, which the
     # skip-step logic turns into a skipped step
     return total / count if count else float("nan")
@@ -107,17 +144,25 @@ def loss_totals(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool = False,
+    packed: bool = False,
 ) -> tuple[float, float]:
     """`forward_backward`'s schedule; returns (sum of masked token losses, unmasked tokens)
     over the global batch, the same on every rank."""
     micro_batches = list(micro_batches)
+    step = _forward_step
+    if packed:
+        # THD is [t, 1, hidden]: the pipeline's p2p shape is one sequence of the packed length
+        multiple = groups.layout.tp if groups.layout.sp else 1
+        step = partial(_forward_step, packed=True, multiple=multiple)
+        seq_length = packed_length(seq_length, micro_batch_size, multiple)
+        micro_batch_size = 1
     if not forward_only:
         for chunk in model:
             if hasattr(chunk, "zero_grad_buffer"):
                 chunk.zero_grad_buffer()
     iterators = [iter(micro_batches) for _ in model]
     reports = get_forward_backward_func()(
-        forward_step_func=_forward_step,
+        forward_step_func=step,
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=list(model) if len(model) > 1 else model[0],
         num_microbatches=len(micro_batches),

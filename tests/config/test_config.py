@@ -153,6 +153,10 @@ def test_override_errors(override, message):
      "train.eval_interval: 5 needs a valid split, but data.split '100,0,0' gives it no documents"),
     (["train.eval_iters=0"], "train.eval_iters: must be >= 1"),
     (["train.eval_interval=-1"], "train.eval_interval: must be >= 0"),
+    (["data.packing=true"], "data.packing: true needs data.format=chat, got 'text'"),
+    (["data.truncate=false"], "data.truncate: false applies to data.format=chat only"),
+    (["data.format=chat", "data.blend=x", "data.packing=true", "parallel.cp=2"],
+     "data.packing: true with parallel.cp=2 is not supported"),
 ])
 def test_fine_tuning_and_validation_settings_fail_in_one_line(overrides, message):
     cfg = load_config("k2-tiny", overrides)

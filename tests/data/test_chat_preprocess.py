@@ -137,11 +137,20 @@ def test_cli_summary(jsonl, tmp_path, capsys):
     assert f"{len(conversations)} conversations read" in out and "dropped (--max-length 64" in out
     assert "2 with special-token text in content (parsed)" in out and "assistant tokens" in out
     assert (tmp_path / "cli_loss_mask_document.idx").is_file()
+    # real tokens against padding at train.seq_length = --max-length - 1 (what a row holds)
+    from k2mcore.data.indexed import read_index
+    from k2mcore.data.packing import packing_efficiency
+
+    eff = packing_efficiency(read_index(str(tmp_path / "cli_input_ids_document"))
+                             .sequence_lengths, 63)
+    assert f"packing at train.seq_length=63: {eff.describe()}" in out
+    assert 0 < eff.padded_to_seq_length <= eff.packed <= 1
 
 
 @pytest.mark.parametrize("args, message", [
     (["--append-eod"], r"--append-eod: not with --chat"),
     (["--json-keys", "text"], r"--json-keys: not with --chat"),
+    (["--pack-length", "0"], r"--pack-length: 0 must be >= 1"),
 ])
 def test_cli_flag_conflicts(tmp_path, capsys, args, message):
     rc = main(["--chat", "--input", str(CHAT_CORPUS), "--output-prefix", str(tmp_path / "o"),

@@ -70,3 +70,45 @@ def test_max_logit_is_a_running_max_per_head(config):
     attn.current_max_attn_logits = None
     attn(q3, k3, torch.randn(4, 1, 2, 8), None)
     torch.testing.assert_close(attn.current_max_attn_logits, torch.tensor([0.0, 0.0]))
+
+
+@pytest.mark.parametrize("measure", [False, True])
+def test_packed_documents_attend_only_within_themselves(config, measure):
+    """THD input ([t, n, d], megatron's PackedSeqParams): each document's output and max logit
+    are those of the document alone, whatever precedes it in the pack."""
+    from k2mcore.model.packing import packed_seq_params
+
+    g = torch.Generator().manual_seed(1)
+    lengths = [3, 9, 1, 6]
+    t = sum(lengths)
+    q, k = torch.randn(2, t, 4, 24, generator=g)
+    v = torch.randn(t, 4, 16, generator=g)
+    cu = torch.tensor([0, 3, 12, 13, 19])
+    attn = MLACoreAttention(config, 1, AttnMaskType.causal, "self", softmax_scale=0.37,
+                            k_channels=24, v_channels=16, measure_max_logit=measure)
+    out = attn(q, k, v, None, packed_seq_params=packed_seq_params(cu, t))
+    assert out.shape == (t, 64)
+    maxima = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        want, want_max = _reference(q[a:b, None], k[a:b, None], v[a:b, None], 0.37)
+        torch.testing.assert_close(out[a:b], want[:, 0], rtol=1e-5, atol=1e-6)
+        maxima.append(want_max)
+    if measure:
+        torch.testing.assert_close(attn.current_max_attn_logits, torch.stack(maxima).amax(0))
+
+
+def test_packed_input_it_cannot_honour_is_refused(config):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    attn = MLACoreAttention(config, 1, AttnMaskType.causal, "self", k_channels=8, v_channels=8)
+    x = torch.randn(6, 2, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="qkv_format: 'sbhd'"):
+        attn(x, x, x, None, packed_seq_params=PackedSeqParams(qkv_format="sbhd"))
+    padded = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             cu_seqlens_q_padded=cu)
+    with pytest.raises(ValueError, match="cu_seqlens_q_padded"):
+        attn(x, x, x, None, packed_seq_params=padded)
+    short = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu[:2], cu_seqlens_kv=cu[:2])
+    with pytest.raises(ValueError, match="does not cover the 6 packed tokens"):
+        attn(x, x, x, None, packed_seq_params=short)

@@ -1,4 +1,5 @@
-"""Runs one forward/backward of k2-tiny per layout and writes loss + full-shape grads.
+"""Runs one forward/backward of k2-tiny per layout and writes loss + full-shape grads (and, at
+1 rank, TP2+SP and PP2, those of the same conversations unpacked and packed).
 
 Launched by test_layout_parity.py: once as a plain process (the 1-rank reference, which also
 writes the initial weights every layout then loads) and under torchrun for the layouts.
@@ -104,10 +105,76 @@ def sft_micro_batches(vocab: int, groups, mbs: int = 1) -> list[dict]:
             for j in range(0, len(seqs), mbs)]
 
 
+def _initial_routing(model) -> None:
+    """Zero the routers' expert bias (as built): megatron's finalize_model_grads moves it after
+    every backward, so passes compared with each other start from the same routing."""
+    for chunk in model:
+        for router in chunk.modules():
+            if getattr(router, "expert_bias", None) is not None:
+                router.expert_bias.zero_()
+
+
 def _sft(model, groups, vocab: int, mbs: int = 1) -> tuple[float, dict]:
+    _initial_routing(model)
     loss = forward_backward(model, groups, sft_micro_batches(vocab, groups, mbs),
                             seq_length=SEQ, micro_batch_size=mbs)
     return loss, gather_full(model, swap=lambda p: p.main_grad)
+
+
+# Packed pass: conversations of these lengths (token/label pairs) with one loss span each,
+# unpacked (one per row of SEQ, padded) and packed into four rows of SEQ (the first full, the
+# others ending in a padding segment), at 1 and 2 rows per micro-batch
+PACK_LENGTHS = (11, 16, 5, 20, 9, 3, 27, 14, 6, 8)
+PACK_ROWS = ((0, 1, 2), (3, 4), (5, 6), (7, 8, 9))
+PACKED_LAYOUTS = ("1rank", "tp2-sp", "pp2")
+
+
+def _conversations(vocab: int) -> list[dict]:
+    g = torch.Generator().manual_seed(SEED + 1)
+    convs = []
+    for i, n in enumerate(PACK_LENGTHS):
+        ids = torch.randint(1, vocab, (n + 1,), generator=g)
+        mask = torch.zeros(n)
+        a = int(torch.randint(0, n, (1,), generator=g))
+        mask[a:a + 1 + int(torch.randint(0, n - a, (1,), generator=g))] = 1.0
+        convs.append({"tokens": ids[:-1], "labels": ids[1:], "loss_mask": mask,
+                      "position_ids": torch.arange(n)})
+    return convs
+
+
+def _row(parts: list[dict]) -> dict:
+    """Conversations end to end in one row of SEQ, the rest a padding segment (pad id 0,
+    positions from 0 again, no loss)."""
+    pad = SEQ - sum(p["tokens"].numel() for p in parts)
+    tail = [{"tokens": torch.zeros(pad, dtype=torch.int64),
+             "labels": torch.zeros(pad, dtype=torch.int64), "loss_mask": torch.zeros(pad),
+             "position_ids": torch.arange(pad)}] if pad else []
+    return {k: torch.cat([p[k] for p in parts + tail])[None] for k in parts[0]}
+
+
+def packed_micro_batches(vocab: int, groups, *, packed: bool, mbs: int = 1) -> list[dict]:
+    """The same conversations one per row or packed (PACK_ROWS); this DP rank's micro-batches
+    of `mbs` rows."""
+    convs = _conversations(vocab)
+    rows = ([_row([convs[i] for i in r]) for r in PACK_ROWS] if packed
+            else [_row([c]) for c in convs])
+    micro = [{k: torch.cat([r[k] for r in rows[j:j + mbs]]) for k in rows[0]}
+             for j in range(0, len(rows), mbs)]
+    return micro[groups.dp_rank::groups.layout.dp]
+
+
+def _packed_pass(model, groups, vocab: int) -> dict:
+    """{"unpacked" | "packed" | "packed-mbs2": (loss, full grads)} on the same conversations,
+    each from the initial routing (the bias update counts the padding, which packing changes)."""
+    out = {}
+    for tag, packed, mbs in (("unpacked", False, 1), ("packed", True, 1),
+                             ("packed-mbs2", True, 2)):
+        _initial_routing(model)
+        loss = forward_backward(model, groups, packed_micro_batches(vocab, groups, packed=packed,
+                                                                    mbs=mbs),
+                                seq_length=SEQ, micro_batch_size=mbs, packed=packed)
+        out[tag] = (loss, gather_full(model, swap=lambda p: p.main_grad))
+    return out
 
 
 def run(name: str, out: str, init_path: str, write_init: bool) -> None:
@@ -135,10 +202,11 @@ def run(name: str, out: str, init_path: str, write_init: bool) -> None:
     sft = {1: _sft(model, groups, cfg.model.vocab_size)}
     if name == "1rank":  # the same global batch in 1 and 2 micro-batches (4 above)
         sft.update({mbs: _sft(model, groups, cfg.model.vocab_size, mbs) for mbs in (2, 4)})
+    packing = _packed_pass(model, groups, cfg.model.vocab_size) if name in PACKED_LAYOUTS else None
     if dist.get_rank() == 0:
         torch.save(
             {"loss": loss, "grads": grads, "param_counts": counts, "expected_counts": expected,
-             "fresh_weights": fresh, "sft": sft},
+             "fresh_weights": fresh, "sft": sft, "packing": packing},
             os.path.join(out, f"{name}.pt"),
         )
 
