@@ -34,7 +34,7 @@ import numpy as np
 from k2mcore.data.chat import SPECIAL_TEXT_MODES, ChatTokenizer, load_chat_tokenizer
 from k2mcore.data.errors import DataError
 from k2mcore.data.indexed import write_meta
-from k2mcore.data.preprocess import PROG, expand_inputs, read_items
+from k2mcore.data.preprocess import PROG, commit_outputs, discard_partial, expand_inputs, read_items
 
 OVERLONG = ("truncate", "drop")
 IDS_SUFFIX = "_input_ids_document"
@@ -192,11 +192,7 @@ def preprocess_chat(
             raise DataError(f"--input: no conversation written from {', '.join(paths)} "
                             f"({stats.read} read, {stats.dropped} dropped by --max-length)")
     except BaseException:
-        for b, p in zip(builders, prefixes):
-            b.data_file.close()
-            for tmp in (p + ".bin.tmp", p + ".idx.tmp"):
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+        discard_partial(builders, prefixes)
         raise
     finally:
         if pool is not None:
@@ -210,11 +206,7 @@ def preprocess_chat(
         "overlong": overlong, "documents": stats.written, **stats.counts(),
         "inputs": [os.path.basename(x) for x in paths],
     }
-    for b, p in zip(builders, prefixes):
-        b.finalize(p + ".idx.tmp")
-    for b, p in zip(builders, prefixes):
-        os.replace(p + ".bin.tmp", p + ".bin")
-        os.replace(p + ".idx.tmp", p + ".idx")
+    commit_outputs(builders, prefixes)
     write_meta(prefixes[0], {**meta, "loss_mask": os.path.basename(prefixes[1])})
     write_meta(prefixes[1], {**meta, "input_ids": os.path.basename(prefixes[0])})
     return stats

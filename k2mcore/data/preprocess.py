@@ -164,6 +164,26 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     return paths
 
 
+def discard_partial(builders: list, prefixes: list) -> None:
+    """After a failure: close the builders' files and remove their .tmp outputs, so no
+    half-written dataset is left under a final name."""
+    for b, p in zip(builders, prefixes):
+        b.data_file.close()
+        for tmp in (p + ".bin.tmp", p + ".idx.tmp"):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def commit_outputs(builders: list, prefixes: list) -> None:
+    """Write every builder's index, then move all .tmp files to their final names (a reader
+    never sees one dataset of a pair without the other's index)."""
+    for b, p in zip(builders, prefixes):
+        b.finalize(p + ".idx.tmp")
+    for p in prefixes:
+        os.replace(p + ".bin.tmp", p + ".bin")
+        os.replace(p + ".idx.tmp", p + ".idx")
+
+
 def preprocess(
     inputs: Sequence[str],
     output_prefix_: str,
@@ -242,11 +262,7 @@ def preprocess(
                 raise DataError(
                     f"--input: no non-empty {keys[k]!r} documents in {', '.join(paths)}")
     except BaseException:
-        for b, p in zip(builders, prefixes):
-            b.data_file.close()
-            for tmp in (p + ".bin.tmp", p + ".idx.tmp"):
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+        discard_partial(builders, prefixes)
         raise
     finally:
         if pool is not None:
@@ -255,10 +271,8 @@ def preprocess(
     stats.seconds = time.perf_counter() - start
     stats.documents, stats.tokens = sum(per_key_docs), sum(per_key_tokens)
     meta_tok = {**tok.describe(), "path": tok.name}  # the fingerprint identifies it
-    for k, (b, p) in enumerate(zip(builders, prefixes)):
-        b.finalize(p + ".idx.tmp")
-        os.replace(p + ".bin.tmp", p + ".bin")
-        os.replace(p + ".idx.tmp", p + ".idx")
+    commit_outputs(builders, prefixes)
+    for k, p in enumerate(prefixes):
         write_meta(p, {
             "tokenizer": meta_tok, "append_eod": append_eod, "json_key": keys[k],
             "documents": per_key_docs[k], "tokens": per_key_tokens[k],
