@@ -10,7 +10,7 @@ NPROC ?= 4
 RUN_ARGS ?= --set parallel.tp=2 --set parallel.sp=true --set parallel.ep=2 --set parallel.etp=1
 IS_312 := -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'
 
-.PHONY: install run test check gpu-wheels clean
+.PHONY: install run sft test check gpu-wheels clean
 
 $(STAMP): setup.py constraints.txt
 	@if [ -x $(PY) ] && ! $(PY) $(IS_312); then \
@@ -28,6 +28,12 @@ install: $(STAMP)
 run: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH launch/local.sh $(NPROC) --config k2-tiny $(RUN_ARGS)
 	$(VENV)/bin/k2m-plot runs/k2-tiny
+
+# released weights -> SFT -> Hugging Face on the bundled assets (README: the recipe section):
+# a random DeepseekV3 release, hf-to-mcore, packed chat SFT with MuonClip at TP2 x EP2,
+# mcore-to-hf, greedy generation in transformers reproducing the trained replies
+sft: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) tools/sft_recipe.py --out runs/sft
 
 check: $(STAMP)
 	$(VENV)/bin/k2m-train --config kimi-k2 --check --world-size 256
