@@ -126,7 +126,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="the random release's seed")
     a = p.parse_args(argv)
     out = os.path.abspath(a.out)
-    if os.path.exists(out):
+    if os.path.exists(out):  # a previous recipe run is replaced; anything else is left alone
+        if os.listdir(out) and not os.path.exists(os.path.join(out, "recipe.log")):
+            raise SystemExit(f"sft recipe: {out} exists and is not a recipe run; pick another --out")
         shutil.rmtree(out)
     os.makedirs(out)
     log = os.path.join(out, "recipe.log")
