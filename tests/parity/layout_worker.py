@@ -105,17 +105,7 @@ def sft_micro_batches(vocab: int, groups, mbs: int = 1) -> list[dict]:
             for j in range(0, len(seqs), mbs)]
 
 
-def _initial_routing(model) -> None:
-    """Zero the routers' expert bias (as built): megatron's finalize_model_grads moves it after
-    every backward, so passes compared with each other start from the same routing."""
-    for chunk in model:
-        for router in chunk.modules():
-            if getattr(router, "expert_bias", None) is not None:
-                router.expert_bias.zero_()
-
-
 def _sft(model, groups, vocab: int, mbs: int = 1) -> tuple[float, dict]:
-    _initial_routing(model)
     loss = forward_backward(model, groups, sft_micro_batches(vocab, groups, mbs),
                             seq_length=SEQ, micro_batch_size=mbs)
     return loss, gather_full(model, swap=lambda p: p.main_grad)
@@ -165,11 +155,11 @@ def packed_micro_batches(vocab: int, groups, *, packed: bool, mbs: int = 1) -> l
 
 def _packed_pass(model, groups, vocab: int) -> dict:
     """{"unpacked" | "packed" | "packed-mbs2": (loss, full grads)} on the same conversations,
-    each from the initial routing (the bias update counts the padding, which packing changes)."""
+    each from the initial routing (run() turns the router-bias update off: it counts the
+    padding, which packing changes)."""
     out = {}
     for tag, packed, mbs in (("unpacked", False, 1), ("packed", True, 1),
                              ("packed-mbs2", True, 2)):
-        _initial_routing(model)
         loss = forward_backward(model, groups, packed_micro_batches(vocab, groups, packed=packed,
                                                                     mbs=mbs),
                                 seq_length=SEQ, micro_batch_size=mbs, packed=packed)
