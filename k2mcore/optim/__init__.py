@@ -1,11 +1,28 @@
-"""Optimizers: MuonClip (Muon + QK-Clip) pieces for single-process and distributed use."""
-from .muon import MuonClip, apply_muon_update, muon_update, rms_match_scale
-from .newton_schulz import K2_COEFFS, NS_COEFFICIENTS, newton_schulz, ns_flops, resolve_coefficients
-from .param_groups import ParamSplit, split_params
-from .qk_clip import QKClipStats, clip_qk_in_model, mla_attentions, mla_clip_row_scales, qk_clip_, scale_rows_
+"""Optimizers: MuonClip (Muon + QK-Clip) pieces for single-process and distributed use.
 
-__all__ = [
-    "K2_COEFFS", "NS_COEFFICIENTS", "MuonClip", "ParamSplit", "QKClipStats", "apply_muon_update",
-    "clip_qk_in_model", "mla_attentions", "mla_clip_row_scales", "muon_update", "newton_schulz",
-    "ns_flops", "qk_clip_", "resolve_coefficients", "rms_match_scale", "scale_rows_", "split_params",
-]
+The names below load on first use (PEP 562): the pure-python planners in this package
+(shard_plan, ns_offload) are imported by `k2m-plan` and `k2m-train --check`, which must not pay
+for torch and megatron."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "MuonClip": "muon", "apply_muon_update": "muon", "muon_update": "muon",
+    "rms_match_scale": "muon",
+    "K2_COEFFS": "newton_schulz", "NS_COEFFICIENTS": "newton_schulz",
+    "newton_schulz": "newton_schulz", "ns_flops": "newton_schulz",
+    "resolve_coefficients": "newton_schulz",
+    "ParamSplit": "param_groups", "split_params": "param_groups",
+    "QKClipStats": "qk_clip", "clip_qk_in_model": "qk_clip", "mla_attentions": "qk_clip",
+    "mla_clip_row_scales": "qk_clip", "qk_clip_": "qk_clip", "scale_rows_": "qk_clip",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

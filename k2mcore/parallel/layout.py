@@ -215,7 +215,8 @@ class Layout:
 # ---------------------------------------------------------------- parameter counts
 def megatron_param_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Unsharded parameter shapes of megatron's GPTModel (MLA + MoE, local spec with
-    qk_layernorm=True, SequentialMLP experts, no biases), global layer numbering. The router's
+    qk_layernorm=True, SequentialMLP experts, no biases), global layer numbering, in the order
+    of the built model's named_parameters (the planner lays DDP buffers out from it). The router's
     expert_bias is a buffer, not a parameter, so it is not listed."""
     h, heads = m.hidden_size, m.num_attention_heads
     q_head = m.qk_nope_head_dim + m.qk_rope_head_dim
@@ -224,17 +225,20 @@ def megatron_param_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
         p = f"decoder.layers.{i}."
         a = p + "self_attention."
         shapes[p + "input_layernorm.weight"] = (h,)
+        # MLASelfAttention's construction order (what named_parameters yields, and so the
+        # order of the DDP buffers): linear_proj first (the Attention base class), norms last
+        shapes[a + "linear_proj.weight"] = (h, heads * m.v_head_dim)
         if m.q_lora_rank is None:
             shapes[a + "linear_q_proj.weight"] = (heads * q_head, h)
         else:
             shapes[a + "linear_q_down_proj.weight"] = (m.q_lora_rank, h)
-            shapes[a + "q_layernorm.weight"] = (m.q_lora_rank,)
             shapes[a + "linear_q_up_proj.weight"] = (heads * q_head, m.q_lora_rank)
         shapes[a + "linear_kv_down_proj.weight"] = (m.kv_lora_rank + m.qk_rope_head_dim, h)
-        shapes[a + "kv_layernorm.weight"] = (m.kv_lora_rank,)
         shapes[a + "linear_kv_up_proj.weight"] = (
             heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
-        shapes[a + "linear_proj.weight"] = (h, heads * m.v_head_dim)
+        if m.q_lora_rank is not None:
+            shapes[a + "q_layernorm.weight"] = (m.q_lora_rank,)
+        shapes[a + "kv_layernorm.weight"] = (m.kv_lora_rank,)
         shapes[p + "pre_mlp_layernorm.weight"] = (h,)
         if i < m.first_k_dense:
             shapes[p + "mlp.linear_fc1.weight"] = (2 * m.ffn_hidden_size, h)  # gate and up
