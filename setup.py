@@ -46,6 +46,7 @@ setup(
             "k2m-preprocess=k2mcore.cli.preprocess:main",
             "k2m-plot=k2mcore.cli.plot:main",
             "k2m-convert=k2mcore.cli.convert:main",
+            "k2m-plan=k2mcore.cli.plan:main",
         ],
     },
 )

@@ -92,6 +92,10 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU (bf16 matmul is ~40x slower there)
     clip_grad: float = 1.0
     recompute: str = "none"  # none | selective | full
+    # selective only: megatron's recompute_modules, comma-separated (core_attn, layernorm,
+    # mla_up_proj, mlp, moe, moe_act, shared_experts); null: K2's set, layernorm,mla_up_proj,
+    # mlp,moe (moe_act instead of moe with Transformer-Engine's grouped GEMM)
+    recompute_modules: Optional[str] = None
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
     # layout_invariant: every layout starts from the 1-rank weights (k2mcore/model/init.py);
     # megatron: each rank draws its own shard (cheaper for huge models, differs per layout)

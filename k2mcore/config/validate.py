@@ -7,7 +7,7 @@ the message points at the key that is most likely wrong.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from k2mcore.config.errors import ConfigError
 from k2mcore.config.schema import K2Config
@@ -100,6 +100,7 @@ def _check_fields(cfg: K2Config) -> None:
     if o.min_lr > o.lr:
         raise ConfigError(f"optimizer.min_lr={_fmt(o.min_lr)} exceeds optimizer.lr={_fmt(o.lr)}")
     _check_muonclip(cfg)
+    _check_recompute(cfg)
     rs = cfg.model.rope_scaling
     if rs is not None:
         if rs.factor < 1:
@@ -109,6 +110,29 @@ def _check_fields(cfg: K2Config) -> None:
                 f"model.rope_scaling.original_max_position_embeddings: must be >= 1, "
                 f"got {rs.original_max_position_embeddings}"
             )
+
+
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mla_up_proj", "mlp", "moe", "moe_act",
+                     "shared_experts")
+
+
+def recompute_modules(cfg: K2Config) -> Optional[list[str]]:
+    """train.recompute_modules as a list (None: K2's default set)."""
+    text = cfg.train.recompute_modules
+    return None if text is None else [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _check_recompute(cfg: K2Config) -> None:
+    mods = recompute_modules(cfg)
+    if mods is None:
+        return
+    if cfg.train.recompute != "selective":
+        raise ConfigError(f"train.recompute_modules={_fmt(cfg.train.recompute_modules)} needs "
+                          f"train.recompute=selective (got {cfg.train.recompute})")
+    unknown = [m for m in mods if m not in RECOMPUTE_MODULES]
+    if unknown or not mods:
+        raise ConfigError(f"train.recompute_modules: {_fmt(cfg.train.recompute_modules)} "
+                          f"(known: {', '.join(RECOMPUTE_MODULES)})")
 
 
 def _check_muonclip(cfg: K2Config) -> None:

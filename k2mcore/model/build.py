@@ -9,6 +9,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from k2mcore import platform
 from k2mcore.config.schema import K2Config, ModelConfig
+from k2mcore.config.validate import recompute_modules
 from k2mcore.parallel.groups import ProcessGroups
 
 from .config import mla_config, resolve_dtype
@@ -57,7 +58,7 @@ def build_model(
         model_cfg = dataclasses.replace(model_cfg, measure_max_attn_logit=True)
     config = mla_config(
         model_cfg, cfg.parallel, dtype=resolve_dtype(cfg.train.dtype), use_te=use_te,
-        recompute=cfg.train.recompute,
+        recompute=cfg.train.recompute, recompute_modules=recompute_modules(cfg),
     )
     vpp = groups.layout.vpp
     chunks = [

@@ -31,6 +31,7 @@ def mla_config(
     dtype: torch.dtype = torch.float32,
     use_te: bool = False,
     recompute: str = "none",
+    recompute_modules: Optional[list[str]] = None,
 ) -> MLATransformerConfig:
     parallel = (parallel or ParallelConfig()).resolve()
     if not model.norm_topk_prob:
@@ -124,8 +125,10 @@ def mla_config(
     elif recompute == "selective":
         # K2's selective set: norms, MLA up-projections, SwiGLU, MoE. megatron recomputes just
         # the experts' activation only with grouped GEMM (TE); otherwise the whole MoE layer.
+        # train.recompute_modules replaces the set (megatron's --recompute-modules).
         kw.update(
             recompute_granularity="selective",
-            recompute_modules=["layernorm", "mla_up_proj", "mlp", "moe_act" if use_te else "moe"],
+            recompute_modules=list(recompute_modules) if recompute_modules else
+            ["layernorm", "mla_up_proj", "mlp", "moe_act" if use_te else "moe"],
         )
     return MLATransformerConfig(**kw)

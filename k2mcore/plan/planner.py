@@ -1,0 +1,200 @@
+"""One layout's plan: memory per pipeline rank, communication per step, an ideal step time and
+the warnings that matter. Pure python: no process group, no torch device."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from k2mcore.config.schema import K2Config
+from k2mcore.parallel.layout import Layout, megatron_param_shapes
+
+from .activations import activation_bytes
+from .comm import comm_bytes
+from .state import RankState, param_dtype_bytes, stage_chunks, stage_plan, rank_state
+from .timing import ASSUMPTIONS, Links, StepTime, step_time
+
+GIB = 2**30
+KINDS = ("tp", "ep", "pp", "dp", "optimizer")
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    gpu_mem_gib: float = 80.0  # per GPU, GiB as nvidia-smi reports
+    headroom: float = 0.10  # kept free: allocator fragmentation, NCCL and CUDA context
+    device: str = "gpu"  # gpu: bf16 (train.dtype auto), TE fused attention; cpu: fp32, local path
+    links: Links = field(default_factory=Links)
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.gpu_mem_gib * (1 - self.headroom) * GIB)
+
+    @property
+    def attention(self) -> str:
+        return "fused" if self.device == "gpu" else "local"
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """The heaviest rank of one pipeline stage."""
+
+    pp_rank: int
+    rank: int
+    params: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    total_bytes: int
+    expert_state_bytes: int  # optimizer state of routed experts on that rank
+
+
+@dataclass
+class Plan:
+    config: str
+    layout: Layout
+    options: PlanOptions
+    stages: list  # StageReport per pp rank
+    comm: dict  # kind -> bytes, the busiest rank's
+    comm_rank: int
+    step: StepTime
+    ns_flops: int
+    warnings: list
+    recompute: str = "none"
+    pipeline_layout: Optional[str] = None
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(s.total_bytes for s in self.stages)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.options.budget_bytes
+
+    def to_json(self) -> dict:
+        L = self.layout
+        return {
+            "config": self.config,
+            "world_size": L.world_size,
+            "layout": {**L.sizes(), "expert_dp": L.expert_dp,
+                       "num_microbatches": L.num_microbatches, "stages": L.describe_stages(),
+                       "pipeline_layout": self.pipeline_layout, "recompute": self.recompute},
+            "stages": [{k: v for k, v in asdict(s).items() if k != "expert_state_bytes"}
+                       for s in self.stages],
+            "comm_bytes_per_step": {k: self.comm.get(k, 0) for k in KINDS},
+            "comm_rank": self.comm_rank,
+            "step_time_s": {"total": self.step.total_s, "compute": self.step.compute_s,
+                            "bubble": self.step.bubble_s, "newton_schulz": self.step.ns_s,
+                            "comm": self.step.comm_s, "links": self.step.links},
+            "gpu_mem_bytes": int(self.options.gpu_mem_gib * GIB),
+            "budget_bytes": self.options.budget_bytes,
+            "peak_bytes": self.peak_bytes,
+            "fits": self.fits,
+            "warnings": list(self.warnings),
+            "assumptions": list(ASSUMPTIONS),
+        }
+
+
+def make_plan(cfg: K2Config, layout: Layout, options: Optional[PlanOptions] = None) -> Plan:
+    """The plan of `cfg` on `layout` (resolved by k2mcore.config.validate.resolve_layout)."""
+    o = options or PlanOptions()
+    shapes = megatron_param_shapes(cfg.model)
+    act_bytes = param_dtype_bytes(cfg, o.device)  # activations in the training dtype
+    acts = activation_bytes(cfg, layout, attention=o.attention, dtype_bytes=act_bytes)
+    stages, comm_best, ns = [], (None, -1, {}), 0
+    per = layout.world_size // layout.pp
+    cache: dict = {}  # stages of the same structure (most middle stages) plan alike
+    for r in range(layout.pp):
+        key = _signature(cfg, layout, r)
+        if key not in cache:
+            plan = stage_plan(cfg, layout, r, shapes)
+            specs = [s for c in stage_chunks(cfg, layout, r, shapes)
+                     for s in list(c.dense) + [x for e in c.experts for x in e]]
+            muon = {s.name for s in specs if s.muon}
+            experts = {s.name for s in specs if ".mlp.experts." in s.name}
+            states = [rank_state(cfg, plan, q, muon, device=o.device)
+                      for q in range(r * per, (r + 1) * per)]
+            worst: RankState = max(states, key=lambda s: s.total)
+            cache[key] = (r, plan, worst, _expert_state(cfg, plan, worst.rank, experts,
+                                                        o.device))
+        first, plan, worst, expert_state = cache[key]
+        shift = (r - first) * per
+        a = acts[r].total
+        stages.append(StageReport(
+            pp_rank=r, rank=worst.rank + shift, params=worst.params,
+            param_bytes=worst.param_bytes, grad_bytes=worst.grad_bytes,
+            optimizer_bytes=worst.optimizer_bytes, activation_bytes=a,
+            total_bytes=worst.total + a, expert_state_bytes=expert_state))
+        ns = max([ns] + list(plan.loads.values()))
+        for q in range(r * per, (r + 1) * per):  # plan.buffers_of reads q's DP/EP coordinates
+            c = comm_bytes(cfg, layout, rank=q, stage=plan, dtype_bytes=act_bytes,
+                           param_bytes=param_dtype_bytes(cfg, o.device))
+            if sum(c.values()) > comm_best[1]:
+                comm_best = (q, sum(c.values()), c)
+    comm = {k: comm_best[2].get(k, 0) for k in KINDS}
+    step = step_time(cfg, layout, comm, o.links, ns_flops=ns)
+    p = Plan(config=cfg.model.name, layout=layout, options=o, stages=stages, comm=comm,
+             comm_rank=comm_best[0], step=step, ns_flops=ns, warnings=[],
+             recompute=cfg.train.recompute, pipeline_layout=cfg.parallel.pipeline_layout)
+    p.warnings.extend(warnings_for(cfg, p))
+    return p
+
+
+def _signature(cfg: K2Config, layout: Layout, pp_rank: int) -> tuple:
+    """What a stage's buffers depend on: per chunk, embedding/loss and each layer's kind."""
+    k = cfg.model.first_k_dense
+    return tuple(("E" in text, "L" in text,
+                  tuple(i >= k for i in layout.layer_ids(pp_rank, v)))
+                 for v, text in enumerate(layout.stages[pp_rank]))
+
+
+def _expert_state(cfg: K2Config, plan: Any, rank: int, experts: set, device: str) -> int:
+    """Optimizer bytes of the routed experts' shard on `rank`."""
+    master = 4 if param_dtype_bytes(cfg, device) < 4 else 0
+    per_el = master + (4 if cfg.optimizer.name == "muonclip" else 8)
+    own = 0
+    for buf, g in plan.buffers_of(rank):
+        g = g if cfg.parallel.distributed_optimizer else 0
+        a, b = buf.shard_bounds[g]
+        for name, (s, e) in buf.param_range.items():
+            if name in experts:
+                own += max(0, min(b, e) - max(a, s))
+    return own * per_el
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def warnings_for(cfg: K2Config, p: Plan) -> list[str]:
+    """The few findings a user must act on before spending GPU hours."""
+    L, out = p.layout, []
+    opt = "MuonClip" if cfg.optimizer.name == "muonclip" else "AdamW"
+    worst = max(p.stages, key=lambda s: s.total_bytes)
+    if L.expert_dp == 1 and cfg.model.first_k_dense < cfg.model.num_layers and L.world_size > 1:
+        heavy = max(p.stages, key=lambda s: s.expert_state_bytes)
+        out.append(f"optimizer state of experts is not sharded (expert-DP = 1): "
+                   f"{_gb(heavy.expert_state_bytes)} per rank with {opt}")
+    if not cfg.parallel.distributed_optimizer and L.dp > 1:
+        out.append(f"parallel.distributed_optimizer=false: every DP rank holds the whole "
+                   f"optimizer state ({_gb(worst.optimizer_bytes)} on pp rank {worst.pp_rank})")
+    if not p.fits:
+        terms = {"parameters": worst.param_bytes, "gradient buffers": worst.grad_bytes,
+                 "optimizer state": worst.optimizer_bytes, "activations": worst.activation_bytes}
+        big = max(terms, key=terms.get)
+        over = worst.total_bytes - p.options.budget_bytes
+        out.append(f"does not fit: pp rank {worst.pp_rank} needs {worst.total_bytes / GIB:.1f} "
+                   f"GiB, {over / GIB:.1f} GiB over the {p.options.budget_bytes / GIB:.1f} GiB "
+                   f"budget ({p.options.gpu_mem_gib:g} GiB less {p.options.headroom:.0%} "
+                   f"headroom); largest term: {big} {terms[big] / GIB:.1f} GiB")
+    if L.pp > 1:
+        share = p.step.bubble_s / max(p.step.compute_s, 1e-30)
+        if share > 0.2:
+            out.append(f"pipeline bubble is {share:.0%} of compute: raise the micro-batches per "
+                       f"step ({L.num_microbatches}) or parallel.vpp")
+    if L.tp > p.options.links.gpus_per_node:
+        out.append(f"parallel.tp={L.tp} spans nodes of {p.options.links.gpus_per_node} GPUs: "
+                   f"its per-layer collectives cross InfiniBand")
+    if p.step.links.get("ep") == "ib" and p.comm.get("ep"):
+        out.append(f"expert all-to-alls cross nodes (etp*ep = {L.etp * L.ep} > "
+                   f"{p.options.links.gpus_per_node} GPUs per node)")
+    return out

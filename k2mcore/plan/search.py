@@ -1,0 +1,133 @@
+"""`k2m-plan --search`: every valid layout of N GPUs, the ones that fit, ranked by ideal step time.
+
+Candidates vary tp (up to a node, dividing the heads), pp (with a balanced pipeline layout when
+the layers do not split evenly), vpp, ep, etp (1 or tp) and train.recompute; cp stays 1 and the
+batch sizes stay the config's. Each is first screened with closed-form state sizes (equal ZeRO-1
+shards, no padding); the best are then planned exactly (`make_plan`) until `top` fit.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from k2mcore.config.errors import ConfigError
+from k2mcore.config.schema import K2Config
+from k2mcore.config.validate import resolve_layout
+from k2mcore.parallel.layout import Layout, stage_parameters
+
+from .activations import activation_bytes
+from .comm import comm_bytes
+from .planner import KINDS, Plan, PlanOptions, make_plan
+from .state import param_dtype_bytes
+from .timing import step_time
+
+RECOMPUTE = ("none", "selective", "full")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def balanced_layout(num_layers: int, pp: int, vpp: int) -> str:
+    """A megatron pipeline layout over pp*vpp stages: the embedding and the loss each count as
+    one layer, the rest spread as evenly as possible (fewer on the first and last stages)."""
+    stages = pp * vpp
+    units = num_layers + 2
+    base, extra = divmod(units, stages)
+    counts = [base + (1 if 0 < i <= extra else 0) for i in range(stages)]
+    if extra == stages - 1 or extra == stages:  # too many extras for the middle: give the ends
+        counts = [base + (1 if i < extra else 0) for i in range(stages)]
+    counts[0] -= 1
+    counts[-1] -= 1
+    parts = ["t" * max(c, 0) for c in counts]
+    parts[0] = "E" + parts[0]
+    parts[-1] += "L"
+    return "|".join(parts)
+
+
+def candidates(cfg: K2Config, world_size: int, gpus_per_node: int) -> Iterator[K2Config]:
+    m = cfg.model
+    for tp in [d for d in _divisors(world_size) if d <= gpus_per_node
+               and m.num_attention_heads % d == 0]:
+        for pp in [d for d in _divisors(world_size // tp) if d <= m.num_layers]:
+            for vpp in ([None] + [v for v in (2, 3, 4) if pp > 1 and pp * v <= m.num_layers]):
+                for ep in [d for d in _divisors(m.num_experts) if world_size % (d * pp) == 0]:
+                    for etp in sorted({1, tp}):
+                        if world_size % (etp * ep * pp):
+                            continue
+                        for recompute in RECOMPUTE:
+                            c = copy.deepcopy(cfg)
+                            p = c.parallel
+                            p.tp, p.pp, p.ep, p.etp, p.cp = tp, pp, ep, etp, 1
+                            p.sp = tp > 1
+                            p.first_stage_layers = p.last_stage_layers = None
+                            chunks = pp * (vpp or 1)
+                            even = pp > 1 and m.num_layers % chunks == 0
+                            p.vpp = vpp if even or pp == 1 else None
+                            p.pipeline_layout = (None if even or pp == 1
+                                                 else balanced_layout(m.num_layers, pp, vpp or 1))
+                            c.train.recompute = recompute
+                            yield c
+
+
+@dataclass
+class Screened:
+    cfg: K2Config
+    layout: Layout
+    peak_bytes: int
+    step_s: float
+
+
+def _quick_peak(cfg: K2Config, layout: Layout, options: PlanOptions) -> int:
+    """Closed-form heaviest-rank bytes: equal ZeRO-1 shards, no padding."""
+    m = cfg.model
+    pb = param_dtype_bytes(cfg, options.device)
+    master = 4 if pb < 4 else 0
+    muon = cfg.optimizer.name == "muonclip"
+    expert = 3 * m.moe_ffn_hidden_size * m.hidden_size * (m.num_experts // layout.ep) // layout.etp
+    acts = activation_bytes(cfg, layout, attention=options.attention,
+                            dtype_bytes=2 if pb == 2 else 4)
+    peak = 0
+    for r, n in enumerate(stage_parameters(cfg, layout)):
+        moe_layers = sum(1 for v in range(len(layout.stages[r])) for i in layout.layer_ids(r, v)
+                         if i >= m.first_k_dense)
+        e = moe_layers * expert
+        d = n - e
+        state = n * (pb + 4)
+        if cfg.parallel.distributed_optimizer:
+            state += (master + (4 if muon else 8)) * (d // (layout.dp * layout.cp)
+                                                       + e // layout.expert_dp)
+        else:
+            state += (master + (4 if muon else 8)) * n
+        peak = max(peak, state + acts[r].total)
+    return peak
+
+
+def search(cfg: K2Config, world_size: int, options: PlanOptions, *, top: int = 10,
+           screen: Optional[int] = None) -> tuple[list[Plan], int, int]:
+    """(the `top` fitting plans by step time, layouts considered, layouts screened as fitting)."""
+    screened, considered = [], 0
+    pb = param_dtype_bytes(cfg, options.device)
+    for c in candidates(cfg, world_size, options.links.gpus_per_node):
+        try:
+            layout = resolve_layout(c, world_size)
+        except ConfigError:
+            continue
+        considered += 1
+        peak = _quick_peak(c, layout, options)
+        if peak > options.budget_bytes:
+            continue
+        comm = comm_bytes(c, layout, dtype_bytes=2 if pb == 2 else 4, param_bytes=pb)
+        t = step_time(c, layout, {k: comm.get(k, 0) for k in KINDS}, options.links)
+        screened.append(Screened(c, layout, peak, t.total_s))
+    screened.sort(key=lambda s: s.step_s)
+    plans: list[Plan] = []
+    for s in screened[: screen or 4 * top]:
+        plan = make_plan(s.cfg, s.layout, options)
+        if plan.fits:
+            plans.append(plan)
+        if len(plans) == top:
+            break
+    plans.sort(key=lambda p: p.step.total_s)
+    return plans, considered, len(screened)
