@@ -1,0 +1,1 @@
+"""Analytic planners (pure python): what a layout costs before anything is launched."""
