@@ -32,12 +32,19 @@ Kinds:
              silent), QK-Clip's per-head max-logit all-reduce over DP x CP, and the attention
              report's two all-reduces over the world (also under AdamW, when logits are measured).
 
+Exactness (tests/parity/comm_probe.py against real k2-tiny runs): every kind exact per rank at
+1 rank, TP2+SP, PP2xVPP2, EP2, DP2 (ep there within 4%: routing is not uniform). At
+TP2xPP2xEP2 (SP, ETP 2, DP 2) pp and dp are exact per rank; tp, ep and the MuonClip exchange are
+exact summed over each pipeline stage's ranks, not per rank: with EP > 1 the expert-TP gather /
+reduce-scatter carries the rows the EP all-to-all delivered (routing-dependent, like ep), and
+at DP > 1 with TP > 1 the Newton-Schulz pieces sit where the owner-aligned shard planner put
+them (k2mcore.optim.shard_plan), which the even spread assumed here does not follow.
+
 Not modelled: NS offloads (optimizer.muon.ns_offload_budget > 0), CP > 1, tied embeddings'
 embedding-group all-reduce, MuonClip's exchange at DP > 1 with TP > 1 (`_muon_exchange`).
 """
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
@@ -81,10 +88,9 @@ def _tp_bytes(cfg: Any, layout: Any, me: _Rank, a: int) -> int:
         q_in = m.q_lora_rank if m.q_lora_rank is not None else h
         per_mb = 0
         for text, layers in _chunks(cfg, layout, me.pp):
-            col = [q_in, m.kv_lora_rank]  # column-parallel linears' input widths, per layer...
-            row = []  # ...and row-parallel outputs (h)
-            cols = []
-            rows = 0
+            col = [q_in, m.kv_lora_rank]  # MLA's column-parallel up projections' input widths
+            cols = []  # every column-parallel linear's input width
+            rows = 0  # row-parallel linears (output h)
             rope = 0
             for i in layers:
                 cols += col
@@ -107,7 +113,6 @@ def _tp_bytes(cfg: Any, layout: Any, me: _Rank, a: int) -> int:
                 per_mb += sum(a * shard * c * 2 + a * full * c for c in cols)
                 per_mb += (rows + emb) * (a * full * h + a * shard * h)
                 per_mb += rope * (a * shard * m.qk_rope_head_dim + a * full * m.qk_rope_head_dim)
-                _ = row
             else:
                 # row outputs (and the embedding's) all-reduced forward, column inputs' grads
                 # all-reduced backward
