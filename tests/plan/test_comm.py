@@ -1,0 +1,120 @@
+"""k2mcore.plan.comm against hand-computed figures for k2-tiny (seq 32, micro-batch 1, global
+batch 4, fp32 = 4 bytes), the setting tests/parity/comm_probe.py counts in real runs (the
+figures below are also what those runs counted, tp and ep aside: tp's total is the counted one,
+ep the uniform-routing figure, within 4% of the counts)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from k2mcore.config.loader import load_config
+from k2mcore.config.validate import resolve_layout
+from k2mcore.plan import comm
+
+A = 4  # fp32 activations and parameters
+H, S = 64, 32
+
+
+def setup(world: int, **par):
+    over = [f"parallel.{k}={str(v).lower()}" for k, v in par.items()]
+    cfg = load_config("k2-tiny", over + ["train.seq_length=32", "train.dtype=fp32",
+                                         "train.global_batch_size=4", "train.micro_batch_size=1",
+                                         "model.measure_max_attn_logit=true"])
+    return cfg, resolve_layout(cfg, world)
+
+
+def test_one_rank_hands_nothing():
+    cfg, layout = setup(1)
+    assert comm.comm_bytes(cfg, layout, dtype_bytes=A) == dict.fromkeys(comm.KINDS, 0)
+
+
+def test_pipeline_sends_per_schedule():
+    act = S * 1 * H * A  # one [s, b, h] activation or gradient
+    cfg, layout = setup(2, pp=2)
+    assert layout.num_microbatches == 4
+    # 1F1B: stage 0 sends 4 activations, stage 1 4 gradients; + the (2,) fp64 loss total over
+    # PP; the last stage broadcasts the token count (int32)
+    assert comm.comm_bytes(cfg, layout, rank={"pp": 0}, dtype_bytes=A)["pp"] == 4 * act + 16
+    assert comm.comm_bytes(cfg, layout, rank={"pp": 1}, dtype_bytes=A)["pp"] == 4 * act + 16 + 4
+    # interleaved (2 chunks per rank): 3 of the 4 chunk ends send on each rank
+    cfg, layout = setup(2, pp=2, vpp=2)
+    assert comm.comm_bytes(cfg, layout, rank={"pp": 0}, dtype_bytes=A)["pp"] == 98320
+    assert comm.comm_bytes(cfg, layout, rank={"pp": 1}, dtype_bytes=A)["pp"] == 98324
+    # sequence parallelism sends the [s/tp, b, h] shard
+    cfg, layout = setup(4, pp=2, tp=2, sp=True)
+    got = comm.comm_bytes(cfg, layout, rank={"pp": 0}, dtype_bytes=A)["pp"]
+    assert got == layout.num_microbatches * act // 2 + 16
+
+
+def test_expert_all_to_alls_uniform():
+    cfg, layout = setup(2, ep=2)
+    assert (layout.dp, layout.num_microbatches) == (2, 2)
+    rows = S * 2  # topk 2 copies of every token
+    per_layer = 2 * (2 * A * rows * H + 4 * rows)  # tokens twice + fp32 probs, fwd and bwd
+    meta = 8 * 8  # tokens per expert, int64
+    want = (per_layer + meta) * 3 * 2  # 3 MoE layers x 2 micro-batches
+    assert want == 396672
+    assert comm.comm_bytes(cfg, layout, dtype_bytes=A)["ep"] == want
+
+
+def test_data_parallel_buffers_and_small_ones():
+    cfg, layout = setup(2)  # DP2
+    buffers = [(387712, 193856, 2)]
+    got = comm.comm_bytes(cfg, layout, dp_buffers=buffers, dtype_bytes=A)["dp"]
+    rs, ag = 4 * 387712, A * 193856
+    small = 4 + 4 + 4 * 3 * 8 + 16 + 4  # norm, flag, expert-bias counts, loss total, tokens
+    assert got == rs + ag + small == 2326396
+    # a 1-rank group counts nothing; steady state drops the cached flag
+    assert comm.comm_bytes(cfg, layout, dp_buffers=[(100, 100, 1)], dtype_bytes=A,
+                           first_step=False)["dp"] == small - 4
+    # EP2: a dense and an expert optimizer, each all-gathers every bucket
+    cfg, layout = setup(2, ep=2)
+    got = comm.comm_bytes(cfg, layout, dp_buffers=[(240256, 120128, 2), (1000, 1000, 1)],
+                          dtype_bytes=A)["dp"]
+    assert got == 4 * 240256 + 2 * A * 120128 + 4 + 2 * 4 + 96 + 20 == 1922176
+
+
+def test_tensor_parallel_sp():
+    cfg, layout = setup(2, tp=2, sp=True)
+    me = comm._coords(layout, None)
+    # replicated weights' grads all-reduced over TP: 4 x (norms 64+64+32+32, q_down 2048,
+    # kv_down 2560) + final norm 64 + 3 routers 512
+    assert comm._sp_grad_numel(cfg, layout, me) == 4 * 4800 + 64 + 3 * 512 == 20800
+    got = comm.comm_bytes(cfg, layout, dtype_bytes=A)
+    assert got["tp"] == 1735952  # counted at tp2-sp
+    assert got["ep"] == 768  # tokens-per-expert gather over TP x EP
+    assert got["pp"] == 0
+
+
+def test_optimizer_terms():
+    cfg, layout = setup(2)
+    assert comm.comm_bytes(cfg, layout, dtype_bytes=A)["optimizer"] == 8 * (4 + 1)  # report
+    m = load_config("k2-tiny", ["train.seq_length=32", "train.dtype=fp32",
+                                "train.global_batch_size=4", "train.micro_batch_size=1",
+                                "optimizer.name=muonclip", "model.measure_max_attn_logit=true"])
+    layout = resolve_layout(m, 2)
+    # + QK-Clip's per-head maxima (4 layers x 4 heads, fp32) over DP; owner-aligned: silent
+    assert comm.comm_bytes(m, layout, dtype_bytes=A)["optimizer"] == 40 + 64
+    m2 = load_config("k2-tiny", ["train.seq_length=32", "train.dtype=fp32", "parallel.tp=2",
+                                 "parallel.sp=true", "train.global_batch_size=4",
+                                 "train.micro_batch_size=1", "optimizer.name=muonclip",
+                                 "model.measure_max_attn_logit=true"])
+    layout = resolve_layout(m2, 2)
+    # Newton-Schulz exchanges at TP2 (counted)
+    assert comm.comm_bytes(m2, layout, rank={"tp": 0}, dtype_bytes=A)["optimizer"] == 1144872
+    assert comm.comm_bytes(m2, layout, rank={"tp": 1}, dtype_bytes=A)["optimizer"] == 978984
+    assert comm.busiest(m2, layout, dtype_bytes=A)["optimizer"] == 1144872
+
+
+def test_kimi_k2_in_milliseconds_without_torch():
+    cfg = load_config("kimi-k2", [])
+    layout = resolve_layout(cfg, 256)
+    t = time.perf_counter()
+    got = comm.comm_bytes(cfg, layout, rank={"pp": 1})
+    assert time.perf_counter() - t < 0.05
+    assert got["pp"] > 0 and got["ep"] > 0
+    code = "import sys, k2mcore.plan.comm; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
