@@ -9,12 +9,11 @@ from k2mcore.config.schema import K2Config
 from k2mcore.parallel.layout import Layout, megatron_param_shapes
 
 from .activations import activation_bytes
-from .comm import comm_bytes
+from .comm import KINDS, comm_bytes
 from .state import RankState, param_dtype_bytes, stage_chunks, stage_plan, rank_state
 from .timing import ASSUMPTIONS, Links, StepTime, step_time
 
 GIB = 2**30
-KINDS = ("tp", "ep", "pp", "dp", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -126,8 +125,7 @@ def make_plan(cfg: K2Config, layout: Layout, options: Optional[PlanOptions] = No
             total_bytes=worst.total + a, expert_state_bytes=expert_state))
         ns = max([ns] + list(plan.loads.values()))
         for q in range(r * per, (r + 1) * per):  # plan.buffers_of reads q's DP/EP coordinates
-            c = comm_bytes(cfg, layout, rank=q, stage=plan, dtype_bytes=act_bytes,
-                           param_bytes=param_dtype_bytes(cfg, o.device))
+            c = rank_comm(cfg, layout, q, plan, act_bytes)
             if sum(c.values()) > comm_best[1]:
                 comm_best = (q, sum(c.values()), c)
     comm = {k: comm_best[2].get(k, 0) for k in KINDS}
@@ -137,6 +135,30 @@ def make_plan(cfg: K2Config, layout: Layout, options: Optional[PlanOptions] = No
              recompute=cfg.train.recompute, pipeline_layout=cfg.parallel.pipeline_layout)
     p.warnings.extend(warnings_for(cfg, p))
     return p
+
+
+def coords(layout: Layout, rank: int) -> dict:
+    """A global rank's (pp, tp, ep, dp) in megatron's order tp-cp-ep-dp-pp (dense ranks
+    tp-cp-dp-pp, expert ranks etp-ep-edp-pp; tp fastest)."""
+    per = layout.world_size // layout.pp
+    local = rank % per
+    return {"pp": rank // per, "tp": local % layout.tp,
+            "dp": local // (layout.tp * layout.cp) % layout.dp,
+            "ep": local // layout.etp % layout.ep}
+
+
+def rank_comm(cfg: K2Config, layout: Layout, rank: int, plan: Any, dtype_bytes: int) -> dict:
+    """comm_bytes of one rank, its DP traffic from the stage's planned buffers: each buffer's
+    fp32 gradient reduce-scatter and its shard's parameter all-gather (an all-reduce of the
+    unpadded buffer, nothing gathered, without the distributed optimizer)."""
+    zero1 = cfg.parallel.distributed_optimizer
+    buffers = []
+    dense_ids = {id(c.dense) for c in plan.chunks}
+    for buf, g in plan.buffers_of(rank):
+        size = (layout.dp * layout.cp) if id(buf) in dense_ids else layout.expert_dp
+        buffers.append((buf.numel, buf.shard_numel[g] if zero1 else 0, size))
+    return comm_bytes(cfg, layout, rank=coords(layout, rank), dp_buffers=buffers,
+                      dtype_bytes=dtype_bytes)
 
 
 def _signature(cfg: K2Config, layout: Layout, pp_rank: int) -> tuple:

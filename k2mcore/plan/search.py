@@ -79,46 +79,47 @@ class Screened:
     step_s: float
 
 
-def _quick_peak(cfg: K2Config, layout: Layout, options: PlanOptions) -> int:
-    """Closed-form heaviest-rank bytes: equal ZeRO-1 shards, no padding."""
+def _quick(cfg: K2Config, layout: Layout, options: PlanOptions) -> tuple[int, dict]:
+    """Closed-form heaviest-rank bytes and busiest-rank communication: equal ZeRO-1 shards of
+    unpadded buffers (k2mcore.plan.state lays them out exactly, for the plans kept)."""
     m = cfg.model
     pb = param_dtype_bytes(cfg, options.device)
     master = 4 if pb < 4 else 0
-    muon = cfg.optimizer.name == "muonclip"
+    per_el = master + (4 if cfg.optimizer.name == "muonclip" else 8)
+    zero1 = cfg.parallel.distributed_optimizer
     expert = 3 * m.moe_ffn_hidden_size * m.hidden_size * (m.num_experts // layout.ep) // layout.etp
-    acts = activation_bytes(cfg, layout, attention=options.attention,
-                            dtype_bytes=2 if pb == 2 else 4)
-    peak = 0
+    acts = activation_bytes(cfg, layout, attention=options.attention, dtype_bytes=pb)
+    dense_dp, edp = layout.dp * layout.cp, layout.expert_dp
+    peak, comm = 0, {}
     for r, n in enumerate(stage_parameters(cfg, layout)):
         moe_layers = sum(1 for v in range(len(layout.stages[r])) for i in layout.layer_ids(r, v)
                          if i >= m.first_k_dense)
-        e = moe_layers * expert
+        e = moe_layers * expert if layout.ep > 1 else 0
         d = n - e
-        state = n * (pb + 4)
-        if cfg.parallel.distributed_optimizer:
-            state += (master + (4 if muon else 8)) * (d // (layout.dp * layout.cp)
-                                                       + e // layout.expert_dp)
-        else:
-            state += (master + (4 if muon else 8)) * n
-        peak = max(peak, state + acts[r].total)
-    return peak
+        shard = (d // dense_dp + e // edp) if zero1 else n
+        peak = max(peak, n * (pb + 4) + per_el * shard + acts[r].total)
+        buffers = [(d, d // dense_dp if zero1 else 0, dense_dp)]
+        if e:
+            buffers.append((e, e // edp if zero1 else 0, edp))
+        c = comm_bytes(cfg, layout, rank={"pp": r}, dp_buffers=buffers, dtype_bytes=pb)
+        if sum(c.values()) > sum(comm.values()):
+            comm = c
+    return peak, comm
 
 
 def search(cfg: K2Config, world_size: int, options: PlanOptions, *, top: int = 10,
            screen: Optional[int] = None) -> tuple[list[Plan], int, int]:
     """(the `top` fitting plans by step time, layouts considered, layouts screened as fitting)."""
     screened, considered = [], 0
-    pb = param_dtype_bytes(cfg, options.device)
     for c in candidates(cfg, world_size, options.links.gpus_per_node):
         try:
             layout = resolve_layout(c, world_size)
         except ConfigError:
             continue
         considered += 1
-        peak = _quick_peak(c, layout, options)
+        peak, comm = _quick(c, layout, options)
         if peak > options.budget_bytes:
             continue
-        comm = comm_bytes(c, layout, dtype_bytes=2 if pb == 2 else 4, param_bytes=pb)
         t = step_time(c, layout, {k: comm.get(k, 0) for k in KINDS}, options.links)
         screened.append(Screened(c, layout, peak, t.total_s))
     screened.sort(key=lambda s: s.step_s)

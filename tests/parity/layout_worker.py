@@ -23,6 +23,7 @@ from k2mcore.config.validate import resolve_layout
 from k2mcore.parallel.layout import stage_parameters
 from k2mcore.parallel.reshard import gather_full, scatter_full
 from k2mcore.training.step import forward_backward, wrap_ddp
+from plan_worker import PLAN_LAYOUTS, run_plan
 
 LAYOUTS: dict[str, dict] = {
     "1rank": {},
@@ -326,6 +327,8 @@ def main() -> None:
             run_muonclip(name, args.out, init_path, lr=0.0, steps=1, tau=CLIP_TAU, tag="clip")
         if name in BYTE_LAYOUTS:
             count_step_bytes(name, args.out, init_path)
+        if name in PLAN_LAYOUTS:
+            run_plan(name, args.out)
     dist.barrier()
     dist.destroy_process_group()
 
