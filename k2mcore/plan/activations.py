@@ -83,11 +83,13 @@ def _attention(m, k: _Dims, recompute: str) -> tuple[int, int]:
         qkv = b * s * n * (2 * dqk + max(dv, dqk)) * d
         core = b * n * s * 4
     else:
-        # local: query/key are not saved, the math path's (or matmul's) scaled copies are;
+        # local: query/key are not saved, the SDPA math path's scaled copies are;
         # v [b, n, s, dv] reshaped to [b * n, s, dv] is a view of `value` at b = 1 (a copy
         # otherwise): then the up-projection recompute's discarded output
-        qkv = b * s * n * dv * d if b == 1 else 0
-        copies = b * n * s * 2 * dqk * d + (0 if b == 1 else b * n * s * dv * d)
+        # (the probe's matmuls reshape q and k^T the same way: views of query/key at b = 1)
+        viewed = (2 * dqk + dv) if k.probe else dv
+        qkv = b * s * n * viewed * d if b == 1 else 0
+        copies = b * n * s * (2 * dqk + dv) * d - qkv
         if k.probe:  # explicit fp32 logits: softmax saves fp32 probs; ~mask [s, s] bool
             probs = b * n * s * s * 4 + (b * n * s * s * d if d != 4 else 0) + s * s
         else:  # F.scaled_dot_product_attention's CPU math path (a mask is passed)
