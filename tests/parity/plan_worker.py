@@ -43,10 +43,11 @@ RUNS = {
 def plan_overrides(layout_name: str, model: str, optimizer: str, recompute: str,
                    probe: bool, dtype: str = "fp32") -> list[str]:
     """The k2-tiny overrides of one run (test_plan_parity.py plans the same config)."""
-    from layout_worker import LAYOUTS, SEQ
+    from layout_worker import GLOBAL_BATCH, LAYOUTS, SEQ
 
     return ([f"{k}={json.dumps(v)}" for k, v in LAYOUTS[layout_name].items()] + MODELS[model]
-            + [f"train.seq_length={SEQ}", f"train.dtype={dtype}", f"optimizer.name={optimizer}",
+            + [f"train.seq_length={SEQ}", f"train.global_batch_size={GLOBAL_BATCH}",
+               "train.micro_batch_size=1", f"train.dtype={dtype}", f"optimizer.name={optimizer}",
                f"train.recompute={recompute}",
                f"model.measure_max_attn_logit={'true' if probe else 'false'}"])
 
@@ -67,7 +68,8 @@ def _one(layout_name: str, model: str, optimizer: str, recompute: str, probe: bo
 
     overrides = plan_overrides(layout_name, model, optimizer, recompute, probe, dtype)
     cfg = load_config("k2-tiny", overrides)
-    groups = init_distributed(resolve_layout(cfg, dist.get_world_size()), seed=SEED)
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    groups = init_distributed(resolve_layout(cfg, world), seed=SEED)
     chunks = build_model(cfg, groups)
     param_layout = ddp_param_layout(cfg, chunks, groups)
     model_ = wrap_ddp(chunks, groups, distributed_optimizer=True, param_layout=param_layout)
