@@ -3,6 +3,13 @@ backward (tests/saved_bytes.py) on this rank, for the planner's check
 (k2mcore/plan/activations.py). `measure` is what the parity worker calls per layout;
 `python tests/parity/activation_probe.py` (torchrun for several ranks) is the standalone driver
 that prints measured against planned for a set of layouts, recompute modes and probe settings.
+
+Run (from tests/parity): `python activation_probe.py` (1 rank), `python -m torch.distributed.run
+--standalone --nproc-per-node=2 activation_probe.py` (tp2-sp, pp2-vpp2, ep2, dp2), and with
+--nproc-per-node=8 --models tiny (tp2-pp2-ep2). Measured on k2-tiny and WIDE (s=32, fp32,
+global batch 4, micro batch 1), planned/measured of the peak over ranks: 1rank, dp2, tp2-sp,
+pp2-vpp2 within 0.993..1.007 for every recompute mode and probe setting; ep2 0.958..0.999 and
+tp2-pp2-ep2 per rank 0.960..1.022 (non-uniform routing moves the experts' terms).
 """
 from __future__ import annotations
 
