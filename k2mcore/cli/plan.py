@@ -72,7 +72,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from k2mcore.config.errors import ConfigError
     from k2mcore.config.loader import load_config
     from k2mcore.config.validate import resolve_layout
-    from k2mcore.plan import PlanOptions, make_plan, report, search
+    from k2mcore.plan import PlanOptions, make_plan, report
+    from k2mcore.plan.search import search
     from k2mcore.plan.timing import Links
 
     try:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# (k2mcore.plan.search is a module; its function is k2mcore.plan.search.search)
 _WHERE = {"Plan": "planner", "PlanOptions": "planner", "StageReport": "planner",
-          "make_plan": "planner", "search": "search", "report": None}
+          "make_plan": "planner", "report": None}
 
 __all__ = sorted(_WHERE)
 

@@ -59,7 +59,20 @@ def _norm(t: int, width: int, d: int, x_bytes: Optional[int] = None) -> tuple[in
     return x32, t * 4, t * width * d
 
 
-def _attention(m, k: _Dims, recompute: str) -> tuple[int, int]:
+K2_SELECTIVE = frozenset({"layernorm", "mla_up_proj", "mlp", "moe"})
+
+
+def _modules(cfg) -> frozenset:
+    """The selective recompute set (train.recompute_modules; None: K2's). Modules this model
+    does not price (core_attn, moe_act, shared_experts) are counted as kept: an upper bound."""
+    text = getattr(cfg.train, "recompute_modules", None)
+    if text is None:
+        return K2_SELECTIVE
+    return frozenset(x.strip() for x in text.split(",") if x.strip())
+
+
+def _attention(m, k: _Dims, recompute: str, mods: frozenset = K2_SELECTIVE
+               ) -> tuple[int, int]:
     """(kept, backward extra) of one MLA attention block, input layernorm included."""
     b, s, t, d, tp = k.b, k.s, k.t, k.d, k.tp
     h, n = m.hidden_size, m.num_attention_heads // tp
@@ -104,14 +117,18 @@ def _attention(m, k: _Dims, recompute: str) -> tuple[int, int]:
     # selective: input_layernorm (CheckpointWithoutOutput: saves x, discards y) and the MLA
     # up-projections (saves q/kv latents, k_pos_emb, rotary freqs fp32 [s, 1, 1, dr]; discards
     # query/key/value, which only the fused path saves)
-    freqs = s * dr * 4
-    kept = (x_in + sum(q_lat) + q_up_in + sum(kv_lat) + kv_up_in + k_pos + freqs
-            + core + proj_in)  # query/key/value discarded: qkv counts when recomputed
-    norm_re = (norm_in[0] if d != 4 else 0) + norm_in[1] + norm_in[2] + y
-    return kept, norm_re + rope + qkv
+    kept, extra = full, 0
+    if "layernorm" in mods:
+        kept -= sum(norm_in) + y - x_in
+        extra += (norm_in[0] if d != 4 else 0) + norm_in[1] + norm_in[2] + y
+    if "mla_up_proj" in mods:  # query/key/value discarded: qkv counts when recomputed
+        kept += s * dr * 4 - rope - qkv
+        extra += rope + qkv
+    return kept, extra
 
 
-def _mlp(m, k: _Dims, moe: bool, recompute: str, routed: Optional[int]) -> tuple[int, int]:
+def _mlp(m, k: _Dims, moe: bool, recompute: str, routed: Optional[int],
+         mods: frozenset = K2_SELECTIVE) -> tuple[int, int]:
     """(kept, backward extra) of the pre-MLP layernorm and the dense MLP or MoE block."""
     b, s, t, d, tp = k.b, k.s, k.t, k.d, k.tp
     h = m.hidden_size
@@ -128,7 +145,9 @@ def _mlp(m, k: _Dims, moe: bool, recompute: str, routed: Optional[int]) -> tuple
         inner = swiglu(b * s, m.ffn_hidden_size // tp)
     else:
         e, topk = m.num_experts, m.moe_topk
-        r = routed if routed is not None else b * s * topk
+        # the dispatcher gathers the SP shards over expert-TP, then spreads them over EP:
+        # uniform routing gives each rank t * etp * topk rows (b * s * topk at etp = tp)
+        r = routed if routed is not None else t * k.etp * topk
         inner = t * e * 4 + t * 4 + t * topk * 4 + t * topk * 8  # sigmoid scores, topk
         inner += t * h * 4 if d != 4 else 0  # router input cast to fp32 (moe_router_dtype)
         inner += e * t * 8 + t * topk * 8  # permute: argsort indices, sorted token indices
@@ -144,7 +163,15 @@ def _mlp(m, k: _Dims, moe: bool, recompute: str, routed: Optional[int]) -> tuple
     # selective: pre_mlp_layernorm checkpointed (saves x), the dense MLP ("mlp") and the MoE
     # layer ("moe", shared experts inside) under tensor_parallel.checkpoint: they save only
     # their input, the discarded norm output
-    return x_in, (norm[0] if d != 4 else 0) + norm[1] + norm[2] + y + inner
+    norm_re = (norm[0] if d != 4 else 0) + norm[1] + norm[2] + y
+    block = "moe" if moe else "mlp"
+    if "layernorm" in mods and block in mods:
+        return x_in, norm_re + inner
+    if block in mods:  # the block's checkpoint keeps the norm output, the norm its saves
+        return sum(norm) + y, inner
+    if "layernorm" in mods:
+        return full - (sum(norm) + y - x_in), norm_re
+    return full, 0
 
 
 def _dims(cfg, layout, attention: str, dtype_bytes: int) -> _Dims:
@@ -168,11 +195,12 @@ def chunk_layers(cfg, layout, pp_rank: int, vp: int, *, attention: str = "local"
     chunk, for one micro-batch."""
     m = cfg.model
     mode = recompute or cfg.train.recompute
+    mods = _modules(cfg)
     k = _dims(cfg, layout, attention, dtype_bytes)
     layers = []
     for i in layout.layer_ids(pp_rank, vp):
-        a_kept, a_extra = _attention(m, k, mode)
-        f_kept, f_extra = _mlp(m, k, i >= m.first_k_dense, mode, routed_tokens)
+        a_kept, a_extra = _attention(m, k, mode, mods)
+        f_kept, f_extra = _mlp(m, k, i >= m.first_k_dense, mode, routed_tokens, mods)
         extra = a_extra + f_extra if mode == "full" else max(a_extra, f_extra)
         layers.append(_Layer(kept=a_kept + f_kept, extra=extra))
     text = layout.stages[pp_rank][vp]

@@ -4,9 +4,11 @@ and TP2xPP2xEP2, AdamW and MuonClip, every recompute choice, the max-logit probe
 
 - state (parameters, param and gradient buffers, optimizer state): equal, per rank;
 - activations (bytes saved for backward at the step's peak): within 10%, per rank;
-- communication: tp, pp, dp and optimizer equal per rank, ep within 10%, except where the
-  traffic follows the routing (the expert-TP gathers and MuonClip's TP exchange at
-  TP2 x PP2 x EP2 with DP2): there the pipeline stage's total is equal and each rank within 15%.
+- communication: tp, pp, dp and optimizer equal per rank, ep within 10%, except at
+  TP2 x PP2 x EP2 with DP2, where the expert-TP gathers carry what the routing delivered and
+  MuonClip's TP exchange follows the owner-aligned DP owners (k2mcore.plan.comm spreads it
+  evenly over DP): there each pipeline stage's total is equal, tp and ep per rank within 15%,
+  the MuonClip exchange per rank within 20%.
 """
 from __future__ import annotations
 
@@ -109,7 +111,7 @@ def test_communication_bytes_match_the_collectives(plan_rows):
                 s = stage_sums[(row["model"], row["optimizer"], row["pp_rank"])][kind]
                 s[0] += p
                 s[1] += g
-                ok = abs(p - g) <= 0.15 * max(g, 1)
+                ok = abs(p - g) <= (0.20 if kind == "optimizer" else 0.15) * max(g, 1)
             elif kind == "ep":
                 ok = abs(p - g) <= 0.10 * max(g, 1)
             else:
