@@ -19,7 +19,6 @@ import json
 import os
 import sys
 
-import torch
 import torch.distributed as dist
 
 HERE = os.path.dirname(os.path.abspath(__file__))

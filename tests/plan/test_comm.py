@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from k2mcore.config.loader import load_config
 from k2mcore.config.validate import resolve_layout
