@@ -5,7 +5,7 @@ running seven layouts in turn, one 8-rank launch (TP2 x PP2 x EP2 with DP2) and 
 launch (DP4). For each layout the worker runs one forward/backward (1 rank, TP2+SP and PP2 also
 the same conversations unpacked and packed), then 5 MuonClip steps, then
 (TP layouts) a QK-Clip-only step, then (layouts without TP) one counted step of MuonClip and of
-AdamW; see layout_worker.py.
+AdamW, then (PLAN_LAYOUTS) the planner's measurements (plan_worker.py); see layout_worker.py.
 """
 from __future__ import annotations
 
