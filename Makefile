@@ -39,7 +39,7 @@ check: $(STAMP)
 	$(VENV)/bin/k2m-train --config kimi-k2 --check --world-size 256
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=25 tests
 
 # wheels for the GPU check's machine (Python 3.12, torch, no megatron-core, no network): kept in the
 # git-ignored .whl/, carried with the tree, installed there by benchmarks/gpu_check.sh

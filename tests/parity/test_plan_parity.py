@@ -1,6 +1,7 @@
 """k2m-plan against what real CPU runs allocate, save and send (plan_worker.py, inside the
-layout-parity launches): k2-tiny and a widened variant at 1 rank, TP2+SP, PP2xVPP2, EP2, DP2
-and TP2xPP2xEP2, AdamW and MuonClip, every recompute choice, the max-logit probe on and off.
+layout-parity launches): k2-tiny and a widened variant at 1 rank, TP2+SP, PP2xVPP2, EP2, DP2,
+TP2xEP2 (expert-TP 1) and TP2xPP2xEP2, AdamW and MuonClip, every recompute choice (k2-tiny),
+the max-logit probe on and off.
 
 - state (parameters, param and gradient buffers, optimizer state): equal, per rank;
 - activations (bytes saved for backward at the step's peak): within 10%, per rank;
@@ -65,8 +66,7 @@ def test_the_grid_ran(plan_rows):
     assert {(m, o) for m, o, *_ in combos} == {(m, o) for m in ("tiny", "wide")
                                                for o in ("adamw", "muonclip")}
     assert {c[2] for c in combos} == {"none", "selective", "full"}
-    assert {(c[2], c[3]) for c in combos} == {(r, p) for r in ("none", "selective", "full")
-                                              for p in (True, False)}
+    assert {c[3] for c in combos} == {True, False}
     assert any(r["dtype"] == "bf16" for r in plan_rows)
 
 
@@ -93,7 +93,7 @@ def test_activation_bytes_within_10_percent(plan_rows):
         if abs(planned - row["saved_peak"]) > 0.10 * row["saved_peak"]:
             bad.append(f"{_key(row)}: planned {planned}, measured {row['saved_peak']} "
                        f"({planned / row['saved_peak']:.3f}x)")
-    assert seen >= 6 * 8 and not bad, "\n".join(bad)
+    assert seen >= len(PLAN_LAYOUTS) * 6 and not bad, "\n".join(bad)
 
 
 def test_communication_bytes_match_the_collectives(plan_rows):
