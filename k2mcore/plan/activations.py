@@ -104,9 +104,10 @@ def _attention(m, k: _Dims, recompute: str, mods: frozenset = K2_SELECTIVE
         qkv = b * s * n * viewed * d if b == 1 else 0
         copies = b * n * s * (2 * dqk + dv) * d - qkv
         if k.probe:  # explicit fp32 logits: softmax saves fp32 probs; ~mask [s, s] bool
-            probs = b * n * s * s * 4 + (b * n * s * s * d if d != 4 else 0) + s * s
-        else:  # F.scaled_dot_product_attention's CPU math path (a mask is passed)
-            probs = b * n * s * s * d
+            probs = b * n * s * s * 4 + s * s
+        else:  # F.scaled_dot_product_attention's CPU math path (a mask is passed); below
+            # fp32 it also keeps the fp32 softmax output (measured in the bf16 run)
+            probs = b * n * s * s * d + (b * n * s * s * 4 if d != 4 else 0)
         core = copies + probs
     full = (sum(norm_in) + y + sum(q_lat) + q_up_in + sum(kv_lat) + kv_up_in + rope + k_pos
             + qkv + core + proj_in)

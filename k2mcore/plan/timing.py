@@ -19,7 +19,7 @@ ASSUMPTIONS = (
     "pipeline: the busiest stage sets the beat; bubble (pp-1)/(vpp*microbatches) of it",
     "communication: bytes handed to the collectives / link bandwidth, not overlapped with "
     "compute (an upper bound); NVLink inside a node of --gpus-per-node GPUs, InfiniBand "
-    "(per GPU) across nodes",
+    "(per GPU) for a group that spans nodes, except the EP all-to-all's in-node share",
     "Newton-Schulz: the busiest rank's MuonClip orthogonalization FLOPs at the same peak",
 )
 
@@ -110,6 +110,14 @@ def link_of(kind: str, layout: Layout, gpus_per_node: int) -> str:
     return "nvlink" if span <= gpus_per_node else "ib"
 
 
+def _a2a_inside(layout: Layout, gpus_per_node: int) -> float:
+    """Share of an EP all-to-all's bytes that stay inside a node: an EP group's ranks sit
+    etp apart, so a node holds gpus_per_node // etp of them."""
+    if layout.etp > gpus_per_node:
+        return 0.0
+    return min(layout.ep, gpus_per_node // layout.etp) / layout.ep
+
+
 def step_time(cfg: K2Config, layout: Layout, comm: dict, links: Links, *,
               ns_flops: int = 0, recompute: Optional[str] = None) -> StepTime:
     peak = links.peak_tflops * 1e12
@@ -123,7 +131,11 @@ def step_time(cfg: K2Config, layout: Layout, comm: dict, links: Links, *,
     for kind, nbytes in comm.items():
         where = link_of(kind, layout, links.gpus_per_node)
         kinds[kind] = where
-        bw = {"nvlink": links.nvlink_gbps, "ib": links.ib_gbps, "-": links.ib_gbps}[where]
-        comm_s[kind] = nbytes / (bw * 1e9)
+        if where == "nvlink":
+            comm_s[kind] = nbytes / (links.nvlink_gbps * 1e9)
+            continue
+        # an all-to-all sends each peer its share: the peers inside the node take NVLink
+        inside = _a2a_inside(layout, links.gpus_per_node) if kind == "ep" else 0.0
+        comm_s[kind] = nbytes * (inside / links.nvlink_gbps + (1 - inside) / links.ib_gbps) / 1e9
     return StepTime(compute_s=work + bubble, bubble_s=bubble, ns_s=ns_flops / peak,
                     comm_s=comm_s, links=kinds)
