@@ -52,24 +52,27 @@ def plan_overrides(layout_name: str, model: str, optimizer: str, recompute: str,
                f"model.measure_max_attn_logit={'true' if probe else 'false'}"])
 
 
-def _one(layout_name: str, model: str, optimizer: str, recompute: str, probe: bool, *,
+def _one(groups, layout_name: str, model: str, optimizer: str, recompute: str, probe: bool, *,
          counted: bool, dtype: str = "fp32") -> dict:
     import comm_probe
     from layout_worker import SEED, micro_batches
     from saved_bytes import count_saved_bytes, model_storages
     from state_probe import measure_state
 
+    from megatron.core import tensor_parallel
+
     from k2mcore.config.loader import load_config
     from k2mcore.config.validate import resolve_layout
     from k2mcore.model.build import build_model
     from k2mcore.optim.build import build_optimizer, ddp_param_layout
-    from k2mcore.parallel.groups import init_distributed
     from k2mcore.training.step import forward_backward, wrap_ddp
 
     overrides = plan_overrides(layout_name, model, optimizer, recompute, probe, dtype)
     cfg = load_config("k2-tiny", overrides)
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    groups = init_distributed(resolve_layout(cfg, world), seed=SEED)
+    if resolve_layout(cfg, groups.layout.world_size) != groups.layout:
+        raise AssertionError(f"{layout_name}/{model}: the runs of a layout share its groups")
+    torch.manual_seed(SEED)  # what init_distributed seeds, without rebuilding the groups
+    tensor_parallel.model_parallel_cuda_manual_seed(SEED)
     chunks = build_model(cfg, groups)
     param_layout = ddp_param_layout(cfg, chunks, groups)
     model_ = wrap_ddp(chunks, groups, distributed_optimizer=True, param_layout=param_layout)
@@ -92,14 +95,27 @@ def _one(layout_name: str, model: str, optimizer: str, recompute: str, probe: bo
 
 
 def run_plan(layout_name: str, out: str) -> None:
+    """Every run of one layout on one set of process groups: each re-initialisation leaves
+    its gloo groups' threads behind (megatron's DDP hooks keep the old model alive), and a few
+    dozen of them slow every later collective of the launch several-fold."""
+    from layout_worker import SEED
+
+    from k2mcore.config.loader import load_config
+    from k2mcore.config.validate import resolve_layout
+    from k2mcore.parallel.groups import init_distributed
+
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = load_config("k2-tiny", plan_overrides(layout_name, "tiny", "adamw", "none", False))
+    groups = init_distributed(resolve_layout(cfg, world), seed=SEED)
     rows = []
     for model, runs in RUNS.items():
         for optimizer, recompute, probe, counted in runs:
-            rows.append(_one(layout_name, model, optimizer, recompute, probe, counted=counted))
+            rows.append(_one(groups, layout_name, model, optimizer, recompute, probe,
+                             counted=counted))
     if layout_name == "1rank":  # bf16 weights, fp32 master: the accounting GPU plans rest on
         for optimizer in ("adamw", "muonclip"):
-            rows.append(_one(layout_name, "tiny", optimizer, "none", optimizer == "muonclip",
-                             counted=True, dtype="bf16"))
+            rows.append(_one(groups, layout_name, "tiny", optimizer, "none",
+                             optimizer == "muonclip", counted=True, dtype="bf16"))
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, rows)
     if dist.get_rank() == 0:
