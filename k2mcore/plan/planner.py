@@ -109,20 +109,18 @@ def make_plan(cfg: K2Config, layout: Layout, options: Optional[PlanOptions] = No
             specs = [s for c in stage_chunks(cfg, layout, r, shapes)
                      for s in list(c.dense) + [x for e in c.experts for x in e]]
             muon = {s.name for s in specs if s.muon}
-            experts = {s.name for s in specs if ".mlp.experts." in s.name}
             states = [rank_state(cfg, plan, q, muon, device=o.device)
                       for q in range(r * per, (r + 1) * per)]
             worst: RankState = max(states, key=lambda s: s.total)
-            cache[key] = (r, plan, worst, _expert_state(cfg, plan, worst.rank, experts,
-                                                        o.device))
-        first, plan, worst, expert_state = cache[key]
+            cache[key] = (r, plan, worst)
+        first, plan, worst = cache[key]
         shift = (r - first) * per
         a = acts[r].total
         stages.append(StageReport(
             pp_rank=r, rank=worst.rank + shift, params=worst.params,
             param_bytes=worst.param_bytes, grad_bytes=worst.grad_bytes,
             optimizer_bytes=worst.optimizer_bytes, activation_bytes=a,
-            total_bytes=worst.total + a, expert_state_bytes=expert_state))
+            total_bytes=worst.total + a, expert_state_bytes=worst.expert_optimizer_bytes))
         ns = max([ns] + list(plan.loads.values()))
         for q in range(r * per, (r + 1) * per):  # plan.buffers_of reads q's DP/EP coordinates
             c = rank_comm(cfg, layout, q, plan, act_bytes)
@@ -167,20 +165,6 @@ def _signature(cfg: K2Config, layout: Layout, pp_rank: int) -> tuple:
     return tuple(("E" in text, "L" in text,
                   tuple(i >= k for i in layout.layer_ids(pp_rank, v)))
                  for v, text in enumerate(layout.stages[pp_rank]))
-
-
-def _expert_state(cfg: K2Config, plan: Any, rank: int, experts: set, device: str) -> int:
-    """Optimizer bytes of the routed experts' shard on `rank`."""
-    master = 4 if param_dtype_bytes(cfg, device) < 4 else 0
-    per_el = master + (4 if cfg.optimizer.name == "muonclip" else 8)
-    own = 0
-    for buf, g in plan.buffers_of(rank):
-        g = g if cfg.parallel.distributed_optimizer else 0
-        a, b = buf.shard_bounds[g]
-        for name, (s, e) in buf.param_range.items():
-            if name in experts:
-                own += max(0, min(b, e) - max(a, s))
-    return own * per_el
 
 
 def _gb(n: float) -> str:

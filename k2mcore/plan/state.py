@@ -123,6 +123,7 @@ class RankState:
     optimizer_bytes: int  # master weights + moments/momentum of its shard
     optimizer_shard: int  # parameter elements in its ZeRO-1 shard
     muon_shard: int  # of those, elements of Muon matrices (MuonClip)
+    expert_optimizer_bytes: int = 0  # of optimizer_bytes, the routed experts' share
 
     @property
     def total(self) -> int:
@@ -171,7 +172,8 @@ def rank_state(cfg: K2Config, plan: StagePlan, rank: int, muon_names: set, *,
     pbytes = param_dtype_bytes(cfg, device)
     muonclip = cfg.optimizer.name == "muonclip"
     zero1 = cfg.parallel.distributed_optimizer
-    params = buffer_numel = shard = muon_shard = 0
+    master = MASTER_BYTES if pbytes < MASTER_BYTES else 0
+    params = buffer_numel = shard = muon_shard = expert_bytes = 0
     for buf, g in plan.buffers_of(rank):
         g = g if zero1 else 0
         a, b = buf.shard_bounds[g]
@@ -180,15 +182,16 @@ def rank_state(cfg: K2Config, plan: StagePlan, rank: int, muon_names: set, *,
             params += e - s
             own = max(0, min(b, e) - max(a, s))
             shard += own
-            if muonclip and name in muon_names:
-                muon_shard += own
-    master = MASTER_BYTES if pbytes < MASTER_BYTES else 0
+            muon = muonclip and name in muon_names
+            muon_shard += own if muon else 0
+            if _is_routed_expert(name):
+                expert_bytes += own * (master + MASTER_BYTES * (1 if muon else 2))
     moments = 2 * MASTER_BYTES * (shard - muon_shard) + MASTER_BYTES * muon_shard
     return RankState(
         rank=rank, pp_rank=plan.pp_rank, params=params,
         param_bytes=pbytes * (buffer_numel if zero1 else params),
         grad_bytes=GRAD_BYTES * buffer_numel, optimizer_bytes=master * shard + moments,
-        optimizer_shard=shard, muon_shard=muon_shard)
+        optimizer_shard=shard, muon_shard=muon_shard, expert_optimizer_bytes=expert_bytes)
 
 
 def stage_states(cfg: K2Config, layout: Layout, pp_rank: int, *, device: str = "gpu",
