@@ -268,6 +268,11 @@ INVALID = [
     (["optimizer.name=sgd"], 1, "optimizer.name: 'sgd' is not one of adamw, muonclip"),
     (["train.dtype=fp16"], 1, "train.dtype: 'fp16' is not one of auto, fp32, bf16"),
     (["train.recompute=all"], 1, "train.recompute: 'all' is not one of none, selective, full"),
+    (["train.recompute_modules=mlp"], 1,
+     "train.recompute_modules='mlp' needs train.recompute=selective (got none)"),
+    (["train.recompute=selective", "train.recompute_modules=mlp,bogus"], 1,
+     "train.recompute_modules: 'mlp,bogus' (known: core_attn, layernorm, mla_up_proj, mlp, "
+     "moe, moe_act, shared_experts)"),
     (["data.loader=webdataset"], 1, "data.loader: 'webdataset' is not one of auto, dali, torch"),
     (["optimizer.decay_style=exponential"], 1, "optimizer.decay_style: 'exponential' is not one of"),
     (["model.rope_scaling.type=ntk"], 1, "model.rope_scaling.type: 'ntk' is not one of yarn"),
@@ -402,3 +407,18 @@ def test_etp_follows_tp_and_refuses_unsummed_expert_copies():
     # with ep > 1 each expert lives on one rank: etp=1 under tp=2 is fine
     resolve_layout(load_config("k2-tiny", ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2",
                                      "parallel.etp=1"]), 2)
+
+
+def test_recompute_modules_reach_megatron():
+    """train.recompute_modules replaces K2's selective set in megatron's config."""
+    from k2mcore.config.validate import recompute_modules
+    from k2mcore.model.config import mla_config
+
+    cfg = load_config("k2-tiny", ["train.recompute=selective",
+                                  "train.recompute_modules=mla_up_proj, mlp"])
+    mods = recompute_modules(cfg)
+    assert mods == ["mla_up_proj", "mlp"]
+    assert mla_config(cfg.model, recompute="selective", recompute_modules=mods).recompute_modules \
+        == ["mla_up_proj", "mlp"]
+    k2 = mla_config(cfg.model, recompute="selective")
+    assert k2.recompute_modules == ["layernorm", "mla_up_proj", "mlp", "moe"]
