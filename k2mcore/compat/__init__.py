@@ -9,7 +9,9 @@ fails with one line naming the patch. Modules:
   DistributedOptimizer's Adam-state loading fixes;
 - `mla`: MLA self-attention with TP-replicated down projections and the spec's own q/kv norms;
 - `uneven_shards`: ZeRO-1 shards of unequal size for MuonClip's owner-aligned buffers;
-- `console`: megatron's and torch's known noise, shown once or not at all.
+- `console`: megatron's and torch's known noise, shown once or not at all;
+- `preimport`: what megatron reads at import (the console filters; without CUDA, its
+  torch.compile'd functions left eager), set before the first megatron import.
 """
 from __future__ import annotations
 
