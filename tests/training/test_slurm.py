@@ -1,0 +1,197 @@
+"""The project's own slurm/train.sbatch on a real Slurm cluster (tests/slurm_cluster.py: Debian's
+slurmctld and two slurmd "nodes" on loopback): k2-tiny on 2 nodes x 2 ranks, the job preempted by
+a higher-priority partition, requeued from outside with `scontrol requeue`, and one node lost
+with its job processes; every time Slurm requeues the job exactly once, the rerun resumes from
+the newest complete checkpoint, and the final losses equal an uninterrupted run's at the same
+OMP_NUM_THREADS, bit for bit.
+
+One job goes through the three interruptions in turn (each costs a requeue delay and a restart
+of four ranks: a job per scenario would triple that); each test checks its own part of the
+record the `interrupted_job` fixture keeps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+import slurm_cluster
+from launching import local_command, local_env
+
+BIN = os.path.dirname(sys.executable)
+K2M_TRAIN = os.path.join(BIN, "k2m-train")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SBATCH = os.path.join(ROOT, "slurm", "train.sbatch")
+ITERS, INTERVAL = 30, 3
+ARGS = ["--config", "k2-tiny", "--set", "train.global_batch_size=4", "--set",
+        "train.seq_length=32", "--set", "optimizer.name=adamw", "--set", "optimizer.lr=2e-3",
+        "--set", "optimizer.warmup_iters=2", "--set", f"optimizer.decay_iters={ITERS}",
+        "--set", "train.seed=77", "--set", f"train.iters={ITERS}",
+        "--set", f"checkpoint.interval={INTERVAL}", "--set", "parallel.ep=2",
+        "--set", "parallel.pp=2", "--set", "logging.tensorboard=false"]
+THREADS = "1"  # the job's and the reference's: the thread count changes fp32 sums
+
+
+def _rows(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    return [json.loads(l) for l in open(path) if l.strip()]
+
+
+def _losses(run_dir: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _rows(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("slurm"))
+    c = slurm_cluster.maybe_start(root)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The same 4 ranks uninterrupted (torchrun on this machine, 2 ranks per "node")."""
+    run = str(tmp_path_factory.mktemp("slurm-ref"))
+    cmd = local_command(4, K2M_TRAIN, [*ARGS, "--set", f"run.dir={run}"])
+    proc = subprocess.run(cmd, env=local_env(OMP_NUM_THREADS=THREADS), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _losses(run)
+
+
+class Job:
+    def __init__(self, cluster, run_dir: str, out: str, job_id: str):
+        self.cluster, self.run_dir, self.out, self.id = cluster, run_dir, out, job_id
+
+    def info(self) -> dict:
+        return self.cluster.job(self.id)
+
+    def state(self) -> str:
+        return self.info().get("JobState", "")
+
+    def restarts(self) -> int:
+        return int(self.info().get("Restarts", "0"))
+
+    def log(self) -> str:
+        return open(self.out).read() if os.path.exists(self.out) else ""
+
+    def wait_running_past(self, step: int, restarts: int, timeout: float = 300) -> int:
+        """Wait until run `restarts` of the job has logged a step > `step`; return it."""
+        def ready():
+            if self.restarts() != restarts or self.state() != "RUNNING":
+                return None
+            rows = _rows(self.run_dir)
+            return rows[-1]["step"] if rows and rows[-1]["step"] > step else None
+        return self.cluster.wait(f"job {self.id} run {restarts} past step {step}", ready,
+                                 timeout=timeout)
+
+    def wait_requeued(self, restarts: int, timeout: float = 300) -> None:
+        self.cluster.wait(f"job {self.id} requeued ({restarts} restarts)",
+                          lambda: self.restarts() >= restarts, timeout=timeout)
+
+
+def _resumed_at(log: str, step: int) -> bool:
+    """The trainer's banner of a run that resumed from the checkpoint of `step`."""
+    return re.search(rf"resumed from \S+ at step {step} in ", log) is not None
+
+
+def _saved_steps(run_dir: str) -> list[int]:
+    d = os.path.join(run_dir, "checkpoints")
+    return sorted(int(n.split("_")[1]) for n in os.listdir(d) if n.startswith("step_"))
+
+
+@pytest.fixture(scope="module")
+def interrupted_job(cluster, tmp_path_factory) -> dict:
+    """Submit the job; preempt it, requeue it, lose a node under it; let it finish."""
+    tmp = str(tmp_path_factory.mktemp("slurm-job"))
+    run_dir, out = os.path.join(tmp, "run"), os.path.join(tmp, "job.out")
+    from test_trainer import socket_free_port  # noqa: the fake-cluster tests' port helper
+
+    with socket_free_port() as port:
+        env = cluster.env(**{k: v for k, v in local_env().items() if k == "PATH"},
+                          GPUS_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                          RUN_DIR=run_dir, K2M_TRAIN=K2M_TRAIN, OMP_NUM_THREADS=THREADS,
+                          PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1",
+         "--partition=batch", "--signal=B:USR1@600", f"--output={out}", "--job-name=k2m-slurm",
+         SBATCH, *ARGS], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = Job(cluster, run_dir, out, proc.stdout.strip().split(";")[0])
+    record: dict = {"job": job}
+    try:
+        # 1. preemption: a job in the higher-priority partition takes a node
+        record["preempted_after"] = job.wait_running_past(INTERVAL, 0)
+        urgent = cluster.run("sbatch", "--parsable", "--partition=urgent", "--nodes=1",
+                             "--gpus-per-node=0", f"--output={tmp}/urgent.out",
+                             "--wrap=sleep 1").strip()
+        job.wait_requeued(1)
+        record["urgent"] = cluster.job(urgent)
+        record["saved_1"] = _saved_steps(run_dir)
+        # 2. external requeue
+        record["requeued_after"] = job.wait_running_past(record["saved_1"][-1] + INTERVAL, 1)
+        cluster.run("scontrol", "requeue", job.id)
+        job.wait_requeued(2)
+        record["saved_2"] = _saved_steps(run_dir)
+        # 3. node loss: n2's slurmd and its job processes die at once
+        record["lost_after"] = job.wait_running_past(record["saved_2"][-1] + INTERVAL, 2)
+        record["killed"] = cluster.kill_node("n2")
+        cluster.wait("n2 marked down", lambda: "down" in cluster.node_state("n2"), timeout=120)
+        record["down_state"] = cluster.node_state("n2")
+        job.wait_requeued(3)
+        record["saved_3"] = _saved_steps(run_dir)
+        cluster.start_slurmd("n2")
+        cluster.wait(f"job {job.id} completed",
+                     lambda: job.state() in ("COMPLETED", "FAILED", "CANCELLED"), timeout=600)
+        time.sleep(2)  # let the last run's restart count settle in scontrol's record
+        record["final"] = job.info()
+    finally:
+        if "final" not in record:
+            cluster.run("scancel", job.id, check=False)
+            print(job.log()[-4000:])
+    record["log"] = job.log()
+    return record
+
+
+def test_preemption_signal_save_requeue_resume(interrupted_job):
+    r, log = interrupted_job, interrupted_job["log"]
+    assert "preemption notice" in log  # Slurm's --signal reached the batch script
+    assert f"requeueing job {r['job'].id}" in log  # the script's requeue, the only one
+    assert r["saved_1"] and r["saved_1"][-1] >= r["preempted_after"]  # saved on the way out
+    assert r["urgent"]["JobState"] in ("COMPLETED", "RUNNING", "COMPLETING")
+    assert _resumed_at(log, r["saved_1"][-1])  # the rerun resumed from it
+
+
+def test_external_requeue_resumes(interrupted_job):
+    r, log = interrupted_job, interrupted_job["log"]
+    assert r["saved_2"][-1] >= r["requeued_after"]
+    assert _resumed_at(log, r["saved_2"][-1])
+
+
+def test_node_loss_requeues_and_resumes_from_the_newest_checkpoint(interrupted_job):
+    r, log = interrupted_job, interrupted_job["log"]
+    assert r["killed"], "no job process ran on n2"
+    assert "down" in r["down_state"]
+    newest = r["saved_3"][-1]
+    assert r["saved_2"][-1] <= newest <= r["lost_after"]
+    assert _resumed_at(log, newest)
+
+
+def test_job_ran_exactly_once_per_interruption_and_matches_the_reference(interrupted_job,
+                                                                         reference):
+    final = interrupted_job["final"]
+    assert final["JobState"] == "COMPLETED", final
+    assert final["Restarts"] == "3", final  # one rerun per interruption, no more
+    assert final["ExitCode"] == "0:0"
+    job = interrupted_job["job"]
+    losses = _losses(job.run_dir)
+    assert sorted(losses) == list(range(1, ITERS + 1))
+    assert losses == reference  # same ranks, same threads: bit for bit
