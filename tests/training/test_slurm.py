@@ -134,12 +134,16 @@ def interrupted_job(cluster, tmp_path_factory) -> dict:
                              "--gpus-per-node=0", f"--output={tmp}/urgent.out",
                              "--wrap=sleep 1").strip()
         job.wait_requeued(1)
+        job.wait_running_past(0, 1)
         record["urgent"] = cluster.job(urgent)
         record["saved_1"] = _saved_steps(run_dir)
         # 2. external requeue
         record["requeued_after"] = job.wait_running_past(record["saved_1"][-1] + INTERVAL, 1)
         cluster.run("scontrol", "requeue", job.id)
         job.wait_requeued(2)
+        # the ranks may still be saving when the restart count moves: read the checkpoints
+        # once the next run is under way
+        job.wait_running_past(0, 2)
         record["saved_2"] = _saved_steps(run_dir)
         # 3. node loss: n2's slurmd and its job processes die at once
         record["lost_after"] = job.wait_running_past(record["saved_2"][-1] + INTERVAL, 2)
