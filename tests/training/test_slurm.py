@@ -1,5 +1,5 @@
 """The project's own slurm/train.sbatch on a real Slurm cluster (tests/slurm_cluster.py: Debian's
-slurmctld and two slurmd "nodes" on loopback): k2-tiny on 2 nodes x 2 ranks, the job preempted by
+slurmctld and three slurmd "nodes" on loopback): k2-tiny on 2 nodes x 2 ranks, the job preempted by
 a higher-priority partition, requeued from outside with `scontrol requeue`, and one node lost
 with its job processes; every time Slurm requeues the job exactly once, the rerun resumes from
 the newest complete checkpoint, and the final losses equal an uninterrupted run's at the same
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ BIN = os.path.dirname(sys.executable)
 K2M_TRAIN = os.path.join(BIN, "k2m-train")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SBATCH = os.path.join(ROOT, "slurm", "train.sbatch")
-ITERS, INTERVAL = 30, 3
+ITERS, INTERVAL = 24, 3
 ARGS = ["--config", "k2-tiny", "--set", "train.global_batch_size=4", "--set",
         "train.seq_length=32", "--set", "optimizer.name=adamw", "--set", "optimizer.lr=2e-3",
         "--set", "optimizer.warmup_iters=2", "--set", f"optimizer.decay_iters={ITERS}",
@@ -57,13 +58,25 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    """The same 4 ranks uninterrupted (torchrun on this machine, 2 ranks per "node")."""
+def reference_run(tmp_path_factory):
+    """The same 4 ranks uninterrupted (torchrun on this machine), started first so that it runs
+    while the cluster installs and the job waits on Slurm (requeue delays, the node timeout)."""
     run = str(tmp_path_factory.mktemp("slurm-ref"))
     cmd = local_command(4, K2M_TRAIN, [*ARGS, "--set", f"run.dir={run}"])
-    proc = subprocess.run(cmd, env=local_env(OMP_NUM_THREADS=THREADS), capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, env=local_env(OMP_NUM_THREADS=THREADS), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    yield run, proc
+    if proc.poll() is None:  # a test failed before the reference was read: torchrun and ranks
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict:
+    run, proc = reference_run
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
     return _losses(run)
 
 
@@ -109,7 +122,7 @@ def _saved_steps(run_dir: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def interrupted_job(cluster, tmp_path_factory) -> dict:
+def interrupted_job(reference_run, cluster, tmp_path_factory) -> dict:
     """Submit the job; preempt it, requeue it, lose a node under it; let it finish."""
     tmp = str(tmp_path_factory.mktemp("slurm-job"))
     run_dir, out = os.path.join(tmp, "run"), os.path.join(tmp, "job.out")
@@ -127,34 +140,50 @@ def interrupted_job(cluster, tmp_path_factory) -> dict:
     assert proc.returncode == 0, proc.stderr
     job = Job(cluster, run_dir, out, proc.stdout.strip().split(";")[0])
     record: dict = {"job": job}
+    t0 = time.time()
+
+    def mark(what: str) -> None:  # the timeline, printed when a test fails
+        print(f"slurm test: {time.time() - t0:6.1f} s {what}")
     try:
-        # 1. preemption: a job in the higher-priority partition takes a node
+        # 1. preemption: a job in the higher-priority partition wants one of the job's nodes
         record["preempted_after"] = job.wait_running_past(INTERVAL, 0)
+        wanted = cluster.job_nodes(job.id)[-1]
+        mark("preempting")
         urgent = cluster.run("sbatch", "--parsable", "--partition=urgent", "--nodes=1",
-                             "--gpus-per-node=0", f"--output={tmp}/urgent.out",
-                             "--wrap=sleep 1").strip()
+                             f"--nodelist={wanted}", "--gpus-per-node=0",
+                             f"--output={tmp}/urgent.out", "--wrap=sleep 1").strip()
         job.wait_requeued(1)
         job.wait_running_past(0, 1)
         record["urgent"] = cluster.job(urgent)
         record["saved_1"] = _saved_steps(run_dir)
         # 2. external requeue
         record["requeued_after"] = job.wait_running_past(record["saved_1"][-1] + INTERVAL, 1)
+        mark("scontrol requeue")
         cluster.run("scontrol", "requeue", job.id)
         job.wait_requeued(2)
         # the ranks may still be saving when the restart count moves: read the checkpoints
         # once the next run is under way
         job.wait_running_past(0, 2)
         record["saved_2"] = _saved_steps(run_dir)
-        # 3. node loss: n2's slurmd and its job processes die at once
+        # 3. node loss: a node's slurmd and its job processes die at once (not the batch host's)
         record["lost_after"] = job.wait_running_past(record["saved_2"][-1] + INTERVAL, 2)
-        record["killed"] = cluster.kill_node("n2")
-        cluster.wait("n2 marked down", lambda: "down" in cluster.node_state("n2"), timeout=120)
-        record["down_state"] = cluster.node_state("n2")
+        lost = record["lost"] = cluster.job_nodes(job.id)[-1]
+        mark("killing a node")
+        record["killed"] = cluster.kill_node(lost)
+        cluster.wait(f"{lost} marked down", lambda: "down" in cluster.node_state(lost),
+                     timeout=120)
+        record["down_state"] = cluster.node_state(lost)
         job.wait_requeued(3)
+        job.wait_running_past(0, 3)  # on the other two nodes
         record["saved_3"] = _saved_steps(run_dir)
-        cluster.start_slurmd("n2")
+        record["rerun_nodes"] = cluster.job_nodes(job.id)
+        mark("node back")
+        cluster.start_slurmd(lost)  # the machine is back
+        cluster.wait(f"{lost} back in service", lambda: cluster.node_state(lost) == "idle",
+                     timeout=120)
         cluster.wait(f"job {job.id} completed",
                      lambda: job.state() in ("COMPLETED", "FAILED", "CANCELLED"), timeout=600)
+        mark("completed")
         time.sleep(2)  # let the last run's restart count settle in scontrol's record
         record["final"] = job.info()
     finally:
@@ -182,8 +211,9 @@ def test_external_requeue_resumes(interrupted_job):
 
 def test_node_loss_requeues_and_resumes_from_the_newest_checkpoint(interrupted_job):
     r, log = interrupted_job, interrupted_job["log"]
-    assert r["killed"], "no job process ran on n2"
+    assert r["killed"], f"no job process ran on {r['lost']}"
     assert "down" in r["down_state"]
+    assert r["lost"] not in r["rerun_nodes"]
     newest = r["saved_3"][-1]
     assert r["saved_2"][-1] <= newest <= r["lost_after"]
     assert _resumed_at(log, newest)
