@@ -34,3 +34,12 @@ def launch(script: str, args: list[str], nproc: int, *, what: str, timeout: int 
     if proc.returncode != 0:
         raise AssertionError(f"{what} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
     return proc.stdout
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (a rendezvous port for a launch)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

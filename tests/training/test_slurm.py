@@ -22,7 +22,7 @@ import time
 import pytest
 
 import slurm_cluster
-from launching import local_command, local_env
+from launching import free_port, local_command, local_env
 
 BIN = os.path.dirname(sys.executable)
 K2M_TRAIN = os.path.join(BIN, "k2m-train")
@@ -126,13 +126,10 @@ def interrupted_job(reference_run, cluster, tmp_path_factory) -> dict:
     """Submit the job; preempt it, requeue it, lose a node under it; let it finish."""
     tmp = str(tmp_path_factory.mktemp("slurm-job"))
     run_dir, out = os.path.join(tmp, "run"), os.path.join(tmp, "job.out")
-    from test_trainer import socket_free_port  # noqa: the fake-cluster tests' port helper
-
-    with socket_free_port() as port:
-        env = cluster.env(**{k: v for k, v in local_env().items() if k == "PATH"},
-                          GPUS_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                          RUN_DIR=run_dir, K2M_TRAIN=K2M_TRAIN, OMP_NUM_THREADS=THREADS,
-                          PYTHONWARNINGS="ignore")
+    # every "node" is this machine: the rendezvous host is a loopback address, not n1's name
+    env = cluster.env(PATH=local_env()["PATH"], GPUS_PER_NODE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()), RUN_DIR=run_dir, K2M_TRAIN=K2M_TRAIN,
+                      OMP_NUM_THREADS=THREADS, PYTHONWARNINGS="ignore")
     proc = subprocess.run(
         ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1",
          "--partition=batch", "--signal=B:USR1@600", f"--output={out}", "--job-name=k2m-slurm",

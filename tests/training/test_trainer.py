@@ -1,5 +1,6 @@
 """k2m-train end to end, through its command line: parity across layouts, resume (also under
-another layout), SIGTERM, kill -9 of a rank, NaN steps, metrics and the plot."""
+another layout), SIGTERM, kill -9 of a rank, NaN steps, metrics and the plot. The project's
+Slurm script on a real cluster: test_slurm.py."""
 from __future__ import annotations
 
 import json
@@ -251,52 +252,3 @@ def test_nan_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
                 nan_loss_steps="2,3")
     assert "2 updates in a row skipped" in proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-def test_fake_slurm_two_nodes_preempted_requeued_and_resumed(reference, tmp_path):
-    """slurm/train.sbatch with stand-in srun/scontrol: 2 "nodes" x 2 ranks rendezvous over
-    loopback (c10d); USR1 to the batch shell -> ranks save and exit 0 -> requeue; the requeued
-    job resumes from the checkpoint and finishes with the uninterrupted run's losses."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(os.path.dirname(here))
-    run_dir, log = str(tmp_path / "run"), str(tmp_path / "slurm.log")
-    with socket_free_port() as port:
-        env = _env(
-            PATH=os.pathsep.join([os.path.join(here, "fake_slurm"), BIN, os.environ["PATH"]]),
-            SLURM_JOB_NODELIST="node[1-2]", SLURM_NNODES="2", SLURM_JOB_ID="4242",
-            SLURM_JOB_NAME="k2m-test", GPUS_PER_NODE="2", MASTER_PORT=str(port),
-            RUN_DIR=run_dir, K2M_TRAIN=K2M_TRAIN, FAKE_SLURM_LOG=log,
-        )
-    args = ["bash", os.path.join(root, "slurm", "train.sbatch"), *COMMON,
-            "--set", "train.iters=6", "--set", "parallel.ep=2", "--set", "parallel.pp=2"]
-    job = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
-    _wait_for_step(run_dir, 2, job)
-    job.send_signal(signal.SIGUSR1)  # Slurm's --signal=B:USR1@... preemption notice
-    out, _ = job.communicate(timeout=300)
-    assert job.returncode == 0, out[-3000:]
-    assert "on 4 ranks" in out and "requeueing job 4242" in out
-    assert open(log).read().strip() == "requeue 4242"
-    stopped_at = len(_rows(run_dir))
-    assert stopped_at < 6
-    # the requeued job: same script, same arguments; resumes on its own
-    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stdout[-3000:]
-    assert f"at step {stopped_at}" in again.stdout
-    rows = _rows(run_dir)
-    assert [r["step"] for r in rows] == list(range(1, 7))
-    _close(_losses(reference), {r["step"]: r["loss"] for r in rows}, range(1, 7), 1e-5)
-
-
-class socket_free_port:
-    """A TCP port free on loopback right now (for the fake cluster's rendezvous)."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    def __exit__(self, *exc) -> None:
-        return None
