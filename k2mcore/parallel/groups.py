@@ -46,6 +46,11 @@ class ProcessGroups:
         return char in self.layout.stages[self.pp_rank][vp_stage]
 
 
+#: the megatron sizes the current parallel_state groups were built for (megatron keeps the groups
+#: themselves in its own module globals; this only says for which layout)
+_built_for: dict[str, Any] = {}
+
+
 def init_distributed(layout: Layout, seed: int, timeout_minutes: int = 30) -> ProcessGroups:
     """Join (or create) the default process group and build megatron's parallel groups.
 
@@ -73,14 +78,20 @@ def init_distributed(layout: Layout, seed: int, timeout_minutes: int = 30) -> Pr
     if dist.get_world_size() != layout.world_size:
         raise ValueError(f"the layout was resolved for {layout.world_size} ranks, but this job "
                          f"has {dist.get_world_size()}")
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(
-        **megatron_sizes(layout),
-        virtual_pipeline_model_parallel_size=layout.vpp,
-        distributed_timeout_minutes=timeout_minutes,
-        create_gloo_process_groups=not on_cpu,  # on CPU every group is gloo already
-    )
+    sizes = {**megatron_sizes(layout), "virtual_pipeline_model_parallel_size": layout.vpp}
+    if not (ps.model_parallel_is_initialized() and _built_for.get("sizes") == sizes):
+        # The same layout again (a tool or test building several models in one process) keeps
+        # megatron's groups: torch cannot free a destroyed gloo group while the old model's
+        # DDP hooks still reference it, and each leaked group's event loop wakes every 10 ms
+        # (dozens per re-initialisation; hundreds slowed a 2-rank parity launch 3x).
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        ps.initialize_model_parallel(
+            **sizes,
+            distributed_timeout_minutes=timeout_minutes,
+            create_gloo_process_groups=not on_cpu,  # on CPU every group is gloo already
+        )
+        _built_for["sizes"] = sizes
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ProcessGroups(
@@ -102,6 +113,7 @@ def init_distributed(layout: Layout, seed: int, timeout_minutes: int = 30) -> Pr
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
 
+    _built_for.clear()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
