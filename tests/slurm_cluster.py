@@ -180,10 +180,24 @@ class Cluster:
                 time.sleep(0.1)
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        # anything still running with this cluster's configuration was missed: say so
+        left = [p for p in _pids() if self.conf in _cmdline(p) and _alive(p)]
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+        if left:
+            raise RuntimeError(f"Slurm test cluster: {len(left)} daemon(s) outlived stop(): "
+                               f"{[_cmdline(p) for p in left]}")
 
 
 def _pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _environ(pid: int) -> dict:
