@@ -105,16 +105,22 @@ class CheckpointManager:
         adam_step = None
         if optimizer is not None:
             state["optimizer"], adam_step = optim_state.state_to_save(optimizer, state)
+        error = None
         try:
             dist_checkpointing.save(state, os.path.join(tmp, DIST),
                                     sharded_strategy=self._save_strategy())
         except CheckpointException as exc:  # DCP gathered a failure (e.g. disk full) to all ranks
-            raise CheckpointError(f"{final}: save failed: {_describe(exc)}") from exc
-        write_json(os.path.join(tmp, rng_file(rank)), rng_state())
-        if rank == 0:
-            dump_yaml(cfg, os.path.join(tmp, CONFIG))
-        adam_steps = _all_gather(adam_step)
-        dist.barrier()
+            error = f"{final}: save failed: {_describe(exc)}"
+        if error is None:
+            try:
+                write_json(os.path.join(tmp, rng_file(rank)), rng_state())
+                if rank == 0:
+                    dump_yaml(cfg, os.path.join(tmp, CONFIG))
+            except OSError as exc:  # this rank's own files (ENOSPC, EDQUOT, EIO ...)
+                error = f"{final}: save failed: {type(exc).__name__}: {first_line(exc)}"
+        gathered = _all_gather((error, adam_step))  # every rank learns of any rank's failure
+        self._abandon_if_failed(tmp, next((e for e, _ in gathered if e), None))
+        adam_steps = [a for _, a in gathered]
         files = _checksums(tmp)
 
         meta = {
@@ -135,9 +141,7 @@ class CheckpointManager:
                 self.committer.commit(tmp, final, meta)
             except Exception as exc:  # reported to every rank below, so none hangs in a barrier
                 error = f"{final}: save failed before it was complete ({type(exc).__name__}: {exc})"
-        error = _broadcast(error)
-        if error:
-            raise CheckpointError(error)
+        self._abandon_if_failed(tmp, _broadcast(error))
         if rank == 0:
             try:
                 self.committer.prune(self.root, keep=cfg.checkpoint.keep, newest=final)
@@ -146,6 +150,21 @@ class CheckpointManager:
             print(f"saved checkpoint {final} in {time.perf_counter() - start:.2f} s", flush=True)
         dist.barrier()  # every rank returns with the checkpoint committed and pruned
         return final
+
+    def _abandon_if_failed(self, tmp: str, error: Optional[str]) -> None:
+        """Collective. On a failed save (`error` agreed on every rank) remove the partial
+        directory, so a full disk gets its space back, and raise the error on every rank; the
+        previous checkpoint was never touched and is still the newest. The run then stops
+        (k2m-train: the one line, exit 2): one that went on would go on without checkpoints."""
+        if not error:
+            return
+        full = None
+        if dist.get_rank() == 0:
+            full = _disk_full_note(tmp)  # before the partial save's space comes back
+            self.committer.discard(tmp)
+        full = _broadcast(full)
+        raise CheckpointError(f"{error}{full or ''} (partial save removed; the newest complete "
+                              f"checkpoint is still {latest_checkpoint(self.root) or 'none'})")
 
     def _save_strategy(self) -> Any:
         """The in-process torch_dist writer, with the writing spread over data-parallel replicas.
@@ -339,6 +358,20 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return f"{exc.filename}: missing from the checkpoint"
     return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def _disk_full_note(path: str) -> Optional[str]:
+    """': no space left on ...' when the filesystem under `path` is (all but) full. A write that
+    hits ENOSPC inside torch.save's zip writer surfaces as an `unexpected pos` RuntimeError
+    without the errno, so the free space is what tells."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    if free >= max(1 << 20, total // 1000):
+        return None
+    return f": no space left on the device ({free} of {total} bytes free)"
 
 
 def _all_gather(obj: Any) -> list:

@@ -75,6 +75,10 @@ class CrashBeforeRename(ck.Committer):
             f.write(json.dumps(marker)[:100])
         raise OSError("simulated crash before the rename")
 
+    def discard(self, tmp: str) -> None:
+        """A crashed process cleans up nothing: the half-written directory stays (a failed save
+        that lives on removes its own; test_disk_full.py)."""
+
 
 def train_step(model, optimizer, scheduler, step: int, groups) -> float:
     """One step on a fixed global batch of `step` (this data-parallel rank's share of it)."""
