@@ -1,6 +1,6 @@
 """k2m-train end to end, through its command line: parity across layouts, resume (also under
-another layout), SIGTERM, kill -9 of a rank, NaN steps, metrics and the plot. The project's
-Slurm script on a real cluster: test_slurm.py."""
+another layout), SIGTERM, NaN steps, metrics and the plot. The project's Slurm script on a real
+cluster, with a node's processes killed: test_slurm.py."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
 from launching import K2M_TRAIN_FAULTS, local_command, local_env
@@ -27,7 +26,10 @@ LAYOUTS = {
     "dp2-zero1": (2, []),
     "pp2-vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
     "tp2-ep2": (2, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.etp=1"]),
-    "tp2-pp2-ep2": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.sp=true"]),
+    # experts over the TP ranks (etp 1): TP, PP and EP on 4 ranks; the 8-rank TP2 x PP2 x EP2 x
+    # DP2 layout is held to 1 rank by the parity launches (tests/parity)
+    "tp2-pp2-ep2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.etp=1",
+                        "parallel.sp=true"]),
     # activation recompute changes memory, not numbers
     "full-recompute": (1, ["train.recompute=full"]),
     "tp2-sp-selective-recompute": (2, ["parallel.tp=2", "parallel.sp=true",
@@ -149,14 +151,13 @@ def test_resume_equals_uninterrupted_also_under_another_layout(reference, tmp_pa
     ep2 = ["parallel.ep=2"]
     _run(2, ep2 + [f"checkpoint.dir={ck}", "checkpoint.interval=3"], str(tmp_path / "a"), 3)
     assert os.path.isdir(os.path.join(ck, "step_00000003"))
-    # same layout, resumed automatically from checkpoint.dir
-    _run(2, ep2 + [f"checkpoint.dir={ck}"], str(tmp_path / "b"), 6)
-    # another layout (1 rank, and TP2 x PP2 on 4 ranks) from the EP2 checkpoint
+    # another layout (1 rank, and TP2 x PP2 on 4 ranks) from the EP2 checkpoint; the same
+    # layout's automatic resume: the SIGTERM test here, and test_slurm.py's three reruns
     _run(1, [f"checkpoint.load={ck}"], str(tmp_path / "c"), 6)
     _run(4, ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2", f"checkpoint.load={ck}"],
          str(tmp_path / "d"), 6)
     ref = _losses(reference)
-    for run in "bcd":
+    for run in "cd":
         losses = _losses(str(tmp_path / run))
         assert sorted(losses) == [4, 5, 6], (run, sorted(losses))
         _close(ref, losses, [4, 5, 6], 1e-5)
@@ -220,24 +221,6 @@ def test_sigterm_saves_and_exits_zero_then_resume(reference, tmp_path):
     rows = _rows(run)
     assert [r["step"] for r in rows] == list(range(1, 7))
     _close(_losses(reference), {r["step"]: r["loss"] for r in rows}, range(1, 7), 1e-5)
-
-
-def test_kill_9_of_a_rank_then_automatic_resume(reference, tmp_path):
-    run = str(tmp_path / "run")
-    sets = ["parallel.ep=2", "checkpoint.interval=2"]
-    proc = subprocess.Popen(_cmd(2, sets, run, 30), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    _wait_for_step(run, 3, proc)
-    workers = psutil.Process(proc.pid).children()  # torchrun's own children: the ranks
-    assert len(workers) == 2
-    os.kill(workers[-1].pid, signal.SIGKILL)
-    proc.wait(timeout=300)
-    assert proc.returncode != 0
-    saved = sorted(os.listdir(os.path.join(run, "checkpoints")))
-    assert saved and saved[-1] < "step_00000006", saved  # killed mid-run: resume has work
-    _run(2, sets, run, 6)
-    losses = _losses(run)  # appended after the crash: the resumed steps follow the rows kept
-    _close(_losses(reference), losses, range(1, 7), 1e-5)
 
 
 def test_nan_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
