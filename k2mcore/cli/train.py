@@ -85,9 +85,7 @@ def main(argv: Optional[list[str]] = None, *, faults=None) -> int:
     if args.check:
         print(report(cfg, layout))
         return 0
-    from k2mcore.compat import console
-
-    console.install()  # before megatron is imported: its import-time notices are noise here
+    # megatron's import-time notices are filtered by compat.preimport, on its first import
     from k2mcore.optim.skip import TooManySkippedSteps
     from k2mcore.training import train  # heavy (torch, megatron): only when training
 
