@@ -237,7 +237,12 @@ def _load_state(path: str, model: list, optimizer: Any, scheduler: Any) -> dict:
             raise CheckpointError(
                 f"{path}: optimizer state is {saved_opt.get('name')!r}, this run uses "
                 f"{name!r} (Muon momentum is not Adam state)")
-        state["optimizer"] = optim_state.state_to_load(optimizer, state)
+        sharding = saved_opt.get("sharding")
+        if sharding not in optim_state.LOADABLE_SHARDINGS:
+            raise CheckpointError(f"{path}: optimizer state saved as {sharding!r}, which this "
+                                  f"version does not read ({', '.join(optim_state.LOADABLE_SHARDINGS)})")
+        plan = optim_state.state_to_load(optimizer, state)
+        state["optimizer"] = plan.tree
     try:
         with restricted_unpickling():
             loaded, _, not_in_ckpt = dist_checkpointing.load(
@@ -267,7 +272,8 @@ def _load_state(path: str, model: list, optimizer: Any, scheduler: Any) -> dict:
     for key, chunk in zip(_model_keys(model), model):
         getattr(chunk, "module", chunk).load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
-        optim_state.apply_loaded_state(optimizer, loaded["optimizer"], saved_opt["adam_step"])
+        optim_state.apply_loaded_state(optimizer, plan, loaded["optimizer"],
+                                       saved_opt["adam_step"])
     if scheduler is not None and meta.get("scheduler"):
         _load_scheduler(scheduler, meta["scheduler"])
     return meta

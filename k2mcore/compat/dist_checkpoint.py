@@ -1,11 +1,8 @@
-"""megatron-core dist-checkpointing and DistributedOptimizer internals that k2mcore's checkpoints
-adapt (k2mcore/checkpoint/manager.py and dcp_reader.py, and k2mcore/optim/state.py use these;
-nothing else does).
+"""megatron-core dist-checkpointing internals that k2mcore's checkpoints adapt
+(k2mcore/checkpoint/manager.py and dcp_reader.py use these; nothing else does).
 
 - an in-process torch_dist writer (megatron's forks a process per file);
-- the loader's DCP reader swapped for one whose `.metadata` goes through an allow-list;
-- two DistributedOptimizer bugs in loading the 'fully_reshardable' optimizer state into torch's
-  Adam (no TE/Apex, as on CPU, or k2mcore's MuonClip).
+- the loader's DCP reader swapped for one whose `.metadata` goes through an allow-list.
 """
 from __future__ import annotations
 
@@ -13,13 +10,10 @@ import contextlib
 import os
 from typing import Any, Callable, Iterator
 
-import torch
-
 from .patching import Patch, companion, declare
 
 _TORCH = "megatron.core.dist_checkpointing.strategies.torch"
 _SERIAL = "megatron.core.dist_checkpointing.serialization"
-_DISTRIB = "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer"
 
 SAVE_KEYS = declare(Patch(
     "ckpt-in-process-save-keys", f"{_TORCH}._replace_state_dict_keys_with_sharded_keys",
@@ -44,17 +38,6 @@ READER_COMMON = companion(
     READER, "ckpt-restricted-reader-common", f"{_SERIAL}._get_filesystem_reader",
     "megatron 0.19 reads the common state through its own imported name of the reader",
     params=READER_PARAMS)
-ADAM_SET = declare(Patch(
-    "optim-adam-step-on-load", f"{_DISTRIB}._set_main_param_and_optimizer_states",
-    params=("self", "model_param", "tensors"),
-    why="load_parameter_state_from_fully_reshardable leaves 'step' out of the tensors it hands "
-        "over, which copies every state key (KeyError 'step'), and gives every parameter one "
-        "shared 'step' tensor that torch's Adam then increments once per parameter",
-    remove_when="megatron copies per-parameter steps in the fully_reshardable load"))
-ADAM_GET = companion(ADAM_SET, "optim-adam-step-on-load-source",
-                     f"{_DISTRIB}._get_main_param_and_optimizer_states",
-                     "what optim-adam-step-on-load reads", params=("self", "model_param"))
-
 
 def in_process_save_strategy() -> Any:
     """megatron's torch_dist format, written by torch DCP's FileSystemWriter in this process.
@@ -118,36 +101,3 @@ def restricted_reader(make_reader: Callable[[Any], Any]) -> Iterator[list]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-@contextlib.contextmanager
-def torch_adam_load_fixes(child: Any, keep: Callable[[torch.Tensor], bool]) -> Iterator[None]:
-    """Around `child.load_state_dict` of a DistributedOptimizer driving torch's Adam (AdamW,
-    MuonClip too): the missing 'step' is copied onto itself (it was set from the param groups),
-    and afterwards each parameter gets its own step tensor. `keep(tensor)` says which current
-    state tensors take loaded values (MuonClip's memory-free placeholders do not)."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    if (not isinstance(child, distrib_optimizer.DistributedOptimizer)
-            or not isinstance(child.optimizer, torch.optim.Adam)):
-        yield
-        return
-    ADAM_SET.check()
-    ADAM_GET.check()
-
-    def set_states(model_param: Any, tensors: dict) -> None:
-        current = child._get_main_param_and_optimizer_states(model_param)
-        if "step" in current and "step" not in tensors:
-            tensors = {**tensors, "step": current["step"]}
-        for key, value in current.items():
-            if keep(value):
-                value.copy_(tensors[key])
-
-    child._set_main_param_and_optimizer_states = set_states
-    try:
-        yield
-    finally:
-        del child._set_main_param_and_optimizer_states  # back to the class method
-    for state in child.optimizer.state.values():
-        if isinstance(state.get("step"), torch.Tensor):
-            state["step"] = state["step"].clone()

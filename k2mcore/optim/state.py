@@ -1,30 +1,41 @@
-"""megatron's optimizer state as k2mcore's checkpoints save and load it.
+"""The optimizer state as k2mcore's checkpoints save and load it.
 
-The optimizer state is saved in megatron's 'fully_reshardable' form (model-space tensors keyed by
-parameter name), the only form of megatron-core 0.19.2 that reshards over TP/PP/EP *and* DP: its
-default 'fully_sharded_model_space' (deprecated) still relies on `flattened_range`, which its
-ShardedTensor rejects, and 'dp_reshardable' only reshards DP. The non-tensor optimizer state
-(param groups) is not saved: hyperparameters come from the config and the scheduler, and the one
-counter that matters, Adam's step, is returned to the caller to keep (k2mcore.checkpoint keeps it
-in metadata.json). This also makes a checkpoint independent of how megatron splits the optimizer
-(1 optimizer at EP=1, dense + expert ones at EP>1).
+Each DistributedOptimizer child saves the state its rank holds, as boxes of the model-space
+tensors (k2mcore.optim.owned_state): no rank gathers another's state, and DCP reshards on load.
+megatron's non-distributed optimizers (distributed_optimizer: false) save their own model-space
+form. The non-tensor optimizer state (param groups) is not saved: hyperparameters come from the
+config and the scheduler, and the one counter that matters, Adam's step, is returned to the
+caller to keep (k2mcore.checkpoint keeps it in metadata.json). This also makes a checkpoint
+independent of how megatron splits the optimizer (1 optimizer at EP=1, dense + expert ones at
+EP>1).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
 
 from k2mcore.checkpoint.format import CheckpointError
-from k2mcore.compat.dist_checkpoint import torch_adam_load_fixes
 
+from . import owned_state
 from .chain import child_optimizers
 
-OPTIMIZER_SHARDING = "fully_reshardable"
-#: what each child's sharded_state_dict is asked for (megatron's metadata argument)
-SHARDING_METADATA = {"distrib_optim_sharding_type": OPTIMIZER_SHARDING,
-                     "chained_optim_avoid_prefix": True}
-_STEP_KEYS = ("step", "common_step")  # DistributedOptimizer param groups / megatron's others
+OPTIMIZER_SHARDING = owned_state.FORMAT
+#: the forms a checkpoint's optimizer state may be in to load (the same keys and shapes)
+LOADABLE_SHARDINGS = (owned_state.FORMAT, "fully_reshardable")
+#: what a non-distributed child's sharded_state_dict is asked for (megatron's metadata argument)
+SHARDING_METADATA = {"chained_optim_avoid_prefix": True}
+_STEP_KEYS = ("step", "common_step")  # torch Adam's per-parameter state / megatron's others
+
+
+@dataclass
+class LoadPlan:
+    """What `state_to_load` asked for: the tree for dist_checkpointing.load to fill, and the
+    boxes to copy back per DistributedOptimizer child."""
+
+    tree: dict
+    boxes: dict = field(default_factory=dict)  # child index -> owned_state boxes
 
 
 def optimizer_name(optimizer: Any) -> str:
@@ -38,25 +49,49 @@ def optimizer_name(optimizer: Any) -> str:
 def state_to_save(optimizer: Any, model_state: dict) -> tuple[dict, float]:
     """The sharded optimizer state to save next to `model_state` ({child index: state}, tensors
     only), and the Adam step (0 before the first step)."""
-    tree = _sharded_state(optimizer, model_state, is_loading=False)
-    step = _find_step(tree) or 0.0  # before _drop_common hides the counters
-    return _drop_common(tree), step
-
-
-def state_to_load(optimizer: Any, model_state: dict) -> dict:
-    """The sharded optimizer state for dist_checkpointing.load to fill."""
-    return _drop_common(_sharded_state(optimizer, model_state, is_loading=True))
-
-
-def apply_loaded_state(optimizer: Any, loaded: dict, adam_step: Optional[float]) -> None:
-    """Load what dist_checkpointing.load returned for `state_to_load` into each child, with the
-    saved Adam step put back where each child reads it."""
-    from .distributed import is_state_placeholder
-
-    _set_step(loaded, adam_step)
+    tree, steps = {}, set()
     for i, child in enumerate(child_optimizers(optimizer)):
-        # a Muon shard's exp_avg_sq is a memory-free placeholder (optim/distributed.py)
-        with torch_adam_load_fixes(child, keep=lambda t: not is_state_placeholder(t)):
+        _prime_state(child)
+        if _is_distributed(child):
+            tree[i], _ = owned_state.owned_state(child, model_state, is_loading=False)
+            steps |= _inner_steps(child.optimizer)
+        else:
+            sub = child.sharded_state_dict(model_state, is_loading=False,
+                                           metadata=SHARDING_METADATA)
+            steps |= {float(c[k]) for c, k in _walk_steps(sub) if c[k] is not None}
+            tree[i] = _drop_common(sub)
+    if len(steps) > 1:
+        raise CheckpointError(f"optimizer step counters disagree: {sorted(steps)}")
+    return tree, (steps.pop() if steps else 0.0)
+
+
+def state_to_load(optimizer: Any, model_state: dict) -> LoadPlan:
+    """The sharded optimizer state for dist_checkpointing.load to fill."""
+    plan = LoadPlan(tree={})
+    for i, child in enumerate(child_optimizers(optimizer)):
+        _prime_state(child)
+        if _is_distributed(child):
+            plan.tree[i], plan.boxes[i] = owned_state.owned_state(child, model_state,
+                                                                   is_loading=True)
+        else:
+            plan.tree[i] = _drop_common(child.sharded_state_dict(
+                model_state, is_loading=True, metadata=SHARDING_METADATA))
+    return plan
+
+
+def apply_loaded_state(optimizer: Any, plan: LoadPlan, loaded: dict,
+                       adam_step: Optional[float]) -> None:
+    """Put what dist_checkpointing.load returned for `plan` into each child, with the saved
+    Adam step where each child reads it."""
+    for i, child in enumerate(child_optimizers(optimizer)):
+        if i in plan.boxes:
+            owned_state.put_loaded(loaded[i], plan.boxes[i])
+            if adam_step is not None:
+                owned_state.set_step(child, adam_step)
+        else:  # megatron's others: one shared state['common_step']
+            if adam_step is not None:
+                state = loaded[i].get("optimizer", loaded[i])["state"]
+                state["common_step"] = torch.tensor(float(adam_step))
             child.load_state_dict(loaded[i])
 
 
@@ -68,14 +103,17 @@ def agreed_step(steps: list) -> Optional[float]:
     return values.pop() if values else None
 
 
-def _sharded_state(optimizer: Any, model_state: dict, is_loading: bool) -> dict:
-    """Each of megatron's (chained) optimizers' sharded state, {index: state}."""
-    out = {}
-    for i, child in enumerate(child_optimizers(optimizer)):
-        _prime_state(child)
-        out[i] = child.sharded_state_dict(model_state, is_loading=is_loading,
-                                          metadata=SHARDING_METADATA)
-    return out
+def _is_distributed(child: Any) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return isinstance(child, DistributedOptimizer)
+
+
+def _inner_steps(inner: Any) -> set:
+    """The step counters of a torch optimizer: per parameter (torch's Adam) or per group."""
+    steps = {float(g["step"]) for g in inner.param_groups if "step" in g}
+    steps |= {float(s["step"]) for s in inner.state.values() if "step" in s}
+    return steps
 
 
 def _prime_state(child: Any) -> None:
@@ -123,20 +161,3 @@ def _walk_steps(tree: Any) -> Iterator[tuple[Any, Any]]:
     elif isinstance(tree, list):
         for v in tree:
             yield from _walk_steps(v)
-
-
-def _find_step(tree: Any) -> Optional[float]:
-    values = {float(c[k]) for c, k in _walk_steps(tree) if c[k] is not None}
-    if len(values) > 1:
-        raise CheckpointError(f"optimizer step counters disagree: {sorted(values)}")
-    return values.pop() if values else None
-
-
-def _set_step(tree: dict, value: float) -> None:
-    """Put the saved Adam step where each optimizer's load_state_dict reads it."""
-    for child in tree.values():
-        if "param_state_sharding_type" in child:  # DistributedOptimizer: in its param groups
-            for group in child["optimizer"]["param_groups"]:
-                group["step"] = int(value)
-        else:  # megatron's other optimizers: one shared state['common_step']
-            child.get("optimizer", child)["state"]["common_step"] = torch.tensor(float(value))

@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import time
 
 import torch
@@ -27,12 +28,15 @@ from k2mcore import checkpoint as ck
 from k2mcore.config.loader import load_config
 from k2mcore.config.validate import resolve_layout
 from k2mcore.model.build import build_model
-from k2mcore.optim.chain import child_optimizers
-from k2mcore.optim.state import SHARDING_METADATA
+from k2mcore.optim.chain import child_optimizers, inner_optimizers
 from k2mcore.parallel.groups import init_distributed
 from k2mcore.parallel.reshard import gather_full
 from k2mcore.optim.build import build_optimizer
 from k2mcore.training.step import forward_backward, wrap_ddp
+
+# megatron's own gathered model-space form: an independent view of the distributed optimizer
+MEGATRON_FORM = {"distrib_optim_sharding_type": "fully_reshardable",
+                 "chained_optim_avoid_prefix": True}
 
 LAYOUTS: dict[str, dict] = {
     "tp2-ep2": {"parallel.tp": 2, "parallel.sp": True, "parallel.ep": 2, "parallel.etp": 1},
@@ -112,7 +116,7 @@ def gather_optimizer(model, optimizer) -> dict:
     )
 
     model_sd = {f"m{i}": c.module.sharded_state_dict() for i, c in enumerate(model)}
-    state = {i: child.sharded_state_dict(model_sd, metadata=SHARDING_METADATA)["param_state"]
+    state = {i: child.sharded_state_dict(model_sd, metadata=MEGATRON_FORM)["param_state"]
              for i, child in enumerate(child_optimizers(optimizer))}
     apply_factories(state)
     local = []
@@ -164,12 +168,26 @@ def phase_save(out: str) -> None:
     rank0 = dist.get_rank() == 0
     log("built tp2-ep2")
     times, result = [], {}
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from comm_bytes import count_collective_bytes
+
     for step in (1, 2):
         train_step(model, optimizer, scheduler, step, groups)
         log(f"step {step}")
         start = time.perf_counter()
-        checkpoints.save(step, model, optimizer, scheduler, consumed_samples=step * GLOBAL_BATCH)
+        with count_collective_bytes() as counts:  # tensors handed to collectives while saving
+            checkpoints.save(step, model, optimizer, scheduler,
+                             consumed_samples=step * GLOBAL_BATCH)
         times.append(time.perf_counter() - start)
+    # the control: megatron's gathered form moves this rank's optimizer state through them
+    with count_collective_bytes() as control:
+        gather_optimizer(model, optimizer)
+    held = sum(t.numel() * t.element_size() for inner in inner_optimizers(optimizer)
+               for st in inner.state.values() for t in st.values()
+               if isinstance(t, torch.Tensor) and t.dim() and t.stride()[0])
+    per_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, (sum(counts.values()), sum(control.values()), held))
+    result["collective_bytes"] = per_rank
     rng_at_save = ck.rng_state()
     result["step2"] = snapshot(model, optimizer)
     result["lr3"] = optimizer.param_groups[0]["lr"]

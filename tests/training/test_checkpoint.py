@@ -89,6 +89,22 @@ def test_resharded_training_continues_with_the_same_losses(results, layout):
     assert diff <= PARAM_ATOL
 
 
+def test_save_hands_no_optimizer_state_to_collectives(results):
+    """Each rank writes the optimizer state it holds: saving passes no tensor through a
+    collective (the commit's few small objects are pickled), while megatron's gathered form,
+    the control, moves at least each rank's own state through them."""
+    for rank, (saved, control, held) in enumerate(results["save"]["collective_bytes"]):
+        print(f"rank {rank}: save {saved} B through collectives, megatron's gathered form "
+              f"{control} B, optimizer state held {held} B")
+        assert saved == 0
+        assert control >= held > 0
+
+
+def test_optimizer_state_is_saved_as_owned_boxes(results):
+    meta = json.load(open(os.path.join(results["out"], "ckpt", "step_00000002", "metadata.json")))
+    assert meta["optimizer"]["sharding"] == "owned_boxes"
+
+
 def test_non_distributed_optimizer_round_trip(results):
     plain = results["1rank"]["plain_adam"]
     assert plain["losses"][0] == plain["losses"][1]
