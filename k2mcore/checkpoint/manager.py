@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from k2mcore import platform
 from k2mcore.compat.dist_checkpoint import in_process_save_strategy
 from k2mcore.config.schema import K2Config
 from k2mcore.optim import state as optim_state
@@ -49,7 +50,9 @@ from .format import (
     versions,
     write_json,
 )
+from .pending import PendingSave
 from .rng import rng_state, set_rng_state
+from .writer import checksumming_writer
 
 #: the layout entries that must all match for per-rank RNG streams to mean the same again
 _LAYOUT_KEYS = ("world_size", "tp", "pp", "vpp", "ep", "etp", "cp", "dp", "sp")
@@ -69,6 +72,10 @@ class CheckpointManager:
         self.cfg = cfg
         self.groups = groups
         self.committer = committer or Committer()
+        self.pending: Optional[PendingSave] = None  # an async save still being written
+        self.last_blocked_s = 0.0  # how long the latest save() held the caller
+        self._strategy: Any = None
+        self._validated = False
 
     def latest(self) -> Optional[str]:
         """The newest complete checkpoint under root, or None."""
@@ -84,15 +91,21 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------------------------------
     def save(self, step: int, model: list, optimizer: Any, scheduler: Any, *,
-             consumed_samples: int) -> str:
+             consumed_samples: int, blocking: bool = True) -> str:
         """Write `<root>/step_<N>` (collective over all ranks), prune to the last `keep`.
 
-        Returns the checkpoint directory. Raises CheckpointError on every rank if any rank failed.
+        blocking=False (checkpoint.async_save): return once this rank's shards are copied to host
+        memory; a thread writes them while training goes on, and `poll()` (each step) or
+        `wait()` commits the checkpoint once every rank has written its part. A save waits for
+        the previous one first. Returns the checkpoint directory (committed when blocking).
+        Raises CheckpointError on every rank if any rank failed (for an async save: from the
+        poll() or wait() that finds it failed).
         """
         from megatron.core import dist_checkpointing
 
         from k2mcore.config.loader import dump_yaml
 
+        self.wait()
         cfg = self.cfg
         start = time.perf_counter()
         rank = dist.get_rank()
@@ -105,51 +118,86 @@ class CheckpointManager:
         adam_step = None
         if optimizer is not None:
             state["optimizer"], adam_step = optim_state.state_to_save(optimizer, state)
+        strategy = self._save_strategy()
+        # the sharding is the same at every save of a run: megatron's global check of it
+        # (every rank's shard metadata to every rank) runs on the first one only
+        request = dist_checkpointing.save(state, os.path.join(tmp, DIST),
+                                          sharded_strategy=strategy,
+                                          validate_access_integrity=not self._validated,
+                                          async_sharded_save=True)
+        self._validated = True
         error = None
         try:
-            dist_checkpointing.save(state, os.path.join(tmp, DIST),
-                                    sharded_strategy=self._save_strategy())
-        except CheckpointException as exc:  # DCP gathered a failure (e.g. disk full) to all ranks
-            error = f"{final}: save failed: {_describe(exc)}"
-        if error is None:
-            try:
-                write_json(os.path.join(tmp, rng_file(rank)), rng_state())
-                if rank == 0:
-                    dump_yaml(cfg, os.path.join(tmp, CONFIG))
-            except OSError as exc:  # this rank's own files (ENOSPC, EDQUOT, EIO ...)
-                error = f"{final}: save failed: {type(exc).__name__}: {first_line(exc)}"
-        gathered = _all_gather((error, adam_step))  # every rank learns of any rank's failure
-        self._abandon_if_failed(tmp, next((e for e, _ in gathered if e), None))
-        adam_steps = [a for _, a in gathered]
-        files = _checksums(tmp)
+            write_json(os.path.join(tmp, rng_file(rank)), rng_state())
+            if rank == 0:
+                dump_yaml(cfg, os.path.join(tmp, CONFIG))
+        except OSError as exc:  # this rank's own files (ENOSPC, EDQUOT, EIO ...)
+            error = f"{final}: save failed: {type(exc).__name__}: {first_line(exc)}"
+        pending = PendingSave(
+            step=step, final=final, tmp=tmp, request=request, strategy=strategy, start=start,
+            error=error, describe=_describe, meta={
+                "format": FORMAT, "version": FORMAT_VERSION, "step": step,
+                "consumed_samples": int(consumed_samples),
+                "layout": self.layout(),
+                "optimizer": None if optimizer is None else {
+                    "name": cfg.optimizer.name, "sharding": optim_state.OPTIMIZER_SHARDING},
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "model": cfg.model.name,
+                "versions": versions(),
+            }, adam_step=adam_step)
+        if blocking:
+            pending.write()
+            self._finalize(pending)
+        else:
+            pending.start_writing()
+            self.pending = pending
+        self.last_blocked_s = time.perf_counter() - start
+        if not blocking and rank == 0:
+            print(f"checkpoint {final}: copied in {self.last_blocked_s:.2f} s, writing in the "
+                  "background", flush=True)
+        return final
 
-        meta = {
-            "format": FORMAT, "version": FORMAT_VERSION, "step": step,
-            "consumed_samples": int(consumed_samples),
-            "layout": self.layout(),
-            "optimizer": None if optimizer is None else {
-                "name": cfg.optimizer.name, "sharding": optim_state.OPTIMIZER_SHARDING,
-                "adam_step": optim_state.agreed_step(adam_steps)},
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "model": cfg.model.name,
-            "versions": versions(),
-            "files": files,
-        }
+    def poll(self) -> None:
+        """Commit the async save once every rank has written its part (collective: call it at
+        the same point on every rank, e.g. after each step; one tiny all-reduce while a save is
+        being written, nothing otherwise)."""
+        if self.pending is not None and _all_true(not self.pending.is_writing()):
+            self._finalize(self.pending)
+
+    def wait(self) -> None:
+        """Block until the async save (if any) is written and committed (collective)."""
+        if self.pending is not None:
+            self.pending.join()
+            self._finalize(self.pending)
+
+    def _finalize(self, p: "PendingSave") -> None:
+        """Collective, after every rank's writing ended: commit or, on any rank's failure,
+        abandon (the partial directory is removed; the error is raised on every rank)."""
+        self.pending = None
+        gathered = _all_gather((p.error, p.adam_step))  # every rank learns of any rank's failure
+        self._abandon_if_failed(p.tmp, next((e for e, _ in gathered if e), None))
+        for fn in p.request.finalize_fns:  # megatron's: rank 0 writes dist/metadata.json
+            fn()
+        meta = dict(p.meta)
+        if meta["optimizer"] is not None:
+            meta["optimizer"]["adam_step"] = optim_state.agreed_step([a for _, a in gathered])
+        meta["files"] = _manifest(p.tmp, p.checksums())
         error = None
-        if rank == 0:
+        if dist.get_rank() == 0:
             try:
-                self.committer.commit(tmp, final, meta)
+                self.committer.commit(p.tmp, p.final, meta)
             except Exception as exc:  # reported to every rank below, so none hangs in a barrier
-                error = f"{final}: save failed before it was complete ({type(exc).__name__}: {exc})"
-        self._abandon_if_failed(tmp, _broadcast(error))
-        if rank == 0:
+                error = (f"{p.final}: save failed before it was complete "
+                         f"({type(exc).__name__}: {exc})")
+        self._abandon_if_failed(p.tmp, _broadcast(error))
+        if dist.get_rank() == 0:
             try:
-                self.committer.prune(self.root, keep=cfg.checkpoint.keep, newest=final)
+                self.committer.prune(self.root, keep=self.cfg.checkpoint.keep, newest=p.final)
             except OSError as exc:  # the new checkpoint is complete; old ones stay a while longer
                 print(f"checkpoint: could not prune {self.root}: {exc}", flush=True)
-            print(f"saved checkpoint {final} in {time.perf_counter() - start:.2f} s", flush=True)
+            print(f"saved checkpoint {p.final} in {time.perf_counter() - p.start:.2f} s",
+                  flush=True)
         dist.barrier()  # every rank returns with the checkpoint committed and pruned
-        return final
 
     def _abandon_if_failed(self, tmp: str, error: Optional[str]) -> None:
         """Collective. On a failed save (`error` agreed on every rank) remove the partial
@@ -167,18 +215,24 @@ class CheckpointManager:
                               f"checkpoint is still {latest_checkpoint(self.root) or 'none'})")
 
     def _save_strategy(self) -> Any:
-        """The in-process torch_dist writer, with the writing spread over data-parallel replicas.
+        """The in-process torch_dist writer (one per manager: its save distribution and DCP's
+        plans are computed at the first save and reused), with the writing spread over
+        data-parallel replicas, and DCP's collectives on a gloo group of their own, so that an
+        async save's thread never shares a group with training.
 
-        Without the spreading, every replicated tensor (all of them, under the distributed
-        optimizer's model-space format) is written by data-parallel rank 0 alone. As
-        Megatron-LM's default `--ckpt-fully-parallel-save`.
+        Without the spreading, every replicated tensor (the model's weights) is written by
+        data-parallel rank 0 alone. As Megatron-LM's default `--ckpt-fully-parallel-save`.
         """
         from megatron.core.dist_checkpointing.strategies.fully_parallel import (
             FullyParallelSaveStrategyWrapper,
         )
 
-        return FullyParallelSaveStrategyWrapper(in_process_save_strategy(),
-                                                self.groups.dp_cp_group)
+        if self._strategy is None:
+            group = dist.new_group(backend="gloo")
+            self._strategy = FullyParallelSaveStrategyWrapper(
+                in_process_save_strategy(checksumming_writer, group), self.groups.dp_cp_group,
+                do_cache_distribution=True)
+        return self._strategy
 
     # ----------------------------------------------------------------------------------------
     def load(self, path: str, model: list, optimizer: Any = None, scheduler: Any = None) -> dict:
@@ -334,20 +388,19 @@ def _check_common(path: str) -> None:
         raise CheckpointError(f"{path}: {_describe(exc)}") from None
 
 
-def _checksums(tmp: str) -> dict:
-    """{relative path: {size, crc32}} of the files under tmp; the reading is shared by ranks."""
-    names = None
-    if dist.get_rank() == 0:
-        names = sorted(
-            os.path.relpath(os.path.join(d, f), tmp)
-            for d, _, fs in os.walk(tmp) for f in fs
-        )
-    names = _broadcast(names)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {n: file_entry(os.path.join(tmp, n)) for i, n in enumerate(names) if i % world == rank}
+def _manifest(tmp: str, written: dict) -> dict:
+    """{relative path: {size, crc32}} of every file under tmp: those DCP wrote were checksummed
+    on their way to disk (`written`, every rank's); rank 0 reads the few small others (config,
+    RNG states, megatron's dist/metadata.json)."""
     merged: dict = {}
-    for part in _all_gather(mine):
+    for part in _all_gather({os.path.join(DIST, k): v for k, v in written.items()}):
         merged.update(part)
+    if dist.get_rank() == 0:
+        for d, _, fs in os.walk(tmp):
+            for f in fs:
+                rel = os.path.relpath(os.path.join(d, f), tmp)
+                if rel not in merged:
+                    merged[rel] = file_entry(os.path.join(tmp, rel))
     return dict(sorted(merged.items()))
 
 
@@ -378,6 +431,13 @@ def _disk_full_note(path: str) -> Optional[str]:
     if free >= max(1 << 20, total // 1000):
         return None
     return f": no space left on the device ({free} of {total} bytes free)"
+
+
+def _all_true(flag: bool) -> bool:
+    """True on every rank when `flag` is true on every rank (one small all-reduce)."""
+    box = torch.tensor([0.0 if flag else 1.0], device=platform.device())
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return box.item() == 0.0
 
 
 def _all_gather(obj: Any) -> list:

@@ -10,6 +10,8 @@ import contextlib
 import os
 from typing import Any, Callable, Iterator
 
+import torch
+
 from .patching import Patch, companion, declare
 
 _TORCH = "megatron.core.dist_checkpointing.strategies.torch"
@@ -39,31 +41,55 @@ READER_COMMON = companion(
     "megatron 0.19 reads the common state through its own imported name of the reader",
     params=READER_PARAMS)
 
-def in_process_save_strategy() -> Any:
-    """megatron's torch_dist format, written by torch DCP's FileSystemWriter in this process.
+def in_process_save_strategy(make_writer: Callable[[str], Any], group: Any = None) -> Any:
+    """megatron's torch_dist format, written by torch DCP in this process (or, for an async
+    save, in a thread of it) through `make_writer(dir)`, DCP's collectives on `group`.
 
     megatron's own writer (FileSystemWriterAsync) forks a process per file and keeps a
     spawn-mode multiprocessing Manager for the results: ~3 s of start-up on a 2-core machine,
     and entry scripts need a __main__ guard. The `.distcp` files and `.metadata` written here
     are the same DCP format megatron's torch_dist loader reads.
+
+    `async_save` returns megatron's AsyncRequest (as its own async strategies do, so megatron's
+    `dist_checkpointing.save(..., async_sharded_save=True)` adds its finalize steps): the
+    tensors to write are copied to host memory first, so training can change the originals,
+    and its `async_fn` runs torch DCP's save of the copies. `.last_writer` is the writer of the
+    latest save (its `.checksums`).
     """
     from megatron.core.dist_checkpointing.strategies import torch as mtorch
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
     from torch.distributed import checkpoint as dcp
 
     for patch in (SAVE_KEYS, SAVE_TO_PYT, SAVE_PLANNER):
         patch.check()
 
     class InProcessTorchDistSave(mtorch.TorchDistSaveShardedStrategy):
+        last_writer: Any = None
+
         def save(self, sharded_state_dict: dict, checkpoint_dir: Any) -> None:
+            self._write(self._to_dcp(sharded_state_dict, copy=False), checkpoint_dir)
+
+        def async_save(self, sharded_state_dict: dict, checkpoint_dir: Any,
+                       async_strategy: str = "in-process") -> Any:
+            return AsyncRequest(self._write, (self._to_dcp(sharded_state_dict, copy=True),
+                                              checkpoint_dir), [])
+
+        def _to_dcp(self, sharded_state_dict: dict, copy: bool) -> dict:
             flat, _, _ = mtorch._replace_state_dict_keys_with_sharded_keys(
                 sharded_state_dict, self.keep_only_main_replica)
-            dcp.save(
-                mtorch.mcore_to_pyt_state_dict(flat, is_loading=False),
-                storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1,
-                                                    sync_files=True),
-                planner=mtorch.MCoreSavePlanner(flatten_state_dict=False,
-                                                can_run_decentralized_global_plan=False),
-            )
+            if copy:  # only what this rank writes (main replicas), onto the host
+                for shards in flat.values():
+                    for sh in shards:
+                        if isinstance(getattr(sh, "data", None), torch.Tensor):
+                            sh.data = sh.data.detach().to("cpu", copy=True)
+            return mtorch.mcore_to_pyt_state_dict(flat, is_loading=False)
+
+        def _write(self, state: dict, checkpoint_dir: Any) -> None:
+            writer = make_writer(str(checkpoint_dir))
+            dcp.save(state, storage_writer=writer, process_group=group,
+                     planner=mtorch.MCoreSavePlanner(flatten_state_dict=False,
+                                                     can_run_decentralized_global_plan=False))
+            self.last_writer = writer
 
     return InProcessTorchDistSave("torch_dist", 1)
 

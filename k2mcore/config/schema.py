@@ -192,6 +192,10 @@ class CheckpointConfig:
     interval: int = 0
     load: Optional[str] = None
     keep: int = 2
+    # interval saves written by a background thread while training goes on (committed, by
+    # rename, once every rank has written); the save on a stop signal and at the end of the
+    # run waits for it, then saves synchronously
+    async_save: bool = False
 
 
 @dataclass

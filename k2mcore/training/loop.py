@@ -139,17 +139,22 @@ def _steps(run: _Run, stop: StopRequest) -> list[dict]:
     cfg = run.cfg
     run.logger = MetricsLogger(cfg, world_size=run.groups.layout.world_size,
                                is_writer=run.groups.rank == 0, start_step=run.step)
-    first_step, rows = run.step + 1, []
+    first_step, rows, stopped = run.step + 1, [], False
     try:
         while run.step < cfg.train.iters:
             rows.append(_step(run, first_step))
+            run.checkpoints.poll()  # commits an async save every rank has finished writing
             if cfg.checkpoint.interval and run.step % cfg.checkpoint.interval == 0:
-                _save(run)
+                _save(run, blocking=not cfg.checkpoint.async_save)
             if stop.requested():
                 if run.groups.rank == 0:
                     print(f"stop signal: saving at step {run.step} and exiting", flush=True)
-                _save(run)
+                stopped = True
                 break
+        # the last save is synchronous: an async one still being written is finished first
+        run.checkpoints.wait()
+        if stopped:
+            _save(run)
     finally:
         run.logger.close()
     return rows
@@ -203,10 +208,10 @@ def _evaluate(run: _Run) -> dict:
                     packed=cfg.data.packing)
 
 
-def _save(run: _Run) -> None:
+def _save(run: _Run, blocking: bool = True) -> None:
     if run.step != run.saved_step:
         run.checkpoints.save(run.step, run.model, run.optimizer, run.scheduler,
-                             consumed_samples=run.consumed)
+                             consumed_samples=run.consumed, blocking=blocking)
         run.saved_step = run.step
 
 
