@@ -15,6 +15,8 @@ import pytest
 
 from launching import K2M_TRAIN_FAULTS, local_command, local_env
 
+from k2mcore import checkpoint as ck
+
 BIN = os.path.dirname(sys.executable)
 K2M_TRAIN = os.path.join(BIN, "k2m-train")
 COMMON = ["--config", "k2-tiny", "--set", "train.global_batch_size=4", "--set",
@@ -38,13 +40,15 @@ LAYOUTS = {
 
 
 def _cmd(nproc: int, sets: list[str], run_dir: str, iters: int,
-         nan_loss_steps: str = "") -> list[str]:
+         nan_loss_steps: str = "", stall_async_save_from: int = 0) -> list[str]:
     args = [*COMMON, "--set", f"train.iters={iters}", "--set", f"run.dir={run_dir}"]
     for s in sets:
         args += ["--set", s]
-    if nan_loss_steps:  # k2m-train's entry point behind a fault plan (tests/k2m_train_faults.py)
-        return local_command(nproc, K2M_TRAIN_FAULTS,
-                             ["--nan-loss-steps", nan_loss_steps, "--", *args])
+    if nan_loss_steps or stall_async_save_from:  # k2m-train behind a fault plan
+        faults = (["--nan-loss-steps", nan_loss_steps] if nan_loss_steps else []) + (
+            ["--stall-async-save-from", str(stall_async_save_from)] if stall_async_save_from
+            else [])
+        return local_command(nproc, K2M_TRAIN_FAULTS, [*faults, "--", *args])
     return local_command(nproc, K2M_TRAIN, args)
 
 
@@ -146,17 +150,26 @@ def test_adamw_losses_match_one_rank(reference, layout, tmp_path):
            [5], 1e-5)
 
 
+ASYNC = ["checkpoint.interval=3", "checkpoint.async_save=true"]
+
+
 def test_resume_equals_uninterrupted_also_under_another_layout(reference, tmp_path):
+    """An async save at EP2 x DP2 (step 3, committed by the poll after step 4, while the run
+    goes on to step 6) reloads at 1 rank and at TP2 x PP2 on 4 ranks with the uninterrupted
+    losses; so does the run that saved it."""
     ck = str(tmp_path / "ck")
     ep2 = ["parallel.ep=2"]
-    _run(2, ep2 + [f"checkpoint.dir={ck}", "checkpoint.interval=3"], str(tmp_path / "a"), 3)
-    assert os.path.isdir(os.path.join(ck, "step_00000003"))
+    saving = _run(2, ep2 + ASYNC + [f"checkpoint.dir={ck}"], str(tmp_path / "a"), 6)
+    assert "step_00000003: copied in" in saving.stdout, saving.stdout
+    step3 = os.path.join(ck, "step_00000003")
+    assert os.path.isdir(step3)
     # another layout (1 rank, and TP2 x PP2 on 4 ranks) from the EP2 checkpoint; the same
     # layout's automatic resume: the SIGTERM test here, and test_slurm.py's three reruns
-    _run(1, [f"checkpoint.load={ck}"], str(tmp_path / "c"), 6)
-    _run(4, ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2", f"checkpoint.load={ck}"],
+    _run(1, [f"checkpoint.load={step3}"], str(tmp_path / "c"), 6)
+    _run(4, ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2", f"checkpoint.load={step3}"],
          str(tmp_path / "d"), 6)
     ref = _losses(reference)
+    _close(ref, _losses(str(tmp_path / "a")), range(1, 7), 1e-5)
     for run in "cd":
         losses = _losses(str(tmp_path / run))
         assert sorted(losses) == [4, 5, 6], (run, sorted(losses))
@@ -174,13 +187,15 @@ def muon_reference(tmp_path_factory):
 
 
 def test_muonclip_resume_under_other_layouts_equals_uninterrupted(muon_reference, tmp_path):
-    """Muon momentum saved ZeRO-sharded over DP2 reloads at 1 rank and at TP2 x EP2; every run
-    continues with the uninterrupted 1-rank losses and clips the same number of heads."""
+    """Muon momentum saved ZeRO-sharded over DP2, by an async save, reloads at 1 rank and at
+    TP2 x EP2; every run continues with the uninterrupted 1-rank losses and clips the same
+    number of heads."""
     ck = str(tmp_path / "ck")
-    _run(2, MUONCLIP + [f"checkpoint.dir={ck}", "checkpoint.interval=3"], str(tmp_path / "a"), 3)
-    _run(1, MUONCLIP + [f"checkpoint.load={ck}"], str(tmp_path / "b"), 6)
+    _run(2, MUONCLIP + ASYNC + [f"checkpoint.dir={ck}"], str(tmp_path / "a"), 6)
+    step3 = os.path.join(ck, "step_00000003")
+    _run(1, MUONCLIP + [f"checkpoint.load={step3}"], str(tmp_path / "b"), 6)
     _run(2, MUONCLIP + ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.etp=1",
-                        f"checkpoint.load={ck}"], str(tmp_path / "c"), 6)
+                        f"checkpoint.load={step3}"], str(tmp_path / "c"), 6)
     ref = {r["step"]: r for r in _rows(muon_reference)}
     assert sum(r["clipped_heads"] for r in ref.values()) > 0
     for run in "bc":
@@ -190,7 +205,7 @@ def test_muonclip_resume_under_other_layouts_equals_uninterrupted(muon_reference
         assert [rows[s]["clipped_heads"] for s in (4, 5, 6)] == [ref[s]["clipped_heads"] for s in (4, 5, 6)]
         assert len(rows[4]["max_attn_logit_per_layer"]) == 4
     # Muon momentum is not Adam state: an AdamW run refuses the checkpoint in one line
-    proc = _run(1, [f"checkpoint.load={ck}"], str(tmp_path / "d"), 6, expect=2)
+    proc = _run(1, [f"checkpoint.load={step3}"], str(tmp_path / "d"), 6, expect=2)
     assert "optimizer state is 'muonclip', this run uses 'adamw'" in proc.stderr.strip().splitlines()[-1]
 
 
@@ -221,6 +236,33 @@ def test_sigterm_saves_and_exits_zero_then_resume(reference, tmp_path):
     rows = _rows(run)
     assert [r["step"] for r in rows] == list(range(1, 7))
     _close(_losses(reference), {r["step"]: r["loss"] for r in rows}, range(1, 7), 1e-5)
+
+
+def test_kill_during_an_async_save_leaves_the_previous_checkpoint_newest(reference, tmp_path):
+    """kill -9 while the step-4 checkpoint is half written in the background (its writer
+    stalls mid-file; training goes on meanwhile): step 2 stays the newest, and the rerun resumes
+    from it with the uninterrupted losses and clears the debris."""
+    run = str(tmp_path / "run")
+    root = os.path.join(run, "checkpoints")
+    sets = ["parallel.ep=2", "checkpoint.interval=2", "checkpoint.async_save=true"]
+    proc = subprocess.Popen(_cmd(2, sets, run, 30, stall_async_save_from=4), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for_step(run, 5, proc)  # step 5 ran while step 4's checkpoint was being written
+        partial = os.path.join(root, ".tmp_step_00000004")
+        assert any(f.endswith(".distcp") for f in os.listdir(os.path.join(partial, "dist")))
+    finally:  # torchrun and its ranks (in sessions of their own): every process of this run
+        subprocess.run(["pkill", "-KILL", "-f", run])
+        out = proc.communicate(timeout=60)[0]
+    assert "stalls mid-file" in out, out[-3000:]
+    assert ck.latest_checkpoint(root).endswith("step_00000002")
+    assert not os.path.exists(os.path.join(root, "step_00000004"))
+    _run(2, sets, run, 6)  # resumes from step 2 on its own
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    _close(_losses(reference), {r["step"]: r["loss"] for r in rows}, range(1, 7), 1e-5)
+    assert sorted(os.listdir(root)) == ["step_00000004", "step_00000006"]
 
 
 def test_nan_steps_are_skipped_and_too_many_stop_the_run(tmp_path):
