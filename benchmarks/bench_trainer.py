@@ -1,6 +1,6 @@
-"""The trainer's figures: step time per layout, checkpoint save/load against a durable copy of
-the same files (read, write, fsync, one process per rank's files), and the time from SIGTERM to
-a completed save.
+"""The trainer's figures: step time per layout; checkpoint save, load and async save against a
+durable copy of the same files (read, write, fsync, one process per rank's files), the stall of
+the step that starts an async save; and the time from SIGTERM to a completed save and exit 0.
 
     python benchmarks/bench_trainer.py
 
@@ -109,28 +109,47 @@ def _copy_in_parallel(ckpt: str, dst: str, nproc: int) -> float:
     return time.perf_counter() - start
 
 
+def _saves(stdout: str) -> list[float]:
+    """Seconds of each "saved checkpoint ... in X s" line (from save() to the commit)."""
+    return [float(line.rsplit(" in ", 1)[1].split(" s")[0]) for line in stdout.splitlines()
+            if line.startswith("saved checkpoint")]
+
+
 def checkpoint_io(work: str, name: str) -> dict[str, float]:
-    """Save (interval at the last step) and load (resume, 0 steps left) of the wide model at a
-    layout, against durable copies of the same files, one process per rank."""
+    """At a layout: synchronous saves (steps 2 and 4: the first one also computes the save
+    plan), a load (resume for one more step), async saves (steps 2, 4, 6) with the stall of the
+    saving step, each against a durable copy of the same files, one process per rank."""
     nproc, layout = IO_LAYOUTS[name]
     run = os.path.join(work, f"ckpt-{name}")
-    sets = WIDE + layout + ["train.iters=2", "checkpoint.interval=2", f"run.dir={run}"]
-    proc = subprocess.run(_cmd(nproc, sets), env=_env(), check=True, capture_output=True,
-                          text=True)
-    save_s = float(proc.stdout.split("saved checkpoint")[1].split(" in ")[1].split(" s")[0])
-    ckpt = os.path.join(run, "checkpoints", "step_00000002")
+    sets = WIDE + layout + ["checkpoint.interval=2", "checkpoint.keep=1", f"run.dir={run}"]
+    proc = subprocess.run(_cmd(nproc, sets + ["train.iters=4"]), env=_env(), check=True,
+                          capture_output=True, text=True)
+    first_s, save_s = _saves(proc.stdout)
+    ckpt = os.path.join(run, "checkpoints", "step_00000004")
     mb = _dir_bytes(ckpt) / 2**20
     os.sync()
     copy_s = _copy_in_parallel(ckpt, os.path.join(work, f"copy-{name}"), nproc)
     shutil.rmtree(os.path.join(work, f"copy-{name}"))
     # loading: resume for one more step (a finished run would not load); the loop reports the
     # load's own time
-    proc = subprocess.run(_cmd(nproc, WIDE + layout + ["train.iters=3", f"run.dir={run}"]),
-                          env=_env(), check=True, capture_output=True, text=True)
+    proc = subprocess.run(_cmd(nproc, sets + ["train.iters=5"]), env=_env(), check=True,
+                          capture_output=True, text=True)
     load_s = float(proc.stdout.split("resumed from")[1].split(" in ")[1].split(" s")[0])
     shutil.rmtree(run)
-    return {"MB": mb, "save_MBps": mb / save_s, "load_MBps": mb / load_s,
-            "copy_MBps": mb / copy_s}
+    # async: saves at steps 2, 4, 6 of 8; the stall is the saving step's time plus the time the
+    # save held the loop, against the median step that neither saves nor overlaps a write
+    proc = subprocess.run(_cmd(nproc, sets + ["train.iters=8", "checkpoint.async_save=true"]),
+                          env=_env(), check=True, capture_output=True, text=True)
+    blocked = [float(line.split("copied in ")[1].split(" s")[0])
+               for line in proc.stdout.splitlines() if "writing in the background" in line]
+    async_s = _saves(proc.stdout)
+    steps = {r["step"]: 8 * 64 / r["tokens_per_s"] for r in _rows(run)}
+    quiet = statistics.median([steps[s] for s in (2, 3) if s in steps] + [steps[8]])
+    shutil.rmtree(run)
+    return {"MB": mb, "save_MBps": mb / save_s, "first_save_MBps": mb / first_s,
+            "load_MBps": mb / load_s, "copy_MBps": mb / copy_s,
+            "async_MBps": mb / async_s[1], "stall": (steps[4] + blocked[1]) / quiet,
+            "blocked_s": blocked[1], "overlap": steps[5] / quiet}
 
 
 def sigterm_to_save(work: str) -> float:
@@ -158,11 +177,15 @@ def main() -> None:
             print(f"{name:14s} {LAYOUTS[name][0]:5d} {t * 1e3:9.1f} {t / base:9.2f}x")
         for name in IO_LAYOUTS:
             io = checkpoint_io(work, name)
-            print(f"checkpoint at {name} ({io['MB']:.0f} MB, model + AdamW state): save "
-                  f"{io['save_MBps']:.0f} MB/s, load {io['load_MBps']:.0f} MB/s; a durable copy "
-                  f"(read, write, fsync; one process per rank) {io['copy_MBps']:.0f} MB/s -> "
-                  f"save {io['save_MBps'] / io['copy_MBps']:.2f}x, load "
-                  f"{io['load_MBps'] / io['copy_MBps']:.2f}x of the copy")
+            copy = io["copy_MBps"]
+            print(f"checkpoint at {name} ({io['MB']:.0f} MB, model + AdamW state); a durable "
+                  f"copy of its files (read, write, fsync; one process per rank) {copy:.0f} MB/s")
+            for what, key in (("save", "save_MBps"), ("first save of a run", "first_save_MBps"),
+                              ("load", "load_MBps"), ("async save, to its commit", "async_MBps")):
+                print(f"  {what:28s} {io[key]:7.0f} MB/s  {io[key] / copy:5.2f}x the copy")
+            print(f"  the step that starts an async save: {io['stall']:.2f}x a quiet step (the "
+                  f"save held it {io['blocked_s']:.2f} s); the next step, with the write under "
+                  f"way: {io['overlap']:.2f}x")
         print(f"SIGTERM to a completed save and exit 0: {sigterm_to_save(work):.2f} s")
     finally:
         shutil.rmtree(work, ignore_errors=True)

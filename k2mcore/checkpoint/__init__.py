@@ -4,7 +4,9 @@
     commit      Committer: marker last, rename into place, keep-K pruning (plain python)
     dcp_reader  DCP `.metadata` through an allow-listed unpickler
     rng         RNG states as JSON
-    manager     CheckpointManager (save, load, keep-K) and load_weights, over megatron
+    writer      torch DCP's file writer, checksumming each file as it is written
+    pending     one save's writing, inline or in a background thread (checkpoint.async_save)
+    manager     CheckpointManager (save, async save, load, keep-K) and load_weights, over megatron
 
 Importing this package, or `k2mcore.checkpoint.format`, pulls in neither megatron nor
 torch.distributed (the converters and `k2m-train --check` rely on it): the names that need them

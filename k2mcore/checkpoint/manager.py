@@ -119,6 +119,8 @@ class CheckpointManager:
         if optimizer is not None:
             state["optimizer"], adam_step = optim_state.state_to_save(optimizer, state)
         strategy = self._save_strategy()
+        # an async save writes host copies; a blocking one writes before anything changes
+        strategy.base_strategy.copy_tensors = not blocking
         # the sharding is the same at every save of a run: megatron's global check of it
         # (every rank's shard metadata to every rank) runs on the first one only
         request = dist_checkpointing.save(state, os.path.join(tmp, DIST),

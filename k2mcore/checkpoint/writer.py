@@ -47,8 +47,10 @@ class _ChecksummingStream(io.RawIOBase):
 
 
 def checksumming_writer(path: str, *, sync_files: bool = True) -> Any:
-    """A DCP FileSystemWriter for `path` (one file per rank, fsynced) whose `.checksums` maps
-    each file it wrote, relative to `path`, to {"size", "crc32"}."""
+    """A DCP FileSystemWriter for `path` whose `.checksums` maps each file it wrote, relative to
+    `path`, to {"size", "crc32"}. One file per rank, written by the calling thread: DCP's extra
+    writer threads (thread_count > 1) only print their exceptions, so a full disk would give a
+    traceback and, worse, a `.metadata` that silently lacks their items."""
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.filesystem import FileSystem
 

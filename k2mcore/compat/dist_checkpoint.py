@@ -65,13 +65,15 @@ def in_process_save_strategy(make_writer: Callable[[str], Any], group: Any = Non
 
     class InProcessTorchDistSave(mtorch.TorchDistSaveShardedStrategy):
         last_writer: Any = None
+        copy_tensors = True  # False: the caller writes before it changes any tensor
 
         def save(self, sharded_state_dict: dict, checkpoint_dir: Any) -> None:
             self._write(self._to_dcp(sharded_state_dict, copy=False), checkpoint_dir)
 
         def async_save(self, sharded_state_dict: dict, checkpoint_dir: Any,
                        async_strategy: str = "in-process") -> Any:
-            return AsyncRequest(self._write, (self._to_dcp(sharded_state_dict, copy=True),
+            copy, self.copy_tensors = self.copy_tensors, True
+            return AsyncRequest(self._write, (self._to_dcp(sharded_state_dict, copy=copy),
                                               checkpoint_dir), [])
 
         def _to_dcp(self, sharded_state_dict: dict, copy: bool) -> dict:

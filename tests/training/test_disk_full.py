@@ -40,11 +40,16 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
-def test_a_full_disk_stops_the_run_in_one_line_and_leaves_no_debris(small_disk, tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_full_disk_stops_the_run_in_one_line_and_leaves_no_debris(small_disk, tmp_path,
+                                                                     async_save):
+    """Also when the background writer of an async save hits the full disk: its failure stops
+    the run at the poll or wait that finds it."""
     ckpt = os.path.join(small_disk, "ckpt")
     proc = subprocess.run([sys.executable, K2M_TRAIN, *ARGS, "--set", f"run.dir={tmp_path / 'run'}",
-                           "--set", f"checkpoint.dir={ckpt}"], env=local_env(),
-                          capture_output=True, text=True, timeout=600)
+                           "--set", f"checkpoint.dir={ckpt}",
+                           "--set", f"checkpoint.async_save={str(async_save).lower()}"],
+                          env=local_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("k2m-train: error: "), err
