@@ -4,6 +4,9 @@ A second pass over the files (reading back what was just written) cost as much a
 save. DCP writes every file front to back through `FileSystem.create_stream` (torch.save into a
 write-only stream, then its `.metadata` under a temporary name that `rename` moves into place),
 so the checksum is folded into the stream: the bytes are hashed once, on their way to the file.
+With the whole file checksummed, torch.save's own per-record zip CRC32 (miniz's, slower than
+zlib's) is switched off while DCP writes: a third less CPU per byte; torch.load reads such
+files as it reads any other.
 """
 from __future__ import annotations
 
@@ -46,6 +49,18 @@ class _ChecksummingStream(io.RawIOBase):
         return self.raw.fileno()
 
 
+@contextmanager
+def _zip_crc32(on: bool) -> Iterator[None]:
+    from torch.utils.serialization import config
+
+    saved = config.save.compute_crc32
+    config.save.compute_crc32 = on
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = saved
+
+
 def checksumming_writer(path: str, *, sync_files: bool = True) -> Any:
     """A DCP FileSystemWriter for `path` whose `.checksums` maps each file it wrote, relative to
     `path`, to {"size", "crc32"}. One file per rank, written by the calling thread: DCP's extra
@@ -81,8 +96,13 @@ def checksumming_writer(path: str, *, sync_files: bool = True) -> Any:
                 if rel(p) in checksums:
                     checksums[rel(new_path)] = checksums.pop(rel(p))
 
-    writer = FileSystemWriter(path, single_file_per_rank=True, thread_count=1,
-                              sync_files=sync_files)
+    class ChecksummingWriter(FileSystemWriter):
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            with _zip_crc32(False):
+                return super().write_data(plan, planner)
+
+    writer = ChecksummingWriter(path, single_file_per_rank=True, thread_count=1,
+                                sync_files=sync_files)
     writer.fs = ChecksummingFileSystem()
     writer.checksums = checksums
     return writer

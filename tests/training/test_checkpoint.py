@@ -227,3 +227,24 @@ def test_dcp_metadata_reader_refuses_unlisted_globals(tmp_path):
     with pytest.raises(ck.CheckpointError, match="io.open is not allowed"):
         ck.read_dcp_metadata(path)
     assert not os.path.exists(mark)
+
+
+def test_checksums_taken_while_writing_equal_the_files_and_zip_crcs_stay_on(tmp_path):
+    """The writer's manifest (size and CRC32 folded into the stream as DCP writes) equals a
+    read-back of every file; torch.save's zip CRC32 is off only inside the writer."""
+    import warnings
+
+    from torch.distributed.checkpoint import save
+    from torch.utils.serialization import config
+
+    from k2mcore.checkpoint.format import file_entry
+    from k2mcore.checkpoint.writer import checksumming_writer
+
+    writer = checksumming_writer(str(tmp_path))
+    state = {"w": torch.randn(300, 70), "b": torch.arange(1000), "view": torch.randn(50)[10:30]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed ... assuming a single process"
+        save(state, storage_writer=writer)
+    on_disk = {f: file_entry(str(tmp_path / f)) for f in os.listdir(tmp_path)}
+    assert writer.checksums == on_disk and ".metadata" in on_disk, (writer.checksums, on_disk)
+    assert config.save.compute_crc32
