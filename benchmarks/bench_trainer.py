@@ -165,8 +165,11 @@ def sigterm_to_save(work: str) -> float:
     path = os.path.join(run, "metrics.jsonl")
     while not (os.path.exists(path) and len(_rows(run)) >= 5):
         time.sleep(0.1)
+    ranks = [int(p) for p in subprocess.run(["pgrep", "-f", run], capture_output=True,
+                                            text=True).stdout.split() if int(p) != proc.pid]
     start = time.perf_counter()
-    os.killpg(proc.pid, signal.SIGTERM)  # as Slurm signals a job step: every process
+    for pid in ranks:  # as Slurm signals a job step's tasks (torchrun itself would abort)
+        os.kill(pid, signal.SIGTERM)
     proc.communicate(timeout=600)
     assert proc.returncode == 0
     return time.perf_counter() - start
