@@ -26,15 +26,14 @@ class PendingSave:
     _thread: Optional[threading.Thread] = field(default=None, repr=False)
 
     def write(self) -> None:
-        """Write this rank's shards (skipped after an earlier failure on this rank)."""
-        if self.error is not None:
-            return
+        """Write this rank's shards. Also after an earlier failure on this rank (its RNG file):
+        DCP's writing is collective, and the other ranks are in it."""
         try:
             self.request.async_fn(*self.request.async_fn_args, **self.request.async_fn_kwargs)
         except BaseException as exc:  # DCP's CheckpointException is a BaseException
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
-            self.error = f"{self.final}: save failed: {self.describe(exc)}"
+            self.error = self.error or f"{self.final}: save failed: {self.describe(exc)}"
 
     def start_writing(self) -> None:
         self._thread = threading.Thread(target=self.write, name=f"k2m-save-{self.step}",
