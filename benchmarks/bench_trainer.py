@@ -116,23 +116,28 @@ def _saves(stdout: str) -> list[float]:
 
 
 def checkpoint_io(work: str, name: str) -> dict[str, float]:
-    """At a layout: synchronous saves (steps 2 and 4: the first one also computes the save
-    plan), a load (resume for one more step), async saves (steps 2, 4, 6) with the stall of the
-    saving step, each against a durable copy of the same files, one process per rank."""
+    """At a layout: synchronous saves (steps 2, 4, 6: the first one also computes the save
+    plan; the median of the others), a load (resume for one more step), async saves (steps 2,
+    4, 6) with the stall of the saving step, each against a durable copy of the same files, one
+    process per rank (the median of three copies)."""
     nproc, layout = IO_LAYOUTS[name]
     run = os.path.join(work, f"ckpt-{name}")
     sets = WIDE + layout + ["checkpoint.interval=2", "checkpoint.keep=1", f"run.dir={run}"]
-    proc = subprocess.run(_cmd(nproc, sets + ["train.iters=4"]), env=_env(), check=True,
+    proc = subprocess.run(_cmd(nproc, sets + ["train.iters=6"]), env=_env(), check=True,
                           capture_output=True, text=True)
-    first_s, save_s = _saves(proc.stdout)
-    ckpt = os.path.join(run, "checkpoints", "step_00000004")
+    first_s, *later = _saves(proc.stdout)
+    save_s = statistics.median(later)
+    ckpt = os.path.join(run, "checkpoints", "step_00000006")
     mb = _dir_bytes(ckpt) / 2**20
-    os.sync()
-    copy_s = _copy_in_parallel(ckpt, os.path.join(work, f"copy-{name}"), nproc)
-    shutil.rmtree(os.path.join(work, f"copy-{name}"))
+    copies = []
+    for _ in range(3):  # the copy's speed varies most from try to try: the median of three
+        os.sync()
+        copies.append(_copy_in_parallel(ckpt, os.path.join(work, f"copy-{name}"), nproc))
+        shutil.rmtree(os.path.join(work, f"copy-{name}"))
+    copy_s = statistics.median(copies)
     # loading: resume for one more step (a finished run would not load); the loop reports the
     # load's own time
-    proc = subprocess.run(_cmd(nproc, sets + ["train.iters=5"]), env=_env(), check=True,
+    proc = subprocess.run(_cmd(nproc, sets + ["train.iters=7"]), env=_env(), check=True,
                           capture_output=True, text=True)
     load_s = float(proc.stdout.split("resumed from")[1].split(" in ")[1].split(" s")[0])
     shutil.rmtree(run)
