@@ -294,9 +294,10 @@ def _load_state(path: str, model: list, optimizer: Any, scheduler: Any) -> dict:
                 f"{path}: optimizer state is {saved_opt.get('name')!r}, this run uses "
                 f"{name!r} (Muon momentum is not Adam state)")
         sharding = saved_opt.get("sharding")
-        if sharding not in optim_state.LOADABLE_SHARDINGS:
-            raise CheckpointError(f"{path}: optimizer state saved as {sharding!r}, which this "
-                                  f"version does not read ({', '.join(optim_state.LOADABLE_SHARDINGS)})")
+        if sharding != optim_state.OPTIMIZER_SHARDING:
+            raise CheckpointError(
+                f"{path}: optimizer state saved in the {sharding!r} form; this version reads "
+                f"only {optim_state.OPTIMIZER_SHARDING!r}")
         plan = optim_state.state_to_load(optimizer, state)
         state["optimizer"] = plan.tree
     try:

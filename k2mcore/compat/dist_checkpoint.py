@@ -65,15 +65,16 @@ def in_process_save_strategy(make_writer: Callable[[str], Any], group: Any = Non
 
     class InProcessTorchDistSave(mtorch.TorchDistSaveShardedStrategy):
         last_writer: Any = None
-        copy_tensors = True  # False: the caller writes before it changes any tensor
+        # False while the caller writes before it changes any tensor (a blocking save)
+        copy_tensors = True
 
         def save(self, sharded_state_dict: dict, checkpoint_dir: Any) -> None:
             self._write(self._to_dcp(sharded_state_dict, copy=False), checkpoint_dir)
 
         def async_save(self, sharded_state_dict: dict, checkpoint_dir: Any,
                        async_strategy: str = "in-process") -> Any:
-            copy, self.copy_tensors = self.copy_tensors, True
-            return AsyncRequest(self._write, (self._to_dcp(sharded_state_dict, copy=copy),
+            return AsyncRequest(self._write, (self._to_dcp(sharded_state_dict,
+                                                           copy=self.copy_tensors),
                                               checkpoint_dir), [])
 
         def _to_dcp(self, sharded_state_dict: dict, copy: bool) -> dict:

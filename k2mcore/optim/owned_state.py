@@ -12,8 +12,7 @@ boxes another TP/PP/EP/DP layout asks for: resharding happens there, and a box t
 is loaded in place.
 
 The keys and global shapes are those of megatron's 'fully_reshardable' form
-(`optimizer.state.<param|exp_avg|exp_avg_sq>.<model key>`), so checkpoints saved in that form
-load too. Why not megatron's own forms: 'fully_reshardable' all-gathers every DP rank's state
+(`optimizer.state.<param|exp_avg|exp_avg_sq>.<model key>`). Why not megatron's own forms: 'fully_reshardable' all-gathers every DP rank's state
 onto every DP rank to save it (at K2 scale that does not fit in memory), its
 'fully_sharded_model_space' is this idea expressed with ShardedTensor.flattened_range, which
 megatron-core 0.19.2's ShardedTensor refuses, and 'dp_reshardable' reshards over DP only.

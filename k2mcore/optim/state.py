@@ -22,8 +22,6 @@ from . import owned_state
 from .chain import child_optimizers
 
 OPTIMIZER_SHARDING = owned_state.FORMAT
-#: the forms a checkpoint's optimizer state may be in to load (the same keys and shapes)
-LOADABLE_SHARDINGS = (owned_state.FORMAT, "fully_reshardable")
 #: what a non-distributed child's sharded_state_dict is asked for (megatron's metadata argument)
 SHARDING_METADATA = {"chained_optim_avoid_prefix": True}
 _STEP_KEYS = ("step", "common_step")  # torch Adam's per-parameter state / megatron's others

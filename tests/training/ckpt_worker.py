@@ -290,6 +290,7 @@ def error_scenarios(out: str, good: str, checkpoints, model, optimizer, schedule
     attempt("truncated", truncate)
     attempt("flipped", flip)
     attempt("missing_rng", lambda p: os.remove(os.path.join(p, "rng", "rank_00000.json")))
+    attempt("other_sharding", _set_sharding("fully_reshardable"))
     mark = os.path.join(out, PAYLOAD_MARK)
     attempt("pickle_metadata", plant(os.path.join("dist", ".metadata"), _payload(mark)))
     attempt("pickle_common", plant(os.path.join("dist", "common.pt"), _torch_payload(mark)))
@@ -302,6 +303,15 @@ def error_scenarios(out: str, good: str, checkpoints, model, optimizer, schedule
         errors["tmp_dir"] = str(exc)
     errors["payload_ran"] = os.path.exists(mark)
     return errors
+
+
+def _set_sharding(name: str):
+    def damage(path: str) -> None:
+        marker = os.path.join(path, ck.MARKER)
+        meta = json.load(open(marker))
+        meta["optimizer"]["sharding"] = name
+        json.dump(meta, open(marker, "w"))
+    return damage
 
 
 def resign(path: str, rel: str) -> None:

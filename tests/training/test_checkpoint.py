@@ -144,6 +144,8 @@ DAMAGE = {
     "truncated": (".distcp", "truncated"),
     "flipped": (".distcp", "CRC32 differs"),
     "missing_rng": ("rng/rank_00000.json", "missing from the checkpoint"),
+    "other_sharding": ("step_00000002", "optimizer state saved in the 'fully_reshardable' "
+                                        "form; this version reads only 'owned_boxes'"),
 }
 
 
