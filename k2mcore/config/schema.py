@@ -196,6 +196,10 @@ class CheckpointConfig:
     # rename, once every rank has written); the save on a stop signal and at the end of the
     # run waits for it, then saves synchronously
     async_save: bool = False
+    # write the checkpoint files with O_DIRECT, around the page cache (3-4x less time per byte
+    # here; k2mcore.checkpoint.writer); a filesystem that refuses it gets buffered writes
+    # anyway. false: always buffered
+    direct_io: bool = True
 
 
 @dataclass
