@@ -89,9 +89,12 @@ def in_process_save_strategy(make_writer: Callable[[str], Any], group: Any = Non
 
         def _write(self, state: dict, checkpoint_dir: Any) -> None:
             writer = make_writer(str(checkpoint_dir))
+            # plan caching (torch DCP's): a later save with the same local plans sends empty
+            # ones and reuses the global plan, where the first gathers and scatters them all
             dcp.save(state, storage_writer=writer, process_group=group,
                      planner=mtorch.MCoreSavePlanner(flatten_state_dict=False,
-                                                     can_run_decentralized_global_plan=False))
+                                                     can_run_decentralized_global_plan=False,
+                                                     enable_plan_caching=True))
             self.last_writer = writer
 
     return InProcessTorchDistSave("torch_dist", 1)

@@ -157,6 +157,7 @@ def _steps(run: _Run, stop: StopRequest) -> list[dict]:
             _save(run)
     finally:
         run.logger.close()
+        run.checkpoints.close()  # the pruned checkpoints' deletion, if still under way
     return rows
 
 

@@ -196,6 +196,7 @@ def phase_save(out: str) -> None:
     result["after"] = gather_full(model)
     log("steps 3-4")
     checkpoints.save(4, model, optimizer, scheduler, consumed_samples=16)
+    checkpoints.close()  # the pruned step's deletion runs in the background until here
     result["after_keep"] = sorted(os.listdir(root))
 
     # a save that dies after writing everything but before its commit

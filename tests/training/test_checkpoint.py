@@ -202,10 +202,18 @@ def test_prune_keeps_the_newest_and_drops_temporaries(tmp_path):
         _fake(tmp_path, f"step_{step:08d}", good)
     _fake(tmp_path, "step_00000011")  # incomplete: not counted, not deleted by pruning
     _fake(tmp_path, ".tmp_step_00000012")
-    ck.Committer().prune(str(tmp_path), keep=2, newest=str(tmp_path / "step_00000010"))
+    _fake(tmp_path, ".trash_step_00000000", good)  # a crash's leftover: removed too
+    committer = ck.Committer()
+    trash = committer.prune(str(tmp_path), keep=2, newest=str(tmp_path / "step_00000010"))
+    # set aside at once (renamed: no longer a checkpoint), deleted by remove()
+    assert ck.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_00000010")
+    assert sorted(os.path.basename(t) for t in trash) == [
+        ".trash_step_00000000", ".trash_step_00000001", ".trash_step_00000002",
+        ".trash_tmp_step_00000012"]
+    committer.remove(trash)
     assert sorted(os.listdir(tmp_path)) == ["step_00000003", "step_00000010", "step_00000011"]
-    ck.Committer().prune(str(tmp_path), keep=0, newest=str(tmp_path / "step_00000010"))  # 0: keep all
-    assert len(os.listdir(tmp_path)) == 3
+    assert committer.prune(str(tmp_path), keep=0, newest=str(tmp_path / "step_00000010")) == []
+    assert len(os.listdir(tmp_path)) == 3  # 0: keep all
 
 
 def test_validate_reports_the_missing_marker(tmp_path):
@@ -236,7 +244,7 @@ def test_checksums_taken_while_writing_equal_the_files_and_zip_crcs_stay_on(tmp_
     read-back of every file; torch.save's zip CRC32 is off only inside the writer."""
     import warnings
 
-    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint import load, save
     from torch.utils.serialization import config
 
     from k2mcore.checkpoint.format import file_entry
@@ -250,3 +258,87 @@ def test_checksums_taken_while_writing_equal_the_files_and_zip_crcs_stay_on(tmp_
     on_disk = {f: file_entry(str(tmp_path / f)) for f in os.listdir(tmp_path)}
     assert writer.checksums == on_disk and ".metadata" in on_disk, (writer.checksums, on_disk)
     assert config.save.compute_crc32
+    back = {k: torch.zeros_like(v) for k, v in state.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load(back, checkpoint_id=str(tmp_path))
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+
+
+def _stream_roundtrip(path, direct=True, seed=0):
+    """Writes of every size around the staging chunk and the O_DIRECT block, with flushes
+    (torch.save's, which write nothing): the file and the folded size and CRC32 equal what was
+    written."""
+    import random
+    import zlib
+
+    from k2mcore.checkpoint.writer import ALIGN, CHUNK, _ChecksummingStream
+
+    rng = random.Random(seed)
+    stream = _ChecksummingStream(str(path), sync=True, direct=direct)
+    data = bytearray()
+    for size in [1, ALIGN - 1, ALIGN, ALIGN + 1, CHUNK - 3, CHUNK, 2 * CHUNK + 5, 17, 0, 100]:
+        chunk = rng.randbytes(size)
+        assert stream.write(memoryview(chunk)) == size
+        data += chunk
+        if rng.random() < 0.5:
+            stream.flush()
+    stream.close()
+    assert path.read_bytes() == bytes(data)
+    assert (stream.size, stream.crc) == (len(data), zlib.crc32(data))
+    return stream
+
+
+def test_direct_stream_writes_exactly_the_bytes_and_their_checksum(tmp_path):
+    assert _stream_roundtrip(tmp_path / "direct").direct  # this ext4 takes O_DIRECT
+    assert not _stream_roundtrip(tmp_path / "buffered", direct=False).direct
+
+
+def test_direct_stream_falls_back_to_buffered_writes(tmp_path, monkeypatch):
+    """A filesystem that refuses O_DIRECT at open, or refuses a write's alignment, gets the
+    same bytes through buffered writes."""
+    import errno
+
+    real_open, real_write = os.open, os.pwrite
+
+    def no_direct_open(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct_open)
+    assert not _stream_roundtrip(tmp_path / "at-open").direct
+    monkeypatch.setattr(os, "open", real_open)
+
+    refused = []
+
+    def refusing_write(fd, data, offset):
+        import fcntl
+
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", refusing_write)
+    assert not _stream_roundtrip(tmp_path / "at-write").direct and 1 <= len(refused) <= 2
+
+
+def test_direct_stream_raises_the_writing_threads_error(tmp_path, monkeypatch):
+    """A write that fails in the thread writing out a staged chunk (a full disk) is raised in
+    the caller, by the write or close that follows, and the file is closed."""
+    import errno
+
+    from k2mcore.checkpoint.writer import CHUNK, _ChecksummingStream
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    stream = _ChecksummingStream(str(tmp_path / "f"), sync=True)
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match="No space left"):
+        for _ in range(4):
+            stream.write(bytes(CHUNK))
+        stream.close()
+    stream.abort()
+    assert stream.closed
