@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from k2mcore import platform
 from k2mcore.compat.dist_checkpoint import in_process_save_strategy
 from k2mcore.config.schema import K2Config
 from k2mcore.optim import state as optim_state
 from k2mcore.parallel.groups import ProcessGroups
 
+from .collective import all_gather, all_true, broadcast, collective_validate
 from .commit import Committer
 from .dcp_reader import restricted_unpickling
 from .format import (
@@ -38,12 +38,10 @@ from .format import (
     FORMAT_VERSION,
     RNG,
     CheckpointError,
-    check_files,
     file_entry,
     first_line,
     latest_checkpoint,
     read_json,
-    read_marker,
     resolve_checkpoint,
     rng_file,
     step_dir,
@@ -177,7 +175,7 @@ class CheckpointManager:
         """Commit the async save once every rank has written its part (collective: call it at
         the same point on every rank, e.g. after each step; one tiny all-reduce while a save is
         being written, nothing otherwise)."""
-        if self.pending is not None and _all_true(not self.pending.is_writing()):
+        if self.pending is not None and all_true(not self.pending.is_writing()):
             self._finalize(self.pending)
 
     def wait(self) -> None:
@@ -202,7 +200,7 @@ class CheckpointManager:
             self._gc.resume()
 
     def _commit(self, p: "PendingSave") -> None:
-        gathered = _all_gather((p.error, p.adam_step))  # every rank learns of any rank's failure
+        gathered = all_gather((p.error, p.adam_step))  # every rank learns of any rank's failure
         self._abandon_if_failed(p.tmp, next((e for e, _ in gathered if e), None))
         for fn in p.request.finalize_fns:  # megatron's: rank 0 writes dist/metadata.json
             fn()
@@ -217,7 +215,7 @@ class CheckpointManager:
             except Exception as exc:  # reported to every rank below, so none hangs in a barrier
                 error = (f"{p.final}: save failed before it was complete "
                          f"({type(exc).__name__}: {exc})")
-        self._abandon_if_failed(p.tmp, _broadcast(error))
+        self._abandon_if_failed(p.tmp, broadcast(error))
         if dist.get_rank() == 0:
             try:
                 trash = self.committer.prune(self.root, keep=self.cfg.checkpoint.keep,
@@ -243,7 +241,7 @@ class CheckpointManager:
         if dist.get_rank() == 0:
             full = _disk_full_note(tmp)  # before the partial save's space comes back
             self.committer.discard(tmp)
-        full = _broadcast(full)
+        full = broadcast(full)
         raise CheckpointError(f"{error}{full or ''} (partial save removed; the newest complete "
                               f"checkpoint is still {latest_checkpoint(self.root) or 'none'})")
 
@@ -322,7 +320,7 @@ def _load_state_now(path: str, model: list, optimizer: Any, scheduler: Any) -> d
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    meta, checksums = _collective_validate(path)
+    meta, checksums = collective_validate(path)
     try:
         _check_common(os.path.join(path, DIST, "common.pt"))
     except CheckpointError:
@@ -365,7 +363,7 @@ def _load_state_now(path: str, model: list, optimizer: Any, scheduler: Any) -> d
     checksums.raise_if_bad()  # before anything loaded reaches the model or the optimizer
     # layers' _extra_state (TE's FP8 scaling history; None on local layers) is optional: a
     # converted checkpoint has none, and the layers keep their fresh state
-    missing = sorted(k for k in set().union(*_all_gather(sorted(not_in_ckpt)))
+    missing = sorted(k for k in set().union(*all_gather(sorted(not_in_ckpt)))
                      if "_extra_state" not in k)
     if missing:
         raise CheckpointError(
@@ -413,53 +411,7 @@ def _model_state(model: list) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Collective checks
-def _collective_validate(path: str) -> tuple[dict, "_ChecksumCheck"]:
-    """Every rank checks the marker and every file's size (all raise the same first error),
-    then starts checking the CRC32s of its share of the files in a thread, while the caller
-    loads: the check reads and hashes with the GIL let go, on a core the load leaves idle at
-    1 rank (a fifth of a load, when it ran before it). The caller joins it before it uses
-    anything it loaded (`_ChecksumCheck.raise_if_bad`)."""
-    try:
-        meta = read_marker(path)
-        errors = check_files(path, meta, checksums=False)
-    except CheckpointError as exc:
-        meta, errors = None, [str(exc)]
-    first = _first_of_all(errors)
-    if first:
-        raise CheckpointError(first)
-    return meta, _ChecksumCheck(path, meta)
-
-
-class _ChecksumCheck:
-    """This rank's share of the checkpoint's CRC32 checks, in a thread."""
-
-    def __init__(self, path: str, meta: dict) -> None:
-        self.errors: list[str] = []
-        share = (dist.get_rank(), dist.get_world_size())
-
-        def check() -> None:
-            try:
-                self.errors = check_files(path, meta, share, True)
-            except (CheckpointError, OSError) as exc:
-                self.errors = [str(exc)]
-
-        self._thread = threading.Thread(target=check, name="k2m-verify", daemon=True)
-        self._thread.start()
-
-    def raise_if_bad(self) -> None:
-        """Collective: the first bad file of any rank, raised on every rank."""
-        self._thread.join()
-        first = _first_of_all(self.errors)
-        if first:
-            raise CheckpointError(first)
-
-
-def _first_of_all(errors: list[str]) -> Optional[str]:
-    """The first of every rank's first error (collective)."""
-    return next((e[0] for e in _all_gather(errors[:1]) if e), None)
-
-
+# Checks
 def _check_common(path: str) -> None:
     """A legacy common.pt (megatron < 0.19 wrote one; 0.19 still loads it when present, in place
     of the common state inside the DCP files): tensors and plain data only."""
@@ -476,7 +428,7 @@ def _manifest(tmp: str, written: dict) -> dict:
     on their way to disk (`written`, every rank's); rank 0 reads the few small others (config,
     RNG states, megatron's dist/metadata.json)."""
     merged: dict = {}
-    for part in _all_gather({os.path.join(DIST, k): v for k, v in written.items()}):
+    for part in all_gather({os.path.join(DIST, k): v for k, v in written.items()}):
         merged.update(part)
     if dist.get_rank() == 0:
         for d, _, fs in os.walk(tmp):
@@ -514,22 +466,3 @@ def _disk_full_note(path: str) -> Optional[str]:
     if free >= max(1 << 20, total // 1000):
         return None
     return f": no space left on the device ({free} of {total} bytes free)"
-
-
-def _all_true(flag: bool) -> bool:
-    """True on every rank when `flag` is true on every rank (one small all-reduce)."""
-    box = torch.tensor([0.0 if flag else 1.0], device=platform.device())
-    dist.all_reduce(box, op=dist.ReduceOp.MAX)
-    return box.item() == 0.0
-
-
-def _all_gather(obj: Any) -> list:
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj: Any) -> Any:
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
