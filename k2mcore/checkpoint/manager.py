@@ -13,6 +13,7 @@ the same CheckpointError on every rank, so none is left waiting in a barrier.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -260,11 +261,8 @@ class CheckpointManager:
 
         if self._strategy is None:
             group = dist.new_group(backend="gloo")
-            direct_io = self.cfg.checkpoint.direct_io
-
-            def make_writer(path: str) -> Any:
-                return checksumming_writer(path, direct_io=direct_io)
-
+            make_writer = functools.partial(checksumming_writer,
+                                            direct_io=self.cfg.checkpoint.direct_io)
             self._strategy = FullyParallelSaveStrategyWrapper(
                 in_process_save_strategy(make_writer, group), self.groups.dp_cp_group,
                 do_cache_distribution=True)

@@ -342,3 +342,31 @@ def test_direct_stream_raises_the_writing_threads_error(tmp_path, monkeypatch):
         stream.close()
     stream.abort()
     assert stream.closed
+
+
+def test_gc_pause_holds_the_collector_off_and_restores_what_was_there():
+    """Saves hold the cyclic GC off until their commit; a collector the caller had disabled
+    stays disabled, and a second pause (an async save's, then its commit's) changes nothing."""
+    import gc
+
+    from k2mcore.checkpoint.pending import GcPause, gc_paused
+
+    assert gc.isenabled()
+    pause = GcPause()
+    pause.pause()
+    pause.pause()
+    assert not gc.isenabled()
+    pause.resume()
+    assert gc.isenabled()
+    pause.resume()  # a resume with nothing paused leaves it as it is
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError), gc_paused():
+        raise RuntimeError("a failed load")
+    assert gc.isenabled()
