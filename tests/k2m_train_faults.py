@@ -26,7 +26,7 @@ def _steps(text: str) -> frozenset[int]:
 def _stall_async_writes(from_step: int) -> None:
     from k2mcore.checkpoint import writer
 
-    write = writer._ChecksummingStream.write
+    write = writer.ChecksummingStream.write
 
     def stalling(self, data):
         n = write(self, data)
@@ -36,7 +36,7 @@ def _stall_async_writes(from_step: int) -> None:
             time.sleep(3600)
         return n
 
-    writer._ChecksummingStream.write = stalling
+    writer.ChecksummingStream.write = stalling
 
 
 if __name__ == "__main__":

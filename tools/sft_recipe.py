@@ -166,9 +166,7 @@ def main(argv=None) -> int:
     _run("k2m-convert mcore-to-hf", [py, "-m", "k2mcore.cli.convert", "mcore-to-hf", "--ckpt",
                                      os.path.join(run, "checkpoints"), "--out", hf_tuned,
                                      "--dtype", "fp32", "--no-progress"], log)
-    for f in os.listdir(hf_base):  # the tokenizer (and generation config) travel with the weights
-        if f.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
-            shutil.copy(os.path.join(hf_base, f), hf_tuned)
+    # the release's config, generation config and tokenizer came along (the checkpoints carry them)
     t1 = time.time()
     results = generate(hf_tuned)
     ok = all(got == want for _, want, got in results)

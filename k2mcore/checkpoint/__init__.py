@@ -4,6 +4,7 @@
     commit      Committer: marker last, rename into place, keep-K pruning (plain python)
     dcp_reader  DCP `.metadata` through an allow-listed unpickler
     rng         RNG states as JSON
+    lineage     the release's config and tokenizer files a converted checkpoint carries forward
     writer      torch DCP's file writer, checksumming each file as it is written
     pending     one save's writing, inline or in a background thread (checkpoint.async_save)
     manager     CheckpointManager (save, async save, load, keep-K) and load_weights, over megatron

@@ -50,6 +50,7 @@ from .format import (
     versions,
     write_json,
 )
+from .lineage import Lineage
 from .pending import GcPause, PendingSave, gc_paused
 from .rng import rng_state, set_rng_state
 from .writer import checksumming_writer
@@ -78,6 +79,9 @@ class CheckpointManager:
         self._validated = False
         self._removing: Optional[threading.Thread] = None  # rank 0 deleting pruned checkpoints
         self._gc = GcPause()
+        # the release's config and tokenizer (k2mcore.checkpoint.lineage): read from the
+        # checkpoint loaded, written into every one saved (rank 0)
+        self.lineage = Lineage()
 
     def latest(self) -> Optional[str]:
         """The newest complete checkpoint under root, or None."""
@@ -146,6 +150,7 @@ class CheckpointManager:
             write_json(os.path.join(tmp, rng_file(rank)), rng_state())
             if rank == 0:
                 dump_yaml(cfg, os.path.join(tmp, CONFIG))
+                self.lineage.write(tmp)
         except OSError as exc:  # this rank's own files (ENOSPC, EDQUOT, EIO ...)
             error = f"{final}: save failed: {type(exc).__name__}: {first_line(exc)}"
         pending = PendingSave(
@@ -282,6 +287,8 @@ class CheckpointManager:
         start = time.perf_counter()
         path = resolve_checkpoint(path)
         meta = _load_state(path, model, optimizer, scheduler)
+        if dist.get_rank() == 0:
+            self.lineage = Lineage.read(path)
         current = self.groups.layout.sizes()
         same_layout = all(meta["layout"].get(k) == current.get(k) for k in _LAYOUT_KEYS)
         if same_layout:

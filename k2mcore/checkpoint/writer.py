@@ -37,7 +37,7 @@ DEPTH = 4  # staging buffers per file: one filling, the others being checksummed
 WRITERS = 2  # writes in flight at once (a device does more with two than with one)
 
 
-class _ChecksummingStream(io.RawIOBase):
+class ChecksummingStream(io.RawIOBase):
     """A write-only file, front to back, that keeps the size and CRC32 of what went through it.
 
     Bytes are staged in page-aligned buffers. A full one is checksummed by one thread (chunks in
@@ -45,10 +45,11 @@ class _ChecksummingStream(io.RawIOBase):
     and os.pwrite both let go of the GIL), while the caller fills the next: torch.save's framing
     and the copy overlap the checksum and the device's writing. `close()` writes what is still
     staged and, with `sync`, fsyncs the file; an error from a thread is raised there or at a
-    later write.
+    later write. The converters write their files through it too (`checksum=False` where no
+    manifest needs the CRC32: the HF export's safetensors).
     """
 
-    def __init__(self, path: str, *, sync: bool, direct: bool = True) -> None:
+    def __init__(self, path: str, *, sync: bool, direct: bool = True, checksum: bool = True) -> None:
         super().__init__()
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         self.direct = direct and hasattr(os, "O_DIRECT")
@@ -59,7 +60,7 @@ class _ChecksummingStream(io.RawIOBase):
                 raise
             self.direct = False
             self.fd = os.open(path, flags, 0o644)
-        self.sync = sync
+        self.sync, self.checksum = sync, checksum
         self.bufs = [mmap.mmap(-1, CHUNK) for _ in range(DEPTH)]  # page-aligned, for O_DIRECT
         self._busy: list[tuple[Future, ...]] = [() for _ in range(DEPTH)]
         self._i = 0  # the buffer being filled
@@ -88,6 +89,24 @@ class _ChecksummingStream(io.RawIOBase):
         self.size += total
         return total
 
+    def write_from(self, fd: int, offset: int, nbytes: int) -> int:
+        """Up to `nbytes` of the file `fd` from `offset`, read straight into the staging buffers
+        (a converter's copy of stored tensor bytes: no buffer of its own, no copy out of one).
+        Returns the bytes read: fewer at the end of the file."""
+        done = 0
+        while done < nbytes:
+            n = min(nbytes - done, CHUNK - self.fill)
+            with memoryview(self.buf) as whole, whole[self.fill:self.fill + n] as view:
+                got = os.preadv(fd, [view], offset + done)
+            if got <= 0:
+                break
+            self.fill += got
+            done += got
+            if self.fill == CHUNK:
+                self._hand_off()
+        self.size += done
+        return done
+
     def tell(self) -> int:
         return self.size
 
@@ -109,7 +128,8 @@ class _ChecksummingStream(io.RawIOBase):
             if self.fill:
                 padded = -(-self.fill // ALIGN) * ALIGN if self.direct else self.fill
                 self.buf[self.fill:padded] = bytes(padded - self.fill)
-                self._fold(self.buf, self.fill)
+                if self.checksum:
+                    self._fold(self.buf, self.fill)
                 self._pwrite(self.buf, padded, self._offset)
                 if padded != self.fill:  # the zeros after the true end go
                     os.ftruncate(self.fd, self.size)
@@ -139,8 +159,9 @@ class _ChecksummingStream(io.RawIOBase):
     def _hand_off(self) -> None:
         """The full buffer goes to the threads; filling goes on in the next free one."""
         buf, i = self.buf, self._i
-        self._busy[i] = (self._summing.submit(self._fold, buf, CHUNK),
-                         self._writing.submit(self._pwrite, buf, CHUNK, self._offset))
+        writing = self._writing.submit(self._pwrite, buf, CHUNK, self._offset)
+        self._busy[i] = (self._summing.submit(self._fold, buf, CHUNK), writing) if self.checksum \
+            else (writing,)
         self._offset += CHUNK
         self._i = (i + 1) % DEPTH
         self._wait(self._i)
@@ -211,7 +232,7 @@ def checksumming_writer(path: str, *, sync_files: bool = True, direct_io: bool =
                 with super().create_stream(p, mode) as stream:
                     yield stream
                 return
-            stream = _ChecksummingStream(str(p), sync=sync_files, direct=direct_io)
+            stream = ChecksummingStream(str(p), sync=sync_files, direct=direct_io)
             try:
                 yield stream  # type: ignore[misc]
                 stream.close()  # DCP closes it too; the first close writes and fsyncs

@@ -36,6 +36,8 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from k2mcore.checkpoint.dcp_reader import read_dcp_metadata
 from k2mcore.checkpoint.format import CheckpointError
 
+from .items import legacy_header, parse_item, raw_view
+
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                      "common_backend": "torch", "common_backend_version": 1}
 
@@ -63,47 +65,91 @@ class DCPWriter:
         self.bytes_written = 0
         #: {file name: {"size", "crc32"}} of every finished file, for the checkpoint's list
         self.files: dict[str, dict[str, int]] = {}
+        self._open: Optional[tuple] = None  # the chunk being written (begin .. end)
+        self._left = 0
         self._roll()
 
     def _roll(self) -> None:
-        from .output import CRCFile
+        from k2mcore.checkpoint.writer import ChecksummingStream
 
         if self._stream is not None:
             self._stream.close()
             self.files[self._name] = {"size": self._stream.size, "crc32": self._stream.crc}
         self._file_index += 1
         self._name = f"__0_{self._file_index}.distcp"
-        self._stream = CRCFile(os.path.join(self.path, self._name))
+        # the trainer's stream: CRC32 for the manifest as it writes, O_DIRECT, fsync at close
+        self._stream = ChecksummingStream(os.path.join(self.path, self._name), sync=True)
 
     def add(self, key: str, chunk: torch.Tensor, global_shape: Sequence[int],
             offsets: Optional[Sequence[int]] = None) -> None:
         """`chunk` is global[offsets : offsets + chunk.shape] of the tensor `key`."""
-        offsets = tuple(offsets or (0,) * chunk.ndim)
-        global_shape = tuple(global_shape)
-        if len(offsets) != chunk.ndim or len(global_shape) != chunk.ndim:
-            raise ValueError(f"{key}: chunk rank {chunk.ndim} vs offsets {offsets} / shape {global_shape}")
+        self.begin(key, chunk.dtype, global_shape, offsets or (0,) * chunk.ndim, chunk.shape)
+        self.write(chunk)
+        self.end()
+
+    def begin(self, key: str, dtype: torch.dtype, global_shape: Sequence[int], offsets: Sequence[int],
+              sizes: Sequence[int]) -> None:
+        """Open the chunk global[offsets : offsets + sizes] of `key`; `write` its elements in
+        order (parts that concatenate along dim 0, e.g. one expert after another), then `end`."""
+        offsets, sizes, global_shape = tuple(offsets), tuple(sizes), tuple(global_shape)
+        if self._open is not None:
+            raise ValueError(f"{key}: chunk {self._open[0]} is still open")
+        if not len(offsets) == len(sizes) == len(global_shape):
+            raise ValueError(f"{key}: chunk rank {len(sizes)} vs offsets {offsets} / shape {global_shape}")
         meta = self._tensors.get(key)
         if meta is None:
-            meta = TensorStorageMetadata(TensorProperties(dtype=chunk.dtype), torch.Size(global_shape), [])
+            meta = TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(global_shape), [])
             self._tensors[key] = meta
-        elif tuple(meta.size) != global_shape or meta.properties.dtype != chunk.dtype:
+        elif tuple(meta.size) != global_shape or meta.properties.dtype != dtype:
             raise ValueError(f"{key}: chunks disagree on the global shape or dtype")
         if self._stream.tell() >= self.file_bytes:
             self._roll()
-        chunk = chunk.detach().cpu()
-        if chunk.storage_offset() or not chunk.is_contiguous() or \
-                chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
-            chunk = chunk.contiguous().clone()  # torch.save writes a view's whole storage
-        buf = io.BytesIO()
-        # torch's legacy (non-zip) serialization: what DCP's reader torch.loads just as well,
-        # without the zip records and CRC that cost 3-5x the time per chunk
-        torch.save(chunk, buf, _use_new_zipfile_serialization=False)
+        # what torch.save (legacy format) writes, its header made once per dtype and shape
+        # (convert.items): DCP's reader torch.loads it like any item
+        header = legacy_header(dtype, sizes)
+        if header is None:
+            raise ValueError(f"{key}: torch's legacy format cannot hold {dtype}")
         start = self._stream.tell()
-        self._stream.write(buf.getbuffer())
+        self._stream.write(header)
+        nbytes = math.prod(sizes) * dtype.itemsize
+        self._open = (key, meta, offsets, sizes, start, nbytes)
+        self._left = nbytes
+
+    def write(self, part: torch.Tensor) -> None:
+        """The open chunk's next elements (in C order)."""
+        if self._open is None or part.dtype != self._open[1].properties.dtype:
+            raise ValueError(f"{self._open and self._open[0]}: no open chunk of dtype {part.dtype}")
+        part = part.detach().cpu().contiguous()
+        nbytes = part.numel() * part.element_size()
+        if nbytes > self._left:
+            raise ValueError(f"{self._open[0]}: more elements written than the chunk holds")
+        self._stream.write(raw_view(part))
+        self._left -= nbytes
+
+    def write_from(self, fd: int, offset: int, nbytes: int) -> bool:
+        """The open chunk's next elements, copied from the file `fd` (stored in the chunk's
+        dtype, C order) straight into the stream's staging buffers. False if the file ended
+        first."""
+        if self._open is None or nbytes > self._left:
+            raise ValueError(f"{self._open and self._open[0]}: more bytes than the chunk holds")
+        got = self._stream.write_from(fd, offset, nbytes)
+        self._left -= got
+        return got == nbytes
+
+    def end(self) -> None:
+        key, meta, offsets, sizes, start, nbytes = self._open
+        if self._left:
+            raise ValueError(f"{key}: chunk closed {self._left} bytes short")
+        self._open = None
         index = MetadataIndex(key, torch.Size(offsets), len(meta.chunks))
-        meta.chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(chunk.shape)))
+        meta.chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
         self._storage[index] = _StorageInfo(self._name, start, self._stream.tell() - start)
-        self.bytes_written += chunk.numel() * chunk.element_size()
+        self.bytes_written += nbytes
+
+    def abort(self) -> None:
+        """Stop writing (a failed conversion; its directory is removed)."""
+        if self._stream is not None and not self._stream.closed:
+            self._stream.abort()
 
     def add_bytes(self, key: str, data: bytes) -> None:
         """A bytes item (how DCP stores megatron's ShardedObjects), written raw."""
@@ -143,7 +189,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class DCPReader:
@@ -158,6 +204,7 @@ class DCPReader:
         self._where = self.metadata.storage_data
         self._fds: dict[str, int] = {}  # one descriptor per data file, read with pread
         self._by_row: dict[str, dict[int, list]] = {}
+        self._legacy: set[tuple[str, int]] = set()  # chunks whose header _read_row has checked
         #: every tensor's global shape, dtype and stored chunks, by key
         self.info: dict[str, TensorInfo] = {
             key: TensorInfo(key, tuple(meta.size), meta.properties.dtype, list(meta.chunks))
@@ -174,21 +221,76 @@ class DCPReader:
             raise DCPFormatError(f"{self.path}: {key} is stored with transforms "
                                  f"{info.transform_descriptors} (compressed); not supported")
         file = os.path.join(self.path, info.relative_path)
+        data = bytearray(info.length)  # writable: the tensor is made over it, no copy
         try:
             fd = self._fds.get(file)
             if fd is None:
                 fd = self._fds[file] = os.open(file, os.O_RDONLY)
-            data = os.pread(fd, info.length, info.offset)
+            got = os.preadv(fd, [data], info.offset)
         except OSError as exc:
             raise DCPFormatError(f"{file}: {exc.strerror or exc}") from None
-        if len(data) != info.length:
+        if got != info.length:
             raise DCPFormatError(f"{file}: truncated ({key} needs bytes {info.offset}..{info.offset + info.length})")
-        t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        dtype = self.info[key].dtype
+        t = parse_item(data, dtype, tuple(chunk.sizes))
+        if t is None:  # not a layout convert.items knows: torch's own reading
+            t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         if tuple(t.shape) != tuple(chunk.sizes):
             # DCP may store a chunk whose storage is larger than the chunk; narrow to it
             for dim, size in enumerate(chunk.sizes):
                 t = t.narrow(dim, 0, size)
         return t
+
+    def row_location(self, key: str, row: int) -> Optional[tuple[int, int, int]]:
+        """(descriptor, offset, bytes) of row `row` (of dim 0: an expert) of `key` where one
+        chunk holds it in convert.items' legacy layout (what hf-to-mcore writes): its bytes can
+        be copied without a tensor, or read alone. None for any other layout."""
+        info = self.info.get(key)
+        chunks = self._covering(key, info, row) if info is not None else []
+        if len(chunks) != 1:
+            return None
+        index, chunk = chunks[0]
+        where = self._where.get(MetadataIndex(key, chunk.offsets, index)) or self._where.get(
+            MetadataIndex(key, chunk.offsets))
+        sizes = tuple(chunk.sizes)
+        if where is None or getattr(where, "transform_descriptors", None) or sizes[1:] != info.shape[1:]:
+            return None
+        header = legacy_header(info.dtype, sizes)
+        if header is None:
+            return None
+        row_bytes = math.prod(sizes[1:]) * info.dtype.itemsize
+        if where.length != len(header) + sizes[0] * row_bytes:
+            return None
+        file = os.path.join(self.path, where.relative_path)
+        try:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            if (file, where.offset) not in self._legacy:  # the header checked once per chunk
+                if os.pread(fd, len(header), where.offset) != header:
+                    return None
+                self._legacy.add((file, where.offset))
+        except OSError as exc:
+            raise DCPFormatError(f"{file}: {exc.strerror or exc}") from None
+        return fd, where.offset + len(header) + (row - chunk.offsets[0]) * row_bytes, row_bytes
+
+    def _read_row(self, key: str, row: int) -> Optional[torch.Tensor]:
+        """Row `row` of `key` read alone (see row_location), or None."""
+        where = self.row_location(key, row)
+        if where is None:
+            return None
+        fd, offset, nbytes = where
+        info = self.info[key]
+        if not nbytes:
+            return torch.empty(info.shape[1:], dtype=info.dtype)
+        buf = bytearray(nbytes)
+        try:
+            got = os.preadv(fd, [buf], offset)
+        except OSError as exc:
+            raise DCPFormatError(f"{self.path}: {key}: {exc.strerror or exc}") from None
+        if got != nbytes:
+            raise DCPFormatError(f"{self.path}: a data file is truncated ({key} row {row})")
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape[1:])
 
     def _covering(self, key: str, info: TensorInfo, index: int) -> list:
         """The (chunk number, chunk) pairs holding slice [index] of dim 0 (indexed once per key,
@@ -216,6 +318,10 @@ class DCPReader:
         chunks = list(enumerate(info.chunks) if index is None else self._covering(key, info, index))
         if len(chunks) == 1:  # one stored chunk is the whole answer (the usual case): no copy
             i, chunk = chunks[0]
+            if index is not None:
+                row = self._read_row(key, index)  # an expert, its bytes alone
+                if row is not None:
+                    return row
             t = self.read_chunk(key, i, chunk)
             t = t if index is None else t[index - chunk.offsets[0]]
             if tuple(t.shape) == tuple(shape):

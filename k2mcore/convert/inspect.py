@@ -6,7 +6,6 @@ import math
 import os
 from collections import Counter
 
-import torch
 
 from k2mcore.config.schema import ModelConfig
 
@@ -43,14 +42,17 @@ def _size(n: int) -> str:
 
 def _describe_k2mcore(path: str) -> str:
     from k2mcore.checkpoint.format import read_marker
+    from k2mcore.checkpoint.lineage import Lineage
 
     from .mcore_to_hf import open_checkpoint
 
-    step_dir, model, reader = open_checkpoint(path)
+    step_dir, cfg, reader = open_checkpoint(path)
+    model = cfg.model
     meta = read_marker(step_dir)
     layout = meta["layout"]
+    lineage = Lineage.read(step_dir)
+    src = lineage.record or meta.get("source") or {}
     if layout.get("converted"):
-        src = meta.get("source") or {}
         saved = f"converted from Hugging Face ({src.get('model_type')}, FP8 source: {src.get('fp8')})"
     else:
         saved = (f"{layout.get('world_size')} ranks: TP{layout.get('tp')} PP{layout.get('pp')}"
@@ -70,6 +72,13 @@ def _describe_k2mcore(path: str) -> str:
             dtypes = Counter(str(i.dtype).replace("torch.", "") for i in infos)
             lines.append(f"  {kind} tensors: {len(infos)}, {_size(sum(i.nbytes for i in infos))}, "
                          f"dtypes {dict(dtypes)}")
+    if src:
+        lines.append(f"  from: {src.get('hf_dir')} ({src.get('model_type')}); carries its "
+                     f"{', '.join(sorted(lineage.hf_files())) or 'no files'}")
+    dropped = src.get("dropped")
+    if dropped:
+        lines.append(f"  dropped: MTP layers {dropped['mtp_layers']} ({dropped['tensors']} tensors, "
+                     f"{_size(dropped['bytes'])}) by {dropped['by']}")
     lines.append("  FP8: no (weights stored in " + ", ".join(sorted({str(i.dtype).replace('torch.', '') for i in groups['model']})) + ")")
     return "\n".join(lines)
 
@@ -91,7 +100,7 @@ def _describe_hf(path: str) -> str:
     for name in source.where:
         shape, dtype = source.shape_dtype(name)
         dtypes[str(dtype).replace("torch.", "")] += 1
-        total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        total += math.prod(shape) * dtype.itemsize
     fp8 = f"yes, {block_size(hf)[0]}x{block_size(hf)[1]} blocks (weight_scale_inv)" if source.fp8 else "no"
     return "\n".join([
         f"{path}: Hugging Face safetensors ({len(set(source.where.values()))} files), "

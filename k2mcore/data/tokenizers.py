@@ -59,6 +59,8 @@ K2_SPECIAL_TOKENS: dict[int, str] = {
 EOD_CANDIDATES = ("<|endoftext|>", "[EOS]", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
 # The padding token (chat samples are padded to the sequence length): the first one present.
 PAD_CANDIDATES = ("[PAD]", "<pad>", "<|pad|>", "<|padding|>")
+# The beginning-of-sequence token a model config names (bos_token_id): the first one present.
+BOS_CANDIDATES = ("[BOS]", "<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>", "<|bos|>")
 HF_CONFIG = "tokenizer_config.json"
 
 # Encoded to fingerprint a tokenizer: two files that give the same ids here (and the same vocab
@@ -135,6 +137,17 @@ class Tokenizer(ABC):
     def describe(self) -> dict:
         return {"kind": self.kind, "path": str(self.path), "vocab_size": self.vocab_size,
                 "eod": self.eod, "fingerprint": self.fingerprint()}
+
+    def model_token_ids(self) -> dict[str, Optional[int]]:
+        """bos/eos/pad ids as a transformers model config names them: the directory config's
+        bos_token/eos_token where it names them, else the first candidate present (eos: the
+        EOD); None where the vocabulary has none."""
+        bos = self._configured_id("bos_token")
+        if bos is None:
+            bos = next((self.special_tokens[n] for n in BOS_CANDIDATES if n in self.special_tokens), None)
+        eos = self._configured_id("eos_token")
+        return {"bos_token_id": bos, "eos_token_id": self.eod if eos is None else eos,
+                "pad_token_id": self.pad}
 
     def _pick_eod(self) -> Optional[int]:
         for name in EOD_CANDIDATES:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterator, Mapping
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from k2mcore.config.schema import ModelConfig, RopeScalingConfig
+from k2mcore.config.schema import ModelConfig
+from k2mcore.hf.config import HF_MODEL_TYPES, HFFormatError, model_config_from_hf, read_hf_config
 from k2mcore.hf.safetensors_io import SafetensorsError, SafetensorsFile
 
-HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
+__all__ = ["GATED_PARTS", "HF_MODEL_TYPES", "HFFormatError", "TensorSource", "convert_entry", "export_entry",
+           "hf_names", "hf_to_mcore",
+           "mcore_to_hf", "model_config_from_hf", "read_hf_config", "walk"]
 
 # per layer: (megatron suffix, HF suffix) for the one-to-one tensors
 _ATTN = [
@@ -31,87 +34,13 @@ _Q_LORA = [
     ("self_attention.linear_q_up_proj.weight", "self_attn.q_b_proj.weight"),
 ]
 _Q_PLAIN = [("self_attention.linear_q_proj.weight", "self_attn.q_proj.weight")]
+# a gated MLP's megatron tensors from the HF ones, concatenated along dim 0 (gate first)
+GATED_PARTS = {"linear_fc1.weight": ("gate_proj.weight", "up_proj.weight"),
+               "linear_fc2.weight": ("down_proj.weight",)}
 _ROUTER = [
     ("mlp.router.weight", "mlp.gate.weight"),
     ("mlp.router.expert_bias", "mlp.gate.e_score_correction_bias"),
 ]
-
-
-class HFFormatError(ValueError):
-    """A Hugging Face directory k2mcore cannot read; the message names the file or tensor."""
-
-
-def read_hf_config(path: str) -> dict[str, Any]:
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise HFFormatError(f"{path}: no config.json (not a Hugging Face model directory)")
-    with open(cfg_path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise HFFormatError(f"{cfg_path}: not valid JSON ({e})") from None
-
-
-def model_config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
-    """ModelConfig from an HF DeepseekV3/Kimi-K2 config dict (transformers 4 or 5 layout)."""
-    model_type = hf.get("model_type")
-    if model_type not in HF_MODEL_TYPES:
-        raise HFFormatError(
-            f"{source}: model_type {model_type!r} is not one of {', '.join(HF_MODEL_TYPES)}"
-        )
-    # transformers 5 folds rope_theta/rope_scaling into rope_parameters
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    scaling = None
-    if rope_type == "yarn":
-        scaling = RopeScalingConfig(
-            factor=float(rope["factor"]),
-            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-            beta_fast=float(rope.get("beta_fast", 32.0)),
-            beta_slow=float(rope.get("beta_slow", 1.0)),
-            mscale=float(rope.get("mscale", 1.0)),
-            mscale_all_dim=float(rope.get("mscale_all_dim", 0.0)),
-        )
-    elif rope_type != "default":
-        raise HFFormatError(f"{source}: rope type {rope_type!r} is not supported (default, yarn)")
-    n_group, topk_group = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1)
-    topk = int(hf["num_experts_per_tok"])
-    if n_group > 1 and topk // topk_group != 2:
-        # HF scores a group by its top-2 experts, megatron by its top-(topk // topk_group).
-        raise HFFormatError(
-            f"{source}: n_group={n_group} with num_experts_per_tok={topk}, topk_group="
-            f"{topk_group} routes differently in megatron (needs topk // topk_group == 2)"
-        )
-    return ModelConfig(
-        name=hf.get("_name_or_path") or model_type,
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=int(hf["hidden_size"]),
-        num_layers=int(hf["num_hidden_layers"]),
-        num_attention_heads=int(hf["num_attention_heads"]),
-        q_lora_rank=hf.get("q_lora_rank"),
-        kv_lora_rank=int(hf["kv_lora_rank"]),
-        qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
-        qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
-        v_head_dim=int(hf["v_head_dim"]),
-        ffn_hidden_size=int(hf["intermediate_size"]),
-        moe_ffn_hidden_size=int(hf["moe_intermediate_size"]),
-        num_experts=int(hf["n_routed_experts"]),
-        num_shared_experts=int(hf.get("n_shared_experts") or 0),
-        moe_topk=topk,
-        first_k_dense=int(hf.get("first_k_dense_replace", 0)),
-        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-        n_group=n_group,
-        topk_group=topk_group,
-        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        rope_theta=float(theta),
-        rope_scaling=scaling,
-        rope_interleave=bool(hf.get("rope_interleave", True)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=float(hf.get("initializer_range", 0.006)),
-    )
 
 
 def _rope_deinterleave(w: torch.Tensor, heads: int, head_dim: int, rope_dim: int) -> torch.Tensor:
@@ -126,7 +55,7 @@ def _rope_deinterleave(w: torch.Tensor, heads: int, head_dim: int, rope_dim: int
     return w.flatten(0, 1)
 
 
-def _walk(model: ModelConfig) -> Iterator[tuple[str, str, bool]]:
+def walk(model: ModelConfig) -> Iterator[tuple[str, str, bool]]:
     """(megatron name, HF name, False) for one-to-one tensors and (megatron prefix, HF prefix,
     True) for gated MLPs, in checkpoint order: the one mapping both directions follow."""
     yield "embedding.word_embeddings.weight", "model.embed_tokens.weight", False
@@ -148,26 +77,46 @@ def _walk(model: ModelConfig) -> Iterator[tuple[str, str, bool]]:
         yield "output_layer.weight", "lm_head.weight", False
 
 
+def hf_names(model: ModelConfig) -> set[str]:
+    """Every HF tensor name the model reads (FP8 scales aside)."""
+    out = set()
+    for _, hf, gated in walk(model):
+        out.update([hf + p + "_proj.weight" for p in ("gate", "up", "down")] if gated else [hf])
+    return out
+
+
 def hf_to_mcore(
     get: "TensorSource", model: ModelConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (megatron name, tensor) for a 1-rank GPTModel, reading HF tensors one at a time."""
-    for mc, hf, gated in _walk(model):
-        if gated:
-            yield from _gated(get, hf, mc)
-            continue
-        t = get(hf)
-        yield mc, (t if model.rope_interleave else _maybe_deinterleave(mc, t, model))
+    for mc, hf, gated in walk(model):
+        yield from convert_entry(get, model, mc, hf, gated)
+
+
+def convert_entry(get: "TensorSource", model: ModelConfig, mc: str, hf: str,
+                  gated: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """The megatron tensors of one `walk` entry."""
+    if gated:
+        yield from _gated(get, hf, mc)
+        return
+    t = get(hf)
+    yield mc, (t if model.rope_interleave else _maybe_deinterleave(mc, t, model))
 
 
 def mcore_to_hf(get: Callable[[str], torch.Tensor], model: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor) from a getter of 1-rank megatron tensors: hf_to_mcore's inverse."""
-    for mc, hf, gated in _walk(model):
-        if gated:
-            yield from _ungated(get, mc, hf)
-            continue
-        t = get(mc)
-        yield hf, (t if model.rope_interleave else _maybe_deinterleave(mc, t, model, inverse=True))
+    for mc, hf, gated in walk(model):
+        yield from export_entry(get, model, mc, hf, gated)
+
+
+def export_entry(get: Callable[[str], torch.Tensor], model: ModelConfig, mc: str, hf: str,
+                 gated: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF tensors of one `walk` entry."""
+    if gated:
+        yield from _ungated(get, mc, hf)
+        return
+    t = get(mc)
+    yield hf, (t if model.rope_interleave else _maybe_deinterleave(mc, t, model, inverse=True))
 
 
 def _ungated(get: Callable[[str], torch.Tensor], mc: str, hf: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -177,39 +126,10 @@ def _ungated(get: Callable[[str], torch.Tensor], mc: str, hf: str) -> Iterator[t
     yield hf + "down_proj.weight", get(mc + "linear_fc2.weight")
 
 
-def hf_config_from_model(model: ModelConfig, dtype: str = "bfloat16") -> dict[str, Any]:
-    """A config.json for transformers' DeepseekV3ForCausalLM (model_config_from_hf's inverse)."""
-    rope = model.rope_scaling
-    return {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-        "vocab_size": model.vocab_size, "hidden_size": model.hidden_size,
-        "intermediate_size": model.ffn_hidden_size, "moe_intermediate_size": model.moe_ffn_hidden_size,
-        "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_attention_heads,
-        "num_key_value_heads": model.num_attention_heads, "n_shared_experts": model.num_shared_experts,
-        "n_routed_experts": model.num_experts, "num_experts_per_tok": model.moe_topk,
-        "routed_scaling_factor": model.routed_scaling_factor, "kv_lora_rank": model.kv_lora_rank,
-        "q_lora_rank": model.q_lora_rank, "qk_rope_head_dim": model.qk_rope_head_dim,
-        "qk_nope_head_dim": model.qk_nope_head_dim, "v_head_dim": model.v_head_dim,
-        "n_group": model.n_group, "topk_group": model.topk_group,
-        "first_k_dense_replace": model.first_k_dense, "norm_topk_prob": model.norm_topk_prob,
-        "hidden_act": "silu", "max_position_embeddings": model.max_position_embeddings,
-        "initializer_range": model.init_std, "rms_norm_eps": model.rms_norm_eps,
-        "rope_theta": model.rope_theta,
-        "rope_scaling": None if rope is None else {
-            "type": "yarn", "rope_type": "yarn", "factor": rope.factor,
-            "original_max_position_embeddings": rope.original_max_position_embeddings,
-            "beta_fast": rope.beta_fast, "beta_slow": rope.beta_slow, "mscale": rope.mscale,
-            "mscale_all_dim": rope.mscale_all_dim},
-        "rope_interleave": model.rope_interleave, "tie_word_embeddings": model.tie_word_embeddings,
-        "attention_bias": False, "attention_dropout": 0.0, "use_cache": True,
-        "torch_dtype": dtype, "bos_token_id": 0, "eos_token_id": 1,
-    }
-
-
 def _gated(get: "TensorSource", hf: str, mc: str) -> Iterator[tuple[str, torch.Tensor]]:
-    gate, up = get(hf + "gate_proj.weight"), get(hf + "up_proj.weight")
-    yield mc + "linear_fc1.weight", torch.cat([gate, up], dim=0)
-    yield mc + "linear_fc2.weight", get(hf + "down_proj.weight")
+    for m_name, parts in GATED_PARTS.items():
+        ts = [get(hf + p) for p in parts]
+        yield mc + m_name, ts[0] if len(ts) == 1 else torch.cat(ts, dim=0)
 
 
 def _rope_interleave(w: torch.Tensor, heads: int, head_dim: int, rope_dim: int) -> torch.Tensor:
@@ -256,7 +176,7 @@ class TensorSource:
         self.fp8 = any(k.endswith("weight_scale_inv") for k in self.where)
 
     def _file(self, fname: str) -> SafetensorsFile:
-        """Headers only are kept (tensors are read one by one, no mapping of the file)."""
+        """Headers and a descriptor are kept (tensors are read one by one, no mapping)."""
         if fname not in self._files:
             try:
                 self._files[fname] = SafetensorsFile(os.path.join(self.path, fname))
@@ -288,9 +208,29 @@ class TensorSource:
             raise HFFormatError(f"{self.path}: {name} is FP8 but has no {name}{SCALE_SUFFIX}")
         return t
 
+    def locate(self, name: str) -> Optional[tuple[int, int, int, torch.dtype, tuple[int, ...]]]:
+        """(descriptor, offset, bytes, dtype, shape) of a tensor stored as it is read (not
+        block-FP8), for a converter that copies its bytes without reading them into a tensor;
+        None for an FP8 one."""
+        fname = self.where.get(name)
+        if fname is None:
+            raise HFFormatError(f"{self.path}: tensor {name} is missing")
+        if name + "_scale_inv" in self.where:
+            return None
+        f = self._file(fname)
+        try:
+            shape, dtype = f.shape_dtype(name)
+            fd, offset, nbytes = f.locate(name)
+        except (SafetensorsError, KeyError) as exc:
+            raise HFFormatError(str(exc)) from None
+        self.bytes_read += nbytes
+        return fd, offset, nbytes, dtype, shape
+
     def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         """A stored tensor's shape and dtype, from its file's header (nothing read)."""
         return self._file(self.where[name]).shape_dtype(name)
 
     def close(self) -> None:
+        for f in self._files.values():
+            f.close()
         self._files.clear()

@@ -53,7 +53,16 @@ class SafetensorsFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._fd: Optional[int] = None  # opened at the first read, kept until close()
         self.header, self.data_start = read_header(path)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -61,6 +70,20 @@ class SafetensorsFile:
     def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         entry = self.header[name]
         return tuple(entry["shape"]), DTYPES[entry["dtype"]]
+
+    def locate(self, name: str) -> tuple[int, int, int]:
+        """(descriptor, offset, bytes) of a tensor's data, for a reader that copies the bytes
+        itself (StreamingWriter.write_from)."""
+        entry = self.header.get(name)
+        if entry is None:
+            raise SafetensorsError(f"{self.path}: no tensor {name}")
+        begin, end = entry["data_offsets"]
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise SafetensorsError(f"{self.path}: {exc.strerror or exc}") from None
+        return self._fd, self.data_start + begin, end - begin
 
     def read(self, name: str) -> torch.Tensor:
         entry = self.header.get(name)
@@ -71,8 +94,12 @@ class SafetensorsFile:
             raise SafetensorsError(f"{self.path}: {name} has unsupported dtype {entry['dtype']}")
         begin, end = entry["data_offsets"]
         buf = bytearray(end - begin)
-        with open(self.path, "rb", buffering=0) as f:
-            got = f.readinto(memoryview(buf)) if f.seek(self.data_start + begin) >= 0 else 0
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            got = os.preadv(self._fd, [buf], self.data_start + begin) if buf else 0
+        except OSError as exc:
+            raise SafetensorsError(f"{self.path}: {exc.strerror or exc}") from None
         if got != end - begin:
             raise SafetensorsError(f"{self.path}: truncated ({name} needs {end - begin} bytes)")
         shape = tuple(entry["shape"])
@@ -90,14 +117,17 @@ class StreamingWriter:
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         for name, dtype, shape in plan:
-            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            size = math.prod(shape) * dtype.itemsize
             header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
         self.path, self._order, self._next = path, [p[0] for p in plan], 0
         self._header = header
-        self._f = open(path, "wb")
+        # the trainer's O_DIRECT staging stream (no CRC32: nothing lists these files' checksums)
+        from k2mcore.checkpoint.writer import ChecksummingStream
+
+        self._f = ChecksummingStream(path, sync=True, checksum=False)
         self._f.write(struct.pack("<Q", len(raw)) + raw)
 
     def write(self, name: str, t: torch.Tensor) -> None:
@@ -109,12 +139,27 @@ class StreamingWriter:
                              f"{entry['dtype']} {tuple(entry['shape'])}")
         t = t.detach().cpu().contiguous()
         if t.numel():
-            self._f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
         self._next += 1
+
+    def write_from(self, name: str, fd: int, offset: int, nbytes: int) -> None:
+        """The next planned tensor's bytes, copied from the file `fd` (stored in its dtype and
+        C order), straight into the output's staging buffers."""
+        if self._next >= len(self._order) or name != self._order[self._next]:
+            raise ValueError(f"{self.path}: {name} out of the planned order")
+        begin, end = self._header[name]["data_offsets"]
+        if nbytes != end - begin:
+            raise ValueError(f"{self.path}: {name} is {nbytes} bytes, planned {end - begin}")
+        if self._f.write_from(fd, offset, nbytes) != nbytes:
+            raise OSError(f"{name}: the source ended before its {nbytes} bytes")
+        self._next += 1
+
+    def abort(self) -> None:
+        """Stop without finishing the file (a failed export; its directory is removed)."""
+        self._f.abort()
 
     def close(self) -> None:
         if self._next != len(self._order):
+            self._f.abort()
             raise ValueError(f"{self.path}: {len(self._order) - self._next} planned tensors not written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        self._f.close()  # writes what is staged, fsyncs

@@ -75,6 +75,38 @@ def test_exported_directory_loads_in_transformers(converted):
     assert torch.equal(logits, converted["logits"])
 
 
+def _config(path: str) -> dict:
+    return json.load(open(os.path.join(path, "config.json")))
+
+
+def _weights(name: str) -> bool:
+    return name.endswith(".safetensors") or name == "model.safetensors.index.json"
+
+
+def test_export_keeps_the_source_config_and_files(converted):
+    """config.json comes back equal field by field (fp32 in, fp32 out, the same architecture),
+    and the release's other files (generation_config.json) byte for byte."""
+    src, back = _config(converted["hf"]), _config(converted["back"])
+    assert {k: v for k, v in back.items() if k != "transformers_version"} == \
+        {k: v for k, v in src.items() if k != "transformers_version"}
+    others = [f for f in os.listdir(converted["hf"]) if not _weights(f) and f != "config.json"]
+    assert "generation_config.json" in others
+    for f in others:
+        assert open(os.path.join(converted["back"], f), "rb").read() == \
+            open(os.path.join(converted["hf"], f), "rb").read(), f
+
+
+def test_converted_experts_are_one_chunk_each(converted):
+    """megatron's load reads a stored chunk whole for every expert it overlaps: one chunk per
+    expert, as megatron's expert layers save them, keeps k2m-train's start-up fast."""
+    from k2mcore.convert.dcp import DCPReader
+
+    r = DCPReader(os.path.join(converted["ckpt"], "dist"))
+    stacked = [i for k, i in r.info.items() if ".mlp.experts.experts.linear_fc" in k]
+    assert stacked and all(len(i.chunks) == i.shape[0] == 8 for i in stacked)
+    assert all(c.sizes[0] == 1 for i in stacked for c in i.chunks)
+
+
 def test_inspect_describes_both_formats(converted):
     ck = convert("inspect", converted["ckpt"]).stdout
     assert "k2mcore checkpoint (megatron torch_dist), step 0" in ck
@@ -113,6 +145,9 @@ def test_trainer_checkpoints_at_tp2_ep2_and_one_rank_export_the_same(tmp_path):
     for name, t in exported["one"].items():
         assert torch.equal(exported["tp2ep2"][name], t), name
         assert torch.equal(t, src[name]), name  # lr 0: still the converted weights
+    # the release's config came through training (its checkpoints carry it), unchanged
+    for name in layouts:
+        assert _config(str(tmp_path / f"{name}-hf")) == _config(hf_dir)
 
 
 # ---------------------------------------------------------------------------------------- FP8
@@ -157,6 +192,10 @@ def test_fp8_release_is_dequantized_by_the_formula(tmp_path):
     assert not any(k.endswith("_scale_inv") for k in out)
     for name, (w8, scale_inv) in quantized.items():
         assert torch.equal(out[name], _formula(w8, scale_inv, 32)), name
+    # the export is not quantized: quantization_config is the one field that changed
+    src, got = _config(hf_dir), _config(back)
+    assert "quantization_config" not in got
+    assert got == {k: v for k, v in src.items() if k != "quantization_config"}
     # and the model runs on the dequantized weights: load_model reads the FP8 directory itself
     a, b = k2mcore.load_model(hf_dir)(IDS), k2mcore.load_model(ckpt)(IDS)
     assert torch.equal(a, b)
@@ -305,3 +344,117 @@ def test_export_refuses_a_truncated_data_file(small_hf, tmp_path):
     msg = _one_line(convert("mcore-to-hf", "--ckpt", ckpt, "--out", str(tmp_path / "o"), expect=2))
     assert f"{data}: corrupt (" in msg and "truncated or overwritten" in msg
     assert not os.path.exists(tmp_path / "o")
+
+
+# ------------------------------------------------------------------ MTP layers and stray tensors
+def _with_mtp(small_hf: str, dst) -> tuple[str, dict]:
+    """small_hf plus a DeepSeek-V3-style multi-token-prediction layer, model.layers.3 (the
+    config's num_hidden_layers is 3; transformers' default num_nextn_predict_layers is 1)."""
+    path = _copy(small_hf, dst)
+    assert _config(path)["num_hidden_layers"] == 3 and _config(path)["num_nextn_predict_layers"] == 1
+    g = torch.Generator().manual_seed(3)
+    shapes = {"enorm.weight": (64,), "hnorm.weight": (64,), "eh_proj.weight": (64, 128),
+              "shared_head.norm.weight": (64,), "self_attn.o_proj.weight": (64, 64),
+              "mlp.experts.0.down_proj.weight": (64, 32)}
+    mtp = {f"model.layers.3.{n}": torch.randn(*shape, generator=g) for n, shape in shapes.items()}
+    save_file(mtp, os.path.join(path, "model-mtp.safetensors"))
+    return path, mtp
+
+
+def test_mtp_layers_are_refused_in_one_line(small_hf, tmp_path):
+    path, mtp = _with_mtp(small_hf, tmp_path / "mtp")
+    out = str(tmp_path / "o")
+    msg = _one_line(convert("hf-to-mcore", "--hf-dir", path, "--out", out, expect=2))
+    kib = sum(t.numel() * 4 for t in mtp.values()) / 2**20
+    assert msg.endswith(f"{path}: holds 1 multi-token-prediction layer (model.layers.3: 6 tensors, "
+                        f"{kib:.1f} MiB; config num_nextn_predict_layers=1), which k2mcore's model "
+                        "does not build: pass --drop-mtp to convert without them")
+    assert not os.path.exists(out) and sorted(os.listdir(tmp_path)) == ["mtp"]
+
+
+def test_drop_mtp_converts_the_rest_and_records_the_drop(small_hf, tmp_path):
+    path, mtp = _with_mtp(small_hf, tmp_path / "mtp")
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    proc = convert("hf-to-mcore", "--hf-dir", path, "--out", ckpt, "--drop-mtp")
+    assert "--drop-mtp: leaving out 1 multi-token-prediction layer (model.layers.3: 6 tensors" in proc.stdout
+    nbytes = sum(t.numel() * 4 for t in mtp.values())
+    assert f"dropped: MTP layers [3] (6 tensors, {nbytes / 1024:.1f} KiB) by --drop-mtp" in \
+        convert("inspect", ckpt).stdout
+    convert("mcore-to-hf", "--ckpt", ckpt, "--out", back, "--dtype", "fp32")
+    src, got = _config(path), _config(back)
+    assert got["num_nextn_predict_layers"] == 0  # the export has no MTP weights to describe
+    assert {k: v for k, v in got.items() if k != "num_nextn_predict_layers"} == \
+        {k: v for k, v in src.items() if k != "num_nextn_predict_layers"}
+    out, release = _hf_tensors(back), _hf_tensors(path)
+    assert set(out) == set(release) - set(mtp)
+    assert all(torch.equal(out[k], release[k]) for k in out)
+
+
+def test_a_tensor_the_model_does_not_have_is_refused(small_hf, tmp_path):
+    path = _copy(small_hf, tmp_path / "stray")
+    save_file({"model.layers.0.mlp.extra.weight": torch.zeros(2)}, os.path.join(path, "more.safetensors"))
+    msg = _one_line(convert("hf-to-mcore", "--hf-dir", path, "--out", str(tmp_path / "o"), expect=2))
+    assert msg.endswith(f"{path}/more.safetensors: tensor model.layers.0.mlp.extra.weight is not part "
+                        "of the model config.json describes (nothing written)")
+
+
+# ------------------------------------------------------------------ configs: kept or transformers'
+def test_a_changed_training_config_changes_only_its_fields_in_the_sources_schema():
+    """What training changed (context length, YaRN factor) is rewritten where and how the source
+    wrote it (transformers 5's rope_parameters, or a release's rope_scaling with "type"); the
+    rest, including fields k2mcore does not know, stays as the source wrote it."""
+    import dataclasses
+
+    from k2mcore.hf.config import model_config_from_hf, updated_hf_config
+
+    v5 = dict(json.loads(hf_config(**VARIANTS["k2"]).to_json_string(use_diff=True)), dtype="bfloat16")
+    release = {k: v for k, v in v5.items() if k != "rope_parameters"}
+    release.update(rope_theta=50000.0, torch_dtype="bfloat16", auto_map={"AutoConfig": "x.Config"},
+                   rope_scaling={"type": "yarn", **{k: v for k, v in v5["rope_parameters"].items()
+                                                    if k not in ("rope_type", "rope_theta")}})
+    release.pop("dtype", None)
+    for source, rope_key in ((v5, "rope_parameters"), (release, "rope_scaling")):
+        model = model_config_from_hf(source)
+        assert updated_hf_config(source, model, "bfloat16") == (source, [])
+        longer = dataclasses.replace(model, max_position_embeddings=4096, rope_scaling=dataclasses.replace(
+            model.rope_scaling, factor=64.0))
+        got, changed = updated_hf_config(source, longer, "float32")
+        dtype_key = "dtype" if "dtype" in source else "torch_dtype"
+        assert sorted(changed) == sorted(["max_position_embeddings", rope_key, dtype_key])
+        assert got[rope_key] == {**source[rope_key], "factor": 64.0}
+        assert {k: v for k, v in got.items() if k not in changed} == \
+            {k: v for k, v in source.items() if k not in changed}
+        assert model_config_from_hf(got) == longer
+
+
+def test_a_model_trained_from_scratch_gets_the_config_transformers_writes(tmp_path):
+    """No source config: transformers' own schema (save_pretrained's, field by field), the
+    model's fields, and bos/eos/pad from the tokenizer; an HF tokenizer's files come along."""
+    from k2mcore.config.loader import load_config
+    from k2mcore.convert.export_config import export_files
+    from k2mcore.data.datasets import resolve_path
+    from k2mcore.data.tokenizers import load_tokenizer
+    from k2mcore.hf.config import model_config_from_hf
+
+    cfg = load_config("k2-tiny")
+    files = export_files(str(tmp_path), cfg, "bfloat16")  # tmp_path: a step dir without lineage
+    ours = files.config
+    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**ours))
+    model.to(torch.bfloat16).save_pretrained(str(tmp_path / "ref"))
+    ref = _config(str(tmp_path / "ref"))
+    assert {k: v for k, v in ref.items() if k != "transformers_version"} == ours
+    tok = load_tokenizer(resolve_path(cfg.data.tokenizer))
+    assert (ours["bos_token_id"], ours["eos_token_id"], ours["pad_token_id"]) == \
+        (tok.special_tokens["[BOS]"], tok.special_tokens["[EOS]"], tok.special_tokens["[PAD]"])
+    again = model_config_from_hf(ours)
+    assert again == dataclasses_replace_name(cfg.model, again.name)
+    assert files.others == {}  # a bare tiktoken file: nothing transformers would load
+    hf_tok = export_files(str(tmp_path), cfg, "bfloat16", tokenizer="assets:tokenizer/k2-tiny")
+    assert set(hf_tok.others) == {"tokenizer.json", "tokenizer_config.json"}
+    assert hf_tok.config["eos_token_id"] == ours["eos_token_id"]
+
+
+def dataclasses_replace_name(model, name):
+    import dataclasses
+
+    return dataclasses.replace(model, name=name)

@@ -272,10 +272,10 @@ def _stream_roundtrip(path, direct=True, seed=0):
     import random
     import zlib
 
-    from k2mcore.checkpoint.writer import ALIGN, CHUNK, _ChecksummingStream
+    from k2mcore.checkpoint.writer import ALIGN, CHUNK, ChecksummingStream
 
     rng = random.Random(seed)
-    stream = _ChecksummingStream(str(path), sync=True, direct=direct)
+    stream = ChecksummingStream(str(path), sync=True, direct=direct)
     data = bytearray()
     for size in [1, ALIGN - 1, ALIGN, ALIGN + 1, CHUNK - 3, CHUNK, 2 * CHUNK + 5, 17, 0, 100]:
         chunk = rng.randbytes(size)
@@ -329,12 +329,12 @@ def test_direct_stream_raises_the_writing_threads_error(tmp_path, monkeypatch):
     the caller, by the write or close that follows, and the file is closed."""
     import errno
 
-    from k2mcore.checkpoint.writer import CHUNK, _ChecksummingStream
+    from k2mcore.checkpoint.writer import CHUNK, ChecksummingStream
 
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    stream = _ChecksummingStream(str(tmp_path / "f"), sync=True)
+    stream = ChecksummingStream(str(tmp_path / "f"), sync=True)
     monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(OSError, match="No space left"):
         for _ in range(4):

@@ -47,6 +47,16 @@ def test_released_weights_sft_to_hugging_face_reproduces_the_replies(tmp_path):
     assert not torch.equal(tuned["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"],
                            base["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"].float())
 
+    # the release's config.json came back unchanged (same architecture, fp32 both), and its
+    # generation config and tokenizer files byte for byte, carried by the trainer's checkpoints
+    hf_base, hf_tuned = os.path.join(out, "hf-base"), os.path.join(out, "hf-tuned")
+    src, got = (json.load(open(os.path.join(d, "config.json"))) for d in (hf_base, hf_tuned))
+    assert got == src
+    kept = [f for f in os.listdir(hf_base) if not f.endswith(".safetensors") and f != "config.json"]
+    assert "generation_config.json" in kept and "tokenizer_config.json" in kept
+    for f in kept:
+        assert open(os.path.join(hf_tuned, f), "rb").read() == open(os.path.join(hf_base, f), "rb").read(), f
+
     # greedy generation again, here, in transformers: every trained reply, exactly
     recipe = _recipe()
     results = recipe.generate(os.path.join(out, "hf-tuned"))
