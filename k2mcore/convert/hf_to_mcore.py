@@ -2,7 +2,8 @@
 
 Streams: each HF tensor is read (dequantized when block-FP8), mapped to megatron's 1-rank name,
 checked against the shape the config implies, cast, and appended to the DCP data files, a few
-tensors at a time. The result is a weights-only k2mcore checkpoint (no optimizer state, step 0)
+tensors at a time; a routed expert's bytes, when no cast is needed, go from the safetensors file
+straight into the writer's staging buffers. The result is a weights-only k2mcore checkpoint (no optimizer state, step 0)
 that `k2m-train --config OUT/config.yaml --set checkpoint.load=OUT` starts from under any
 layout, and that `k2mcore.load_model` and `k2m-convert mcore-to-hf` read.
 
@@ -23,10 +24,10 @@ from typing import Iterator, Optional
 import torch
 
 from k2mcore.checkpoint.format import DIST
-from k2mcore.config.schema import K2Config, ModelConfig
 from k2mcore.checkpoint.lineage import Lineage
+from k2mcore.config.schema import K2Config, ModelConfig
 from k2mcore.hf.config import mtp_layers
-from k2mcore.hf.fp8 import SCALE_SUFFIX
+from k2mcore.hf.fp8 import SCALE_SUFFIX, block_size
 from k2mcore.hf.mapping import (
     GATED_PARTS,
     HFFormatError,
@@ -39,7 +40,6 @@ from k2mcore.hf.mapping import (
 )
 
 from .dcp import DCPWriter
-from k2mcore.hf.fp8 import block_size
 from .output import ConvertError, commit_output, removed_on_error, temporary_output
 from .progress import Progress
 from .shapes import dcp_key, expected_shapes
@@ -174,7 +174,7 @@ def _experts(source: TensorSource, model: ModelConfig, mc: str, hf: str, shapes:
                 writer.write(t.to(target))
             writer.end()
             seen.add(name)
-        bar.update(source.bytes_read)
+        bar.update(source.bytes_read, tensors=len(GATED_PARTS))
 
 
 def _check_shape(hf_dir: str, name: str, shape: tuple, want: tuple) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import Counter
 
 
@@ -102,11 +103,21 @@ def _describe_hf(path: str) -> str:
         dtypes[str(dtype).replace("torch.", "")] += 1
         total += math.prod(shape) * dtype.itemsize
     fp8 = f"yes, {block_size(hf)[0]}x{block_size(hf)[1]} blocks (weight_scale_inv)" if source.fp8 else "no"
-    return "\n".join([
+    lines = [
         f"{path}: Hugging Face safetensors ({len(set(source.where.values()))} files), "
         f"model_type {hf.get('model_type')}",
         f"  model: {model_line}",
         "  saved: Hugging Face layout (one full tensor per name)",
         f"  tensors: {len(source.where)}, {_size(total)}, dtypes {dict(dtypes)}",
         f"  FP8: {fp8}",
-    ])
+    ]
+    layers = hf.get("num_hidden_layers")
+    mtp = sorted({int(m[1]) for m in map(_LAYER.match, source.where) if m and isinstance(layers, int)
+                  and int(m[1]) >= layers})
+    if mtp:
+        lines.append(f"  MTP layers: {', '.join(f'model.layers.{i}' for i in mtp)} (hf-to-mcore refuses "
+                     "them; --drop-mtp converts the rest)")
+    return "\n".join(lines)
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")

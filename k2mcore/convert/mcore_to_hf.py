@@ -101,10 +101,11 @@ def convert_mcore_to_hf(
     try:
         with removed_on_error(tmp):
             for mc, hf, gated in walk(model):
+                done = writer.count
                 if not (gated and _copy_expert(reader, writer, mc, hf, target)):
                     for hf_name, tensor in export_entry(get, model, mc, hf, gated):
                         writer.add(hf_name, tensor.to(target))
-                bar.update(writer.bytes)
+                bar.update(writer.bytes, tensors=writer.count - done)
             writer.close()
             _write(os.path.join(tmp, "config.json"), (json.dumps(files.config, indent=2) + "\n").encode())
             for name, data in files.others.items():

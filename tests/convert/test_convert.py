@@ -365,9 +365,11 @@ def test_mtp_layers_are_refused_in_one_line(small_hf, tmp_path):
     path, mtp = _with_mtp(small_hf, tmp_path / "mtp")
     out = str(tmp_path / "o")
     msg = _one_line(convert("hf-to-mcore", "--hf-dir", path, "--out", out, expect=2))
-    kib = sum(t.numel() * 4 for t in mtp.values()) / 2**20
+    assert "  MTP layers: model.layers.3 (hf-to-mcore refuses them; --drop-mtp converts the rest)" in \
+        convert("inspect", path).stdout
+    mib = sum(t.numel() * 4 for t in mtp.values()) / 2**20
     assert msg.endswith(f"{path}: holds 1 multi-token-prediction layer (model.layers.3: 6 tensors, "
-                        f"{kib:.1f} MiB; config num_nextn_predict_layers=1), which k2mcore's model "
+                        f"{mib:.1f} MiB; config num_nextn_predict_layers=1), which k2mcore's model "
                         "does not build: pass --drop-mtp to convert without them")
     assert not os.path.exists(out) and sorted(os.listdir(tmp_path)) == ["mtp"]
 
