@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import zlib
 from typing import Iterator, Optional
 
 from k2mcore.checkpoint.commit import Committer
@@ -45,33 +44,5 @@ def commit_output(tmp: str, out: str, marker: Optional[dict] = None) -> None:
     _COMMITTER.commit(tmp, os.path.abspath(out), marker)
 
 
-class CRCFile:
-    """A write-only file that keeps the CRC32 and size of what went through it (for the
-    checkpoint's file list, without reading the bytes back)."""
-
-    def __init__(self, path: str) -> None:
-        self._f = open(path, "wb")
-        self.crc, self.size = 0, 0
-
-    def write(self, data) -> int:
-        self.crc = zlib.crc32(data, self.crc)
-        self.size += len(data)
-        return self._f.write(data)
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def fileno(self) -> int:
-        return self._f.fileno()
-
-    def close(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-
-
-__all__ = ["CRCFile", "ConvertError", "HFFormatError", "commit_output", "removed_on_error",
+__all__ = ["ConvertError", "HFFormatError", "commit_output", "removed_on_error",
            "temporary_output"]
