@@ -73,12 +73,13 @@ def trainer_rate(tmp: str, steps: int) -> float:
     """k2-tiny's tokens/s over full training steps (1 rank, gloo), median after warm-up."""
     import torch
 
-    from k2mcore.config.validate import resolve_layout
     from k2mcore.data import build_data_iterator
     from k2mcore.model.build import build_model
-    from k2mcore.parallel.groups import destroy_distributed, init_distributed
     from k2mcore.optim.build import build_optimizer
-    from k2mcore.training.step import forward_backward, wrap_ddp
+    from k2mcore.parallel.ddp import wrap_ddp
+    from k2mcore.parallel.groups import destroy_distributed, init_distributed
+    from k2mcore.parallel.layout import resolve_layout
+    from k2mcore.training.step import forward_backward
 
     cfg = load_config("k2-tiny", [f"run.dir={tmp}/train", "data.loader=torch",
                                   "data.num_workers=0"])

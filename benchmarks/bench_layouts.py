@@ -66,12 +66,12 @@ def worker(world: int, steps: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from k2mcore.config.loader import load_config
-    from k2mcore.config.validate import resolve_layout
-    from k2mcore.model.build import build_model
     from k2mcore.compat import cpu as cpu_backend
+    from k2mcore.config.loader import load_config
+    from k2mcore.model.build import build_model
+    from k2mcore.parallel.ddp import wrap_ddp
     from k2mcore.parallel.groups import init_distributed
-    from k2mcore.training.step import wrap_ddp
+    from k2mcore.parallel.layout import resolve_layout
 
     results = {}
     for name, over in LAYOUTS[world].items():

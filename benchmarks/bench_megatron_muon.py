@@ -11,9 +11,9 @@ FP32Optimizer only under bf16) with a DistributedOptimizer and ChainedOptimizer 
 share one config. So every optimizer here runs in bf16 (slow on CPU: compare ratios only).
 
 Per layout (widened k2-tiny, 8 x 64 tokens per step, gloo ranks): bytes handed to
-torch.distributed collectives over one whole step summed over ranks (tests/comm_bytes.py), the
-busiest rank's, and the median whole-step time (slowest rank), each against AdamW of the same run;
-"replicas": whether every DP-replicated weight is equal on all DP ranks after the steps.
+torch.distributed collectives over one whole step summed over ranks (tests/harness/comm_bytes.py),
+the busiest rank's, and the median whole-step time (slowest rank), each against AdamW of the same
+run; "replicas": whether every DP-replicated weight is equal on all DP ranks after the steps.
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ MODES = ("adamw", "k2m-muonclip", "megatron-muon")
 
 def _model(overrides: dict, optimizer: str):
     from k2mcore.config.loader import load_config
-    from k2mcore.config.validate import resolve_layout
     from k2mcore.model.build import build_model
     from k2mcore.parallel.groups import init_distributed
+    from k2mcore.parallel.layout import resolve_layout
 
     cfg = load_config("k2-tiny", [f"{k}={json.dumps(v)}" for k, v in overrides.items()] + WIDE + [
         f"train.seq_length={SEQ}", "train.dtype=bf16", f"optimizer.name={optimizer}",
@@ -88,10 +88,11 @@ def _megatron_muon(cfg, groups, chunks):
 def _run(overrides: dict, mode: str, steps: int) -> dict:
     import torch
     import torch.distributed as dist
-    from comm_bytes import count_collective_bytes
 
-    from k2mcore.optim.build import build_optimizer, ddp_param_layout
-    from k2mcore.training.step import forward_backward, wrap_ddp
+    from harness.comm_bytes import count_collective_bytes
+    from k2mcore.optim.build import build_optimizer
+    from k2mcore.parallel.ddp import ddp_param_layout, wrap_ddp
+    from k2mcore.training.step import forward_backward
 
     cfg, groups, chunks = _model(overrides, "adamw" if mode == "adamw" else "muonclip")
     if mode == "megatron-muon":
@@ -175,7 +176,7 @@ def main() -> None:
         print("bench_megatron_muon: megatron's Muon needs emerging-optimizers "
               "(pip install emerging-optimizers); nothing measured", file=sys.stderr)
         raise SystemExit(2)
-    from launching import local_command, local_env
+    from harness.launching import local_command, local_env
 
     rows: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

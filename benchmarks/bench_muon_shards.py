@@ -1,5 +1,6 @@
-"""Owner-aligned uneven ZeRO-1 shards (k2mcore.optim.shard_plan) on Kimi-K2's shapes, against
-ZeRO-1 AdamW, today's MuonClip exchange and megatron 0.19.2's LayerWise layout. Planning only.
+"""Owner-aligned uneven ZeRO-1 shards (k2mcore.optim.muonclip.shard_plan) on Kimi-K2's shapes,
+against ZeRO-1 AdamW, today's MuonClip exchange and megatron 0.19.2's LayerWise layout. Planning
+only.
 
     python benchmarks/bench_muon_shards.py [--dp 2 4 8 16 64] [--ep 16 64]
 
@@ -66,7 +67,8 @@ def _buffer_numel(buckets) -> int:
 
 
 def _lpt(costs, size):
-    """k2mcore.optim.distributed.balance (imported there with torch): LPT, ties by index/rank."""
+    """k2mcore.optim.muonclip.sharded.balance (imported there with torch): LPT, ties by
+    index/rank."""
     owner, heap = [0] * len(costs), [(0, r) for r in range(size)]
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         load, r = heapq.heappop(heap)
@@ -145,14 +147,14 @@ def _exchange(entries, n):
 
 def bench_layout(dp: int, ep: int, shapes, megatron):
     from k2mcore.config.loader import load_config
-    from k2mcore.config.validate import resolve_layout
-    from k2mcore.optim.shard_plan import World, plan_stage, stage_chunks_from_shapes
+    from k2mcore.optim.muonclip.shard_plan import World, plan_stage, stage_chunks_from_shapes
+    from k2mcore.parallel.layout import resolve_layout
 
     cfg = load_config("kimi-k2")
     cfg.parallel.ep = ep
     layout = resolve_layout(cfg, 16 * dp)
     world = World.from_layout(layout)
-    from k2mcore.optim.ns_offload import plan_offload
+    from k2mcore.optim.muonclip.ns_offload import plan_offload
 
     tally = {n: Tally() for n in ("zero1", "a2a", "owner", "off", "LW-1", "LW-40M")}
     zgb = 0.0
@@ -234,7 +236,7 @@ def main() -> None:
     from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
 
     from k2mcore.config.loader import load_config
-    from k2mcore.parallel.layout import megatron_param_shapes
+    from k2mcore.parallel.param_counts import megatron_param_shapes
 
     megatron = (DistributedOptimizer._compute_per_buffer_param_layout,
                 LayerWiseDistributedOptimizer._compute_per_buffer_param_layout)

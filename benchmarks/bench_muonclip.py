@@ -7,7 +7,7 @@ build_optimizer and stepped on the same batches):
   - Newton-Schulz FLOPs per rank (max and min) and the redundancy factor: their sum over all
     ranks / the model's total (one NS per matrix: target 1.00);
   - bytes handed to torch.distributed collectives over one whole training step (counted at the
-    API, tests/comm_bytes.py), summed over ranks and on the busiest rank, for ZeRO-1 AdamW,
+    API, tests/harness/comm_bytes.py), summed over ranks and on the busiest rank, for ZeRO-1 AdamW,
     MuonClip on owner-aligned shards (the default) and MuonClip on megatron's equal shards with
     its two all_to_all exchanges ("muon-a2a"); the all_to_all bytes apart (TP gathers only, on
     owner-aligned shards);
@@ -71,8 +71,8 @@ MODES = {  # name -> optimizer settings
 def _matmul_flops(cfg, tokens: int) -> int:
     """Forward+backward FLOPs of the Muon matrices for `tokens` tokens: 6 x elements x tokens,
     routed experts weighted by top-k / experts (the share of tokens each one sees)."""
-    from k2mcore.optim.shard_plan import spec_for
-    from k2mcore.parallel.layout import megatron_param_shapes
+    from k2mcore.optim.muonclip.shard_plan import spec_for
+    from k2mcore.parallel.param_counts import megatron_param_shapes
 
     m, total = cfg.model, 0.0
     for name, shape in megatron_param_shapes(m).items():
@@ -85,12 +85,12 @@ def _matmul_flops(cfg, tokens: int) -> int:
 def _build(overrides: dict, modes: list, global_batch: int) -> dict:
     """One model and optimizer per mode, under one set of process groups (the same layout)."""
     from k2mcore.config.loader import load_config
-    from k2mcore.config.validate import resolve_layout
     from k2mcore.model.build import build_model
-    from k2mcore.optim.build import build_optimizer, ddp_param_layout
+    from k2mcore.optim.build import build_optimizer
     from k2mcore.optim.chain import inner_optimizers
+    from k2mcore.parallel.ddp import ddp_param_layout, wrap_ddp
     from k2mcore.parallel.groups import init_distributed
-    from k2mcore.training.step import wrap_ddp
+    from k2mcore.parallel.layout import resolve_layout
 
     runs, groups = {}, None
     for mode in modes:
@@ -113,8 +113,8 @@ def _build(overrides: dict, modes: list, global_batch: int) -> dict:
 
 def _step(run: dict, step: int, global_batch: int) -> None:
     import torch.distributed as dist
-    from comm_bytes import count_collective_bytes
 
+    from harness.comm_bytes import count_collective_bytes
     from k2mcore.training.metrics import attention_report
     from k2mcore.training.step import forward_backward
 
@@ -186,7 +186,7 @@ def ns_versus_torch_muon(repeats: int = 3) -> None:
     against torch.optim.Muon.step on the same matrices (its NS is bf16, per matrix)."""
     import torch
 
-    from k2mcore.optim.muon import orthogonalized_update
+    from k2mcore.optim.muonclip.muon import orthogonalized_update
 
     torch.manual_seed(0)
     hidden, ffn, moe, heads, lora = 128, 512, 64, 4, 64
@@ -246,7 +246,7 @@ def main() -> None:
 
 
 def _collect(args, batch: int) -> dict:
-    from launching import local_command, local_env
+    from harness.launching import local_command, local_env
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:

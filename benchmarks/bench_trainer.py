@@ -20,7 +20,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from launching import local_command, local_env  # noqa: E402  (shared with the tests)
+from harness.launching import local_command, local_env  # noqa: E402  (shared with the tests)
 
 BIN = os.path.dirname(sys.executable)
 K2M_TRAIN = os.path.join(BIN, "k2m-train")

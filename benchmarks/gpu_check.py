@@ -136,11 +136,12 @@ def proxy_run(cpu: bool, optimizer: str, probe: bool, steps: int, peak: float) -
     import torch
 
     from k2mcore.model.build import build_model
-    from k2mcore.config.validate import resolve_layout
-    from k2mcore.parallel.groups import init_distributed
     from k2mcore.optim.build import build_optimizer
+    from k2mcore.parallel.ddp import wrap_ddp
+    from k2mcore.parallel.groups import init_distributed
+    from k2mcore.parallel.layout import resolve_layout
     from k2mcore.training.metrics import flops_per_token
-    from k2mcore.training.step import forward_backward, wrap_ddp
+    from k2mcore.training.step import forward_backward
 
     cfg = _proxy_cfg(cpu, optimizer, probe)
     t = cfg.train
@@ -190,8 +191,8 @@ def ns_throughput(cpu: bool, peak: float) -> dict:
     """Newton-Schulz on the proxy's Muon matrices (gate and up apart), batched by shape."""
     import torch
 
-    from k2mcore.optim.newton_schulz import newton_schulz, ns_flops
-    from k2mcore.parallel.layout import megatron_param_shapes
+    from k2mcore.optim.muonclip.newton_schulz import newton_schulz, ns_flops
+    from k2mcore.parallel.param_counts import megatron_param_shapes
 
     cfg = _proxy_cfg(cpu, "muonclip", True)
     shapes: dict[tuple[int, int], int] = {}

@@ -1,4 +1,4 @@
-"""Test-wide setup: tests/ on sys.path for the shared helpers (tests/launching.py)."""
+"""Test-wide setup: tests/ on sys.path for the shared test support (tests/harness/)."""
 import os
 import sys
 

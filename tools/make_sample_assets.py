@@ -15,7 +15,7 @@ the shipped .bin/.idx match the shipped corpus and tokenizer.
 
 The chat sample is derived from the shipped corpus alone (so `--chat-only` reproduces it under any
 Python): `tokenizer/k2-tiny/` is k2-tiny.tokenizer.json (a byte copy) with a tokenizer_config.json
-holding K2's named special tokens and the K2-style chat template (k2mcore.data.chat_template);
+holding K2's named special tokens and the K2-style chat template (k2mcore.data.chat.template);
 `sample/stdlib_chat.jsonl` is a few hundred conversations about documented functions, classes
 and modules, the assistant answering with their docstrings (single and multi-turn, some with a
 system turn, some through a `lookup_docstring` tool call), drawn by a seeded RNG; the
@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from k2mcore.data.chat_preprocess import preprocess_chat  # noqa: E402
-from k2mcore.data.chat_template import write_tokenizer_dir  # noqa: E402
+from k2mcore.data.chat.preprocess import preprocess_chat  # noqa: E402
+from k2mcore.data.chat.template import write_tokenizer_dir  # noqa: E402
 from k2mcore.data.preprocess import preprocess  # noqa: E402
 from k2mcore.data.tokenizers import train_k2_bpe  # noqa: E402
 

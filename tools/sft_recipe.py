@@ -35,7 +35,7 @@ TASK = [
     ("2 + 2 = ?", "4"),
 ]
 
-#: a K2-shaped toy (as tests/hf_models.py's, with the tokenizer's vocabulary)
+#: a K2-shaped toy (as tests/harness/hf_models.py's, with the tokenizer's vocabulary)
 HF_CONFIG = dict(
     vocab_size=1024, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from k2mcore.errors import CheckpointError
+
 from .commit import Committer
 from .format import (
     CONFIG,
@@ -24,7 +26,6 @@ from .format import (
     FORMAT,
     FORMAT_VERSION,
     MARKER,
-    CheckpointError,
     complete_steps,
     crc32,
     has_optimizer_state,

@@ -10,16 +10,17 @@ import torch
 import torch.distributed as dist
 
 from k2mcore import platform
+from k2mcore.errors import CheckpointError
 
-from .format import CheckpointError, check_files, read_marker
+from .format import check_files, read_marker
 
 
 def collective_validate(path: str) -> tuple[dict, "ChecksumCheck"]:
     """Every rank checks the marker and every file's size (all raise the same first error),
     then starts checking the CRC32s of its share of the files in a thread, while the caller
     loads: the check reads and hashes with the GIL let go, on a core the load leaves idle at
-    1 rank (a fifth of a load, when it ran before it). The caller joins it before it uses
-    anything it loaded (`ChecksumCheck.raise_if_bad`)."""
+    1 rank (run ahead of the load, it took a fifth of the load's time). The caller joins it before
+    it uses anything it loaded (`ChecksumCheck.raise_if_bad`)."""
     try:
         meta = read_marker(path)
         errors = check_files(path, meta, checksums=False)

@@ -5,7 +5,7 @@ see it complete or not at all, and a crash leaves the previous one in place. The
 checkpoints and the converters' outputs both go through here.
 
 `Committer` is an object so that a test can pass one that fails part-way (see
-tests/training/ckpt_worker.py); the checkpoint manager calls nothing else to publish a save.
+tests/checkpoint/ckpt_worker.py); the checkpoint manager calls nothing else to publish a save.
 """
 from __future__ import annotations
 

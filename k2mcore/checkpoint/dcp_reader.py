@@ -16,8 +16,9 @@ from typing import Any, Iterator
 import torch
 
 from k2mcore.compat.dist_checkpoint import restricted_reader
+from k2mcore.errors import CheckpointError
 
-from .format import CheckpointError, first_line
+from .format import first_line
 
 # What a DCP `.metadata` pickle may name: torch's metadata dataclasses, dtypes, Size, layouts,
 # and the path the writer records as checkpoint id. All are inert to construct.

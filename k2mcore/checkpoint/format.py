@@ -25,6 +25,8 @@ import sys
 import zlib
 from typing import Any, Optional
 
+from k2mcore.errors import CheckpointError
+
 FORMAT, FORMAT_VERSION = "k2mcore-checkpoint", 1
 
 # The directory layout, named here only.
@@ -37,13 +39,6 @@ TRASH_PREFIX = ".trash_"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _CRC_CHUNK = 1 << 22
 _REQUIRED = ("step", "consumed_samples", "layout", "optimizer", "files")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, in one line naming the directory or file."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
 
 
 def step_dir(root: str, step: int) -> str:

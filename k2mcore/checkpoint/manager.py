@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from k2mcore.compat.dist_checkpoint import in_process_save_strategy
 from k2mcore.config.schema import K2Config
+from k2mcore.errors import CheckpointError
 from k2mcore.optim import state as optim_state
 from k2mcore.parallel.groups import ProcessGroups
 
@@ -38,7 +39,6 @@ from .format import (
     FORMAT,
     FORMAT_VERSION,
     RNG,
-    CheckpointError,
     file_entry,
     first_line,
     latest_checkpoint,

@@ -44,12 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)  # usage errors exit 2
-    from k2mcore.config.errors import ConfigError
-    from k2mcore.convert.dcp import DCPFormatError
-    from k2mcore.convert.output import ConvertError
-    from k2mcore.hf.fp8 import FP8FormatError
-    from k2mcore.hf.mapping import HFFormatError
-    from k2mcore.checkpoint.format import CheckpointError
+    from k2mcore.errors import K2Error
 
     try:
         if args.command == "hf-to-mcore":
@@ -67,9 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from k2mcore.convert.inspect import describe
 
             print(describe(args.path))
-    except (ConvertError, HFFormatError, FP8FormatError, DCPFormatError, CheckpointError,
-            ConfigError) as exc:
-        print(f"{PROG}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+    except K2Error as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -69,9 +69,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 2
 
-    from k2mcore.config.errors import ConfigError
     from k2mcore.config.loader import load_config
-    from k2mcore.config.validate import resolve_layout
+    from k2mcore.errors import K2Error
+    from k2mcore.parallel.layout import resolve_layout
     from k2mcore.plan import PlanOptions, make_plan, report
     from k2mcore.plan.search import search
     from k2mcore.plan.timing import Links
@@ -79,7 +79,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         layout = None if args.search else resolve_layout(cfg, args.world_size)
-    except ConfigError as exc:
+    except K2Error as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     links = Links(peak_tflops=args.peak_tflops or cfg.logging.peak_tflops,

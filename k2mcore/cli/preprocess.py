@@ -1,15 +1,15 @@
 """`k2m-preprocess`: tokenize jsonl/text into megatron .bin/.idx datasets (k2mcore.data.preprocess);
-with `--chat`, conversations into token ids + loss masks (k2mcore.data.chat_preprocess)."""
+with `--chat`, conversations into token ids + loss masks (k2mcore.data.chat.preprocess)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Optional, Sequence
 
-from k2mcore.data.chat import SPECIAL_TEXT_MODES
-from k2mcore.data.chat_preprocess import OVERLONG, preprocess_chat
-from k2mcore.data.errors import DataError
-from k2mcore.data.preprocess import TEXT_MODES, PROG, preprocess
+from k2mcore.data.chat.encoding import SPECIAL_TEXT_MODES
+from k2mcore.data.chat.preprocess import OVERLONG, preprocess_chat
+from k2mcore.data.preprocess import PROG, TEXT_MODES, preprocess
+from k2mcore.errors import K2Error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,7 +90,7 @@ def _chat(args: argparse.Namespace) -> int:
             overlong=args.overlong, special_tokens_in_content=args.special_tokens_in_content,
             workers=args.workers, progress=not args.no_progress,
         )
-    except DataError as exc:
+    except K2Error as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     for prefix in stats.outputs:
@@ -109,8 +109,8 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _packing_line(ids_prefix: str, args: argparse.Namespace) -> str:
     """Real tokens against padding, packed (data.packing) and one conversation per row."""
+    from k2mcore.data.chat.packing import packing_efficiency
     from k2mcore.data.indexed import read_index
-    from k2mcore.data.packing import packing_efficiency
 
     lengths = read_index(ids_prefix).sequence_lengths
     seq_length = args.pack_length or (args.max_length or int(lengths.max())) - 1
@@ -135,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             append_eod=args.append_eod, workers=args.workers, input_format=args.input_format,
             text_mode=args.text_docs, progress=not args.no_progress,
         )
-    except DataError as exc:
+    except K2Error as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     for prefix in stats.outputs:

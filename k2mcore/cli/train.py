@@ -45,7 +45,7 @@ def _world_size(parser: argparse.ArgumentParser, arg: Optional[int]) -> int:
 
 def report(cfg, layout) -> str:
     """The --check summary."""
-    from k2mcore.parallel.layout import count_parameters, params_per_rank
+    from k2mcore.parallel.param_counts import count_parameters, params_per_rank
 
     counts = count_parameters(cfg.model)
     lo, hi = params_per_rank(cfg, layout)
@@ -67,40 +67,35 @@ def report(cfg, layout) -> str:
 
 
 def main(argv: Optional[list[str]] = None, *, faults=None) -> int:
-    """k2m-train. `faults`: a fault plan for tests (tests/k2m_train_faults.py), else None."""
+    """k2m-train. `faults`: a fault plan for tests (tests/harness/k2m_train_faults.py), else
+    None."""
     parser = _parser()
     args = parser.parse_args(argv)  # usage errors exit 2
     world_size = _world_size(parser, args.world_size)
 
-    from k2mcore.config.errors import ConfigError
     from k2mcore.config.loader import load_config
-    from k2mcore.config.validate import resolve_layout
+    from k2mcore.errors import K2Error, TooManySkippedSteps
+    from k2mcore.parallel.layout import resolve_layout
 
     try:
         cfg = load_config(args.config, args.overrides)
         layout = resolve_layout(cfg, world_size)  # validates
-    except ConfigError as exc:
+    except K2Error as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     if args.check:
         print(report(cfg, layout))
         return 0
     # megatron's import-time notices are filtered by compat.preimport, on its first import
-    from k2mcore.optim.skip import TooManySkippedSteps
     from k2mcore.training import train  # heavy (torch, megatron): only when training
 
     try:
         train(cfg, layout, faults=faults)
-    except TooManySkippedSteps as exc:
+    except TooManySkippedSteps as exc:  # the run went wrong, not its input
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
-    except ValueError as exc:
+    except K2Error as exc:
         # bad input found once ranks exist (a checkpoint or data file): one line, no traceback
-        from k2mcore.data import DataError
-        from k2mcore.checkpoint.format import CheckpointError
-
-        if not isinstance(exc, (ConfigError, DataError, CheckpointError)):
-            raise
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     return 0

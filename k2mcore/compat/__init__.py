@@ -15,7 +15,9 @@ fails with one line naming the patch. Modules:
 """
 from __future__ import annotations
 
-from .patching import MEGATRON_CORE, PATCHES, CompatError, Patch, applied, check_all
+from k2mcore.errors import CompatError
+
+from .patching import MEGATRON_CORE, PATCHES, Patch, applied, check_all
 
 __all__ = ["MEGATRON_CORE", "PATCHES", "CompatError", "Patch", "applied", "check_all", "install",
            "declared_modules"]

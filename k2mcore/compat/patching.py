@@ -13,11 +13,9 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from k2mcore.errors import CompatError
+
 MEGATRON_CORE = "0.19.2"  # the release every patch below was written and tested for
-
-
-class CompatError(RuntimeError):
-    """A patch target that is missing or changed, in one line naming the patch."""
 
 
 @dataclass(frozen=True)

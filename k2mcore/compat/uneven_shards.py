@@ -1,4 +1,5 @@
-"""ZeRO-1 shards of unequal size, for MuonClip's owner-aligned buffers (k2mcore/optim/shard_plan.py).
+"""ZeRO-1 shards of unequal size, for MuonClip's owner-aligned buffers
+(k2mcore/optim/muonclip/shard_plan.py).
 
 megatron-core 0.19.2 cuts every DDP bucket into equal per-rank ranges, in four places: the views
 `shard_buffer` hands its collectives, the collectives themselves (`reduce_scatter_tensor` and

@@ -14,8 +14,8 @@ from typing import Any, Mapping, Sequence, Union
 
 import yaml
 
-from k2mcore.config.errors import ConfigError
 from k2mcore.config.schema import K2Config, RopeScalingConfig
+from k2mcore.errors import ConfigError
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 

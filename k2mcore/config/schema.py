@@ -126,7 +126,8 @@ class MuonConfig:
     owner_aligned_shards: bool = True
     # with owner_aligned_shards: bytes per step, as a fraction of the pipeline stage's ZeRO-1
     # bytes, that may carry Newton-Schulz jobs from overloaded ranks to others of the stage
-    # (k2mcore/optim/ns_offload.py; TP = ETP = CP = 1 only); 0: every job stays on its owner
+    # (k2mcore/optim/muonclip/ns_offload.py; TP = ETP = CP = 1 only); 0: every job stays on its
+    # owner
     ns_offload_budget: float = 0.015
 
 

@@ -1,18 +1,19 @@
 """Reject configurations megatron-core 0.19.2 would reject later (often after minutes of start-up,
 on every rank, with an AssertionError deep in a stack) as one-line ConfigErrors up front.
 
-Checks run from the most specific to the most general: single fields (enums, ranges), then one
-field against the model, then pipeline splits, then world-size products, then batch arithmetic, so
-the message points at the key that is most likely wrong.
+`validate` checks what does not depend on the world size, from the most specific to the most
+general: single fields (enums, ranges), the data section's syntax, then one field against the
+model, so the message points at the key that is most likely wrong. The layout's own rules
+(pipeline splits, world-size products, batch arithmetic) follow in
+k2mcore.parallel.layout.resolve_layout, which calls `validate` first.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
-from k2mcore.config.errors import ConfigError
 from k2mcore.config.schema import K2Config
 from k2mcore.data.blend import parse_blend, parse_split
-from k2mcore.parallel.layout import Layout, pipeline_stages
+from k2mcore.errors import ConfigError
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer.name": ("adamw", "muonclip"),
@@ -65,13 +66,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return "null" if value is None else repr(value) if isinstance(value, str) else str(value)
-
-
-def _divides(divisor_desc: str, divisor: int, pairs: Iterable[tuple[str, int]]) -> None:
-    """Each (key, value) must be divisible by `divisor` (megatron's `divide` asserts)."""
-    for key, value in pairs:
-        if value % divisor:
-            raise ConfigError(f"{key}={value} is not divisible by {divisor_desc}={divisor}")
 
 
 def _check_fields(cfg: K2Config) -> None:
@@ -209,108 +203,10 @@ def _check_model(cfg: K2Config) -> None:
         )
 
 
-def _check_parallel(cfg: K2Config) -> None:
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    has_moe = m.first_k_dense < m.num_layers
-    if p.sp and p.tp == 1:
-        raise ConfigError("parallel.sp=true requires parallel.tp > 1 (got tp=1)")
-    if m.num_attention_heads % p.tp:
-        raise ConfigError(
-            f"parallel.tp={p.tp} does not divide model.num_attention_heads={m.num_attention_heads}"
-        )
-    if has_moe and m.num_experts % p.ep:
-        raise ConfigError(f"parallel.ep={p.ep} does not divide model.num_experts={m.num_experts}")
-    # TP-split dimensions (megatron's Column/RowParallelLinear and VocabParallelEmbedding divide
-    # them; the q/kv down-projections are replicated).
-    tp_dims = [("model.vocab_size", m.vocab_size), ("model.ffn_hidden_size", m.ffn_hidden_size)]
-    if has_moe and m.num_shared_experts:
-        tp_dims.append(("model.num_shared_experts * model.moe_ffn_hidden_size",
-                        m.num_shared_experts * m.moe_ffn_hidden_size))
-    _divides("parallel.tp", p.tp, tp_dims)
-    if has_moe:
-        _divides("parallel.etp", p.etp, [("model.moe_ffn_hidden_size", m.moe_ffn_hidden_size)])
-        if p.ep == 1 and p.etp != p.tp:
-            # megatron reduces expert grads over the expert-DP group only when ep > 1; with
-            # ep=1 the TP ranks' token shards would each train their own expert copy.
-            raise ConfigError(
-                f"parallel.etp={p.etp} with parallel.ep=1 must equal parallel.tp={p.tp} "
-                f"(or use parallel.ep>1)"
-            )
-        if p.tp > 1 and not p.sp:  # MoELayer.forward raises this during training
-            raise ConfigError(
-                f"parallel.sp=false: MoE layers with parallel.tp={p.tp} need sequence parallelism "
-                f"(set parallel.sp=true)"
-            )
-    if p.sp and t.seq_length % (p.tp * p.cp):
-        raise ConfigError(
-            f"train.seq_length={t.seq_length} is not divisible by parallel.tp*cp={p.tp * p.cp} "
-            f"(sequence parallelism splits each context-parallel shard over tp)"
-        )
-    if p.cp > 1 and t.seq_length % (2 * p.cp):
-        raise ConfigError(
-            f"train.seq_length={t.seq_length} is not divisible by 2*parallel.cp={2 * p.cp} "
-            f"(context parallelism splits the sequence into 2*cp load-balanced chunks)"
-        )
-    if p.vpp is not None and p.pp == 1:
-        raise ConfigError(f"parallel.vpp={p.vpp} requires parallel.pp > 1 (got pp=1)")
-
-
-def resolve_layout(cfg: K2Config, world_size: int) -> Layout:
-    """Validate `cfg` for `world_size` ranks and return its parallel layout, the one the run
-    carries (process groups, data-parallel split, microbatches, checkpoint metadata).
-
-    Raises ConfigError (one line) if `cfg` cannot run on `world_size` ranks.
-    """
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
+def validate(cfg: K2Config) -> None:
+    """Check every field of `cfg` that does not depend on the world size (k2mcore.parallel.layout.
+    resolve_layout checks the rest); raises ConfigError (one line) naming the field."""
     cfg.parallel.resolve()
     _check_fields(cfg)
     _check_data(cfg)
     _check_model(cfg)
-    _check_parallel(cfg)
-    p, t = cfg.parallel, cfg.train
-
-    stages, vpp = pipeline_stages(cfg.model, p)
-    if vpp is not None and p.pp == 1:
-        raise ConfigError(
-            f"parallel.pipeline_layout={p.pipeline_layout!r} gives {vpp} virtual stages, "
-            f"which require parallel.pp > 1 (got pp=1)"
-        )
-
-    model_size = p.tp * p.pp * p.cp
-    if world_size % model_size:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.tp*pp*cp = "
-            f"{p.tp}*{p.pp}*{p.cp} = {model_size}"
-        )
-    expert_size = p.etp * p.ep * p.pp  # megatron: world % (etp*ep*pp), expert-DP is the rest
-    if world_size % expert_size:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.etp*ep*pp = "
-            f"{p.etp}*{p.ep}*{p.pp} = {expert_size}"
-        )
-    dp = world_size // model_size
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by "
-            f"train.micro_batch_size*dp = {t.micro_batch_size}*{dp} = {t.micro_batch_size * dp}"
-        )
-    microbatches = t.global_batch_size // (t.micro_batch_size * dp)
-    # Interleaved 1F1B (megatron's default microbatch_group_size_per_vp_stage = pp) needs the
-    # number of microbatches to be a multiple of pp.
-    if vpp is not None and microbatches % p.pp:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size}: {microbatches} microbatches per step "
-            f"(global_batch_size / (micro_batch_size*dp={t.micro_batch_size * dp})) must be a "
-            f"multiple of parallel.pp={p.pp} for the interleaved schedule (vpp={vpp})"
-        )
-
-    def find(char: str) -> tuple[int, int]:
-        return next((r, v) for r in range(p.pp) for v, s in enumerate(stages[r]) if char in s)
-
-    return Layout(
-        world_size=world_size, tp=p.tp, pp=p.pp, vpp=vpp, ep=p.ep, etp=p.etp, cp=p.cp,
-        dp=dp, expert_dp=world_size // expert_size, sp=p.sp, num_microbatches=microbatches,
-        stages=stages, layers=[[s.count("t") for s in ranks] for ranks in stages],
-        embedding_stage=find("E"), loss_stage=find("L"),
-    )

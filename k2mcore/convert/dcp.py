@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -31,10 +32,9 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from k2mcore.checkpoint.dcp_reader import read_dcp_metadata
-from k2mcore.checkpoint.format import CheckpointError
+from k2mcore.errors import CheckpointError, DCPFormatError
 
 from .items import legacy_header, parse_item, raw_view
 
@@ -43,10 +43,6 @@ MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version":
 
 
 COMMON_STATE_KEY = "common_state/shard_0_1"  # ShardedObject('common_state', ...).unique_key
-
-
-class DCPFormatError(ValueError):
-    """A torch_dist directory that cannot be read; the message names the file or tensor."""
 
 
 class DCPWriter:
@@ -160,7 +156,7 @@ class DCPWriter:
 
     def close(self) -> None:
         # megatron's non-sharded ("common") state, none here, where megatron >= 0.19 keeps it:
-        # a ShardedObject 'common_state' inside the DCP files (before, a separate common.pt)
+        # a ShardedObject 'common_state' inside the DCP files (older releases: common.pt)
         common = io.BytesIO()
         torch.save([{}], common)
         self.add_bytes(COMMON_STATE_KEY, common.getvalue())

@@ -15,9 +15,8 @@ from typing import Optional
 
 from k2mcore.checkpoint.lineage import Lineage
 from k2mcore.config.schema import K2Config
+from k2mcore.errors import ConvertError
 from k2mcore.hf.config import fresh_hf_config, updated_hf_config
-
-from .output import ConvertError
 
 # a Hugging Face tokenizer directory's files an export takes along (AutoTokenizer loads them)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -50,8 +49,8 @@ def export_files(step_dir: str, cfg: K2Config, dtype: str, tokenizer: Optional[s
 
 def _tokenizer(arg: Optional[str], cfg: K2Config) -> tuple[dict, dict[str, bytes], str]:
     from k2mcore.data.datasets import resolve_path
-    from k2mcore.data.errors import DataError
     from k2mcore.data.tokenizers import load_tokenizer
+    from k2mcore.errors import DataError
 
     name = arg or cfg.data.tokenizer
     key = "--tokenizer" if arg else "data.tokenizer (pass --tokenizer to name another)"

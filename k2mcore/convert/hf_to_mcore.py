@@ -26,11 +26,11 @@ import torch
 from k2mcore.checkpoint.format import DIST
 from k2mcore.checkpoint.lineage import Lineage
 from k2mcore.config.schema import K2Config, ModelConfig
+from k2mcore.errors import ConvertError, HFFormatError
 from k2mcore.hf.config import mtp_layers
 from k2mcore.hf.fp8 import SCALE_SUFFIX, block_size
 from k2mcore.hf.mapping import (
     GATED_PARTS,
-    HFFormatError,
     TensorSource,
     convert_entry,
     hf_names,
@@ -40,7 +40,7 @@ from k2mcore.hf.mapping import (
 )
 
 from .dcp import DCPWriter
-from .output import ConvertError, commit_output, removed_on_error, temporary_output
+from .output import commit_output, removed_on_error, temporary_output
 from .progress import Progress
 from .shapes import dcp_key, expected_shapes
 

@@ -7,10 +7,8 @@ import os
 import re
 from collections import Counter
 
-
 from k2mcore.config.schema import ModelConfig
-
-from .output import ConvertError
+from k2mcore.errors import ConvertError
 
 
 def describe(path: str) -> str:
@@ -85,9 +83,8 @@ def _describe_k2mcore(path: str) -> str:
 
 
 def _describe_hf(path: str) -> str:
-    from k2mcore.hf.mapping import TensorSource, model_config_from_hf, read_hf_config
-
     from k2mcore.hf.fp8 import block_size
+    from k2mcore.hf.mapping import TensorSource, model_config_from_hf, read_hf_config
 
     hf = read_hf_config(path)
     try:

@@ -14,7 +14,7 @@ but only once per (dtype, shape):
   item (what the trainer's saves write) whose `data.pkl` is byte for byte torch.save's for a fresh
   tensor of that dtype and shape, is exactly the tensor's raw bytes after it, so they are taken
   as they are. Anything else (a view of a larger storage, another torch's pickles) goes through
-  `torch.load(weights_only=True)` as before.
+  `torch.load(weights_only=True)`, as DCP itself reads it.
 """
 from __future__ import annotations
 

@@ -19,16 +19,16 @@ from k2mcore.checkpoint.format import (
     CONFIG,
     DIST,
     MARKER,
-    CheckpointError,
     is_checkpoint,
     resolve_checkpoint,
     validate_checkpoint,
 )
+from k2mcore.errors import CheckpointError, ConvertError, DCPFormatError
 from k2mcore.hf.config import HF_DTYPE_NAMES as _HF_NAMES
 from k2mcore.hf.mapping import GATED_PARTS, export_entry, mcore_to_hf, walk
 
-from .dcp import DCPFormatError, DCPReader
-from .output import ConvertError, commit_output, removed_on_error, temporary_output
+from .dcp import DCPReader
+from .output import commit_output, removed_on_error, temporary_output
 from .progress import Progress
 from .shapes import expected_shapes, split_expert_name
 
@@ -38,8 +38,8 @@ HF_DTYPE_NAMES = {DTYPES[k]: v for k, v in _HF_NAMES.items()}
 
 def open_checkpoint(path: str):
     """(step directory, K2Config, DCPReader) of a k2mcore checkpoint, validated by sizes."""
-    from k2mcore.config.errors import ConfigError
     from k2mcore.config.loader import load_config
+    from k2mcore.errors import ConfigError
 
     if not os.path.isdir(path):
         raise ConvertError(f"{path}: no such directory")

@@ -8,13 +8,9 @@ import os
 from typing import Iterator, Optional
 
 from k2mcore.checkpoint.commit import Committer
-from k2mcore.hf.mapping import HFFormatError
+from k2mcore.errors import ConvertError, HFFormatError
 
 _COMMITTER = Committer()
-
-
-class ConvertError(ValueError):
-    """Bad converter input or output path, in one line naming the file or tensor."""
 
 
 def temporary_output(out: str, force: bool) -> str:

@@ -14,7 +14,7 @@ _EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)local_experts\.(\d
 def expected_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     """megatron's parameters (k2mcore.parallel.layout's table) plus the routers' expert_bias
     buffers, which checkpoints carry as well."""
-    from k2mcore.parallel.layout import megatron_param_shapes
+    from k2mcore.parallel.param_counts import megatron_param_shapes
 
     out = megatron_param_shapes(m)
     for i in range(m.first_k_dense, m.num_layers):

@@ -13,7 +13,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "DataError": "k2mcore.data.errors",
+    "DataError": "k2mcore.errors",
     "parse_blend": "k2mcore.data.blend",
     "parse_split": "k2mcore.data.blend",
     "load_tokenizer": "k2mcore.data.tokenizers",
@@ -28,14 +28,14 @@ _EXPORTS = {
     "DataIterator": "k2mcore.data.batches",
     "MicroBatchSampler": "k2mcore.data.batches",
     "dali_available": "k2mcore.data.loaders",
-    "encode_chat": "k2mcore.data.chat",
-    "load_chat_tokenizer": "k2mcore.data.chat",
-    "preprocess_chat": "k2mcore.data.chat_preprocess",
-    "ChatDataset": "k2mcore.data.chat_dataset",
-    "PackedChatDataset": "k2mcore.data.chat_dataset",
-    "packing_efficiency": "k2mcore.data.packing",
-    "build_chat_datasets": "k2mcore.data.chat_dataset",
-    "check_chat_dataset": "k2mcore.data.chat_dataset",
+    "encode_chat": "k2mcore.data.chat.encoding",
+    "load_chat_tokenizer": "k2mcore.data.chat.encoding",
+    "preprocess_chat": "k2mcore.data.chat.preprocess",
+    "ChatDataset": "k2mcore.data.chat.dataset",
+    "PackedChatDataset": "k2mcore.data.chat.dataset",
+    "packing_efficiency": "k2mcore.data.chat.packing",
+    "build_chat_datasets": "k2mcore.data.chat.dataset",
+    "check_chat_dataset": "k2mcore.data.chat.dataset",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from k2mcore.data.errors import DataError
+from k2mcore.errors import DataError
 
 FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
 FIELD_DTYPES = {"tokens": np.int64, "labels": np.int64, "loss_mask": np.float32,

@@ -1,5 +1,6 @@
 """Datasets through megatron-core: GPTDataset splits, BlendedDataset blends, the index cache;
-chat data (data.format=chat) through chat_dataset.ChatDataset with megatron's split rule.
+chat data (data.format=chat) through k2mcore.data.chat.dataset.ChatDataset with megatron's
+split rule.
 
 `check_data(cfg)` runs every check on the configured data (one-line DataError naming the file or
 field); `build_datasets(cfg)` then builds megatron's datasets. Both work with and without a
@@ -16,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-
 from k2mcore.config.schema import K2Config
 from k2mcore.data.blend import BlendSpec, parse_blend, parse_split
-from k2mcore.data.errors import DataError
 from k2mcore.data.indexed import IndexInfo, check_indexed_dataset
 from k2mcore.data.tokenizers import Tokenizer, check_vocab, load_tokenizer
+from k2mcore.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class DataSummary:
         parts = []
         for i, info in enumerate(self.infos):
             w = f"{self.weights[i]:g} x " if self.weights else ""
-            if hasattr(info, "mask"):  # a chat dataset (chat_dataset.ChatInfo)
+            if hasattr(info, "mask"):  # a chat dataset (k2mcore.data.chat.dataset.ChatInfo)
                 parts.append(f"{w}{os.path.basename(info.ids.prefix)} ({info.num_documents} "
                              f"conversations, {info.num_tokens} tokens, "
                              f"{info.num_loss_tokens} assistant tokens)")
@@ -145,7 +145,7 @@ def check_data(cfg: K2Config) -> DataSummary:
 
 def _check_chat(cfg: K2Config, tok: Tokenizer, prefixes: list, weights) -> DataSummary:
     """data.format=chat: one chat dataset (k2m-preprocess --chat), checked as a pair."""
-    from k2mcore.data.chat_dataset import check_chat_dataset
+    from k2mcore.data.chat.dataset import check_chat_dataset
 
     if len(prefixes) != 1:
         # megatron's BlendedDataset blends its own dataset classes only; one prefix keeps the
@@ -207,7 +207,7 @@ def build_datasets(cfg: K2Config, summary: Optional[DataSummary] = None) -> dict
 
     summary = summary if summary is not None else check_data(cfg)
     if cfg.data.format == "chat":
-        from k2mcore.data.chat_dataset import build_chat_datasets
+        from k2mcore.data.chat.dataset import build_chat_datasets
 
         t = cfg.train
         return build_chat_datasets(summary.prefixes[0], t.seq_length, cfg.data.split, t.seed,

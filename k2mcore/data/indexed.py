@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from k2mcore.data.errors import DataError
+from k2mcore.errors import DataError
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _HEADER = 9 + 8 + 1 + 8 + 8

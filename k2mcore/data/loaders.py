@@ -17,7 +17,7 @@ from k2mcore import platform
 from k2mcore.config.schema import K2Config
 from k2mcore.data.batches import DataIterator, MicroBatchSampler
 from k2mcore.data.datasets import SPLITS, DataSummary, build_datasets, check_data
-from k2mcore.data.errors import DataError
+from k2mcore.errors import DataError
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,7 +7,7 @@ megatron-core's IndexedDatasetBuilder. Two additions: `--tokenizer PATH` (a toke
 K2-style tiktoken file) and plain-text input. Empty documents are dropped (megatron keeps them as
 zero-length sequences, which the data checks reject). A `<...>_document.json` sidecar records the
 tokenizer's fingerprint so training can refuse data made with another tokenizer. Conversations
-(`--chat`: token ids + assistant loss masks) are k2mcore.data.chat_preprocess's.
+(`--chat`: token ids + assistant loss masks) are k2mcore.data.chat.preprocess's.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from typing import IO, Iterator, Optional, Sequence
 
 import numpy as np
 
-from k2mcore.data.errors import DataError
 from k2mcore.data.indexed import write_meta
 from k2mcore.data.tokenizers import Tokenizer, load_tokenizer
+from k2mcore.errors import DataError
 
 PROG = "k2m-preprocess"
 TEXT_MODES = ("paragraph", "line", "file")

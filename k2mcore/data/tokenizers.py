@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
-from k2mcore.data.errors import DataError
+from k2mcore.errors import DataError
 
 PathLike = Union[str, os.PathLike]
 

@@ -20,13 +20,10 @@ from dataclasses import fields
 from typing import Any, Callable, Mapping, Optional
 
 from k2mcore.config.schema import ModelConfig, RopeScalingConfig
+from k2mcore.errors import HFFormatError
 
 HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
 HF_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
-
-
-class HFFormatError(ValueError):
-    """A Hugging Face directory k2mcore cannot read; the message names the file or tensor."""
 
 
 def _opt_int(v: Any) -> Optional[int]:

@@ -11,12 +11,10 @@ from typing import Sequence
 
 import torch
 
+from k2mcore.errors import FP8FormatError
+
 SCALE_SUFFIX = "_scale_inv"
 DEFAULT_BLOCK = (128, 128)
-
-
-class FP8FormatError(ValueError):
-    """A quantized weight and its scale that do not fit together; names the tensor."""
 
 
 def block_size(hf_config: dict) -> tuple[int, int]:

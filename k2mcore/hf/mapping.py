@@ -12,8 +12,9 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from k2mcore.config.schema import ModelConfig
-from k2mcore.hf.config import HF_MODEL_TYPES, HFFormatError, model_config_from_hf, read_hf_config
-from k2mcore.hf.safetensors_io import SafetensorsError, SafetensorsFile
+from k2mcore.errors import HFFormatError, SafetensorsError
+from k2mcore.hf.config import HF_MODEL_TYPES, model_config_from_hf, read_hf_config
+from k2mcore.hf.safetensors_io import SafetensorsFile
 
 __all__ = ["GATED_PARTS", "HF_MODEL_TYPES", "HFFormatError", "TensorSource", "convert_entry", "export_entry",
            "hf_names", "hf_to_mcore",
@@ -196,7 +197,8 @@ class TensorSource:
         return t
 
     def __call__(self, name: str) -> torch.Tensor:
-        from k2mcore.hf.fp8 import SCALE_SUFFIX, FP8FormatError, dequantize
+        from k2mcore.errors import FP8FormatError
+        from k2mcore.hf.fp8 import SCALE_SUFFIX, dequantize
 
         t = self._raw(name)
         if name + SCALE_SUFFIX in self.where:

@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from k2mcore.config.schema import K2Config, ModelConfig
-
-from k2mcore.hf.mapping import HFFormatError, TensorSource, hf_to_mcore, model_config_from_hf, read_hf_config
+from k2mcore.errors import HFFormatError
+from k2mcore.hf.mapping import TensorSource, hf_to_mcore, model_config_from_hf, read_hf_config
 
 # Router buffers megatron keeps in the state dict that are statistics, not weights.
 _NON_WEIGHTS = ("local_tokens_per_expert",)
@@ -68,8 +68,8 @@ def load_model(path: str, device: str = "cpu") -> K2CausalLM:
 
 
 def _build(model_cfg: ModelConfig, device: str) -> torch.nn.Module:
-    from k2mcore.config.validate import resolve_layout
     from k2mcore.parallel.groups import init_distributed
+    from k2mcore.parallel.layout import resolve_layout
 
     from .build import build_model
 

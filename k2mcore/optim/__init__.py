@@ -1,6 +1,8 @@
-"""Optimizers: MuonClip (Muon + QK-Clip) pieces for single-process and distributed use.
+"""Optimizers: megatron's optimizer built from the config (AdamW, or MuonClip from `muonclip/`),
+the Muon/AdamW parameter split, the skip-step wrapper and the optimizer-state adapter that
+checkpoints save and load.
 
-The names below load on first use (PEP 562): the pure-python planners in this package
+The names below load on first use (PEP 562): the pure-python planners of `muonclip/`
 (shard_plan, ns_offload) are imported by `k2m-plan` and `k2m-train --check`, which must not pay
 for torch and megatron."""
 from __future__ import annotations
@@ -9,14 +11,15 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "MuonClip": "muon", "apply_muon_update": "muon", "muon_update": "muon",
-    "rms_match_scale": "muon",
-    "K2_COEFFS": "newton_schulz", "NS_COEFFICIENTS": "newton_schulz",
-    "newton_schulz": "newton_schulz", "ns_flops": "newton_schulz",
-    "resolve_coefficients": "newton_schulz",
+    "MuonClip": "muonclip.muon", "apply_muon_update": "muonclip.muon",
+    "muon_update": "muonclip.muon", "rms_match_scale": "muonclip.muon",
+    "K2_COEFFS": "muonclip.newton_schulz", "NS_COEFFICIENTS": "muonclip.newton_schulz",
+    "newton_schulz": "muonclip.newton_schulz", "ns_flops": "muonclip.newton_schulz",
+    "resolve_coefficients": "muonclip.newton_schulz",
     "ParamSplit": "param_groups", "split_params": "param_groups",
-    "QKClipStats": "qk_clip", "clip_qk_in_model": "qk_clip", "mla_attentions": "qk_clip",
-    "mla_clip_row_scales": "qk_clip", "qk_clip_": "qk_clip", "scale_rows_": "qk_clip",
+    "QKClipStats": "muonclip.qk_clip", "clip_qk_in_model": "muonclip.qk_clip",
+    "mla_attentions": "muonclip.qk_clip", "mla_clip_row_scales": "muonclip.qk_clip",
+    "qk_clip_": "muonclip.qk_clip", "scale_rows_": "muonclip.qk_clip",
 }
 
 __all__ = sorted(_WHERE)

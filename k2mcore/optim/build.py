@@ -12,7 +12,8 @@ from k2mcore.parallel.groups import ProcessGroups
 def build_optimizer(cfg: K2Config, model: list, groups: ProcessGroups, *,
                     param_layout: Optional[Any] = None) -> tuple[Any, Any]:
     """(megatron optimizer, OptimizerParamScheduler) for the DDP-wrapped `model` chunks.
-    `param_layout`: what `ddp_param_layout` gave `wrap_ddp` (its NS offloads go to MuonClip)."""
+    `param_layout`: what k2mcore.parallel.ddp.ddp_param_layout gave `wrap_ddp` (its NS
+    offloads go to MuonClip)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     o = cfg.optimizer
@@ -31,20 +32,6 @@ def build_optimizer(cfg: K2Config, model: list, groups: ProcessGroups, *,
         _install_muonclip(cfg, opt, model, groups,
                           offloads=getattr(param_layout, "offloads", ()))
     return opt, sched
-
-
-def ddp_param_layout(cfg: K2Config, chunks: list, groups: ProcessGroups) -> Optional[Any]:
-    """How DDP lays out the buffers of the unwrapped `chunks`: MuonClip's owner-aligned shards
-    (optimizer.muon.owner_aligned_shards), else None (megatron's distributed optimizer's)."""
-    m = cfg.optimizer.muon
-    if cfg.optimizer.name != "muonclip" or not m.owner_aligned_shards:
-        return None
-    from .hparams import MuonHyperParams
-    from .owner_layout import OwnerAlignedLayout
-
-    return OwnerAlignedLayout(chunks, groups, router_in_muon=m.router_in_muon,
-                              split_gated=m.split_gated, offload_budget=m.ns_offload_budget,
-                              wire_bytes=MuonHyperParams.from_config(m).wire_dtype().itemsize)
 
 
 def build_scheduler(cfg: K2Config, opt: Any) -> Any:
@@ -68,9 +55,9 @@ def build_scheduler(cfg: K2Config, opt: Any) -> Any:
 def _install_muonclip(cfg: K2Config, opt: Any, model: list, groups: ProcessGroups, *,
                       offloads: Any = ()) -> None:
     """megatron's distributed AdamW becomes MuonClip: Muon on the hidden matrices (sharded
-    Newton-Schulz), AdamW on the rest, QK-Clip after each step (k2mcore.optim.megatron_muonclip)."""
-    from .hparams import MuonHyperParams
-    from .megatron_muonclip import install_muonclip
+    Newton-Schulz), AdamW on the rest, QK-Clip after each step (k2mcore.optim.muonclip.install)."""
+    from k2mcore.optim.muonclip.hparams import MuonHyperParams
+    from k2mcore.optim.muonclip.install import install_muonclip
 
     m = cfg.optimizer.muon
     install_muonclip(

@@ -17,7 +17,7 @@ def inner_optimizers(optimizer: Any) -> list:
 
 def qk_clip_hook(optimizer: Any) -> Optional[Any]:
     """The ShardedQKClip that MuonClip runs after each step, or None (AdamW, or QK-Clip off)."""
-    from .qk_clip import ShardedQKClip
+    from k2mcore.optim.muonclip.qk_clip import ShardedQKClip
 
     for inner in inner_optimizers(optimizer):
         for hook in getattr(inner, "post_step_hooks", ()):

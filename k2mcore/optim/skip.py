@@ -5,11 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from k2mcore.errors import TooManySkippedSteps
+
 from .chain import child_optimizers
-
-
-class TooManySkippedSteps(RuntimeError):
-    pass
 
 
 class SkippingStep:

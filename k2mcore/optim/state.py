@@ -1,7 +1,7 @@
 """The optimizer state as k2mcore's checkpoints save and load it.
 
 Each DistributedOptimizer child saves the state its rank holds, as boxes of the model-space
-tensors (k2mcore.optim.owned_state): no rank gathers another's state, and DCP reshards on load.
+tensors (k2mcore.optim.state_boxes): no rank gathers another's state, and DCP reshards on load.
 megatron's non-distributed optimizers (distributed_optimizer: false) save their own model-space
 form. The non-tensor optimizer state (param groups) is not saved: hyperparameters come from the
 config and the scheduler, and the one counter that matters, Adam's step, is returned to the
@@ -16,12 +16,12 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from k2mcore.checkpoint.format import CheckpointError
+from k2mcore.errors import CheckpointError
 
-from . import owned_state
+from . import state_boxes
 from .chain import child_optimizers
 
-OPTIMIZER_SHARDING = owned_state.FORMAT
+OPTIMIZER_SHARDING = state_boxes.FORMAT
 #: what a non-distributed child's sharded_state_dict is asked for (megatron's metadata argument)
 SHARDING_METADATA = {"chained_optim_avoid_prefix": True}
 _STEP_KEYS = ("step", "common_step")  # torch Adam's per-parameter state / megatron's others
@@ -33,12 +33,12 @@ class LoadPlan:
     boxes to copy back per DistributedOptimizer child."""
 
     tree: dict
-    boxes: dict = field(default_factory=dict)  # child index -> owned_state boxes
+    boxes: dict = field(default_factory=dict)  # child index -> state_boxes.owned_state boxes
 
 
 def optimizer_name(optimizer: Any) -> str:
     """'muonclip' when megatron's optimizer drives k2mcore's MuonClip, else 'adamw'."""
-    from .distributed import ShardedMuonClip
+    from k2mcore.optim.muonclip.sharded import ShardedMuonClip
 
     inner = [getattr(c, "optimizer", None) for c in child_optimizers(optimizer)]
     return "muonclip" if any(isinstance(o, ShardedMuonClip) for o in inner) else "adamw"
@@ -51,7 +51,7 @@ def state_to_save(optimizer: Any, model_state: dict) -> tuple[dict, float]:
     for i, child in enumerate(child_optimizers(optimizer)):
         _prime_state(child)
         if _is_distributed(child):
-            tree[i], _ = owned_state.owned_state(child, model_state, is_loading=False)
+            tree[i], _ = state_boxes.owned_state(child, model_state, is_loading=False)
             steps |= _inner_steps(child.optimizer)
         else:
             sub = child.sharded_state_dict(model_state, is_loading=False,
@@ -69,7 +69,7 @@ def state_to_load(optimizer: Any, model_state: dict) -> LoadPlan:
     for i, child in enumerate(child_optimizers(optimizer)):
         _prime_state(child)
         if _is_distributed(child):
-            plan.tree[i], plan.boxes[i] = owned_state.owned_state(child, model_state,
+            plan.tree[i], plan.boxes[i] = state_boxes.owned_state(child, model_state,
                                                                    is_loading=True)
         else:
             plan.tree[i] = _drop_common(child.sharded_state_dict(
@@ -83,9 +83,9 @@ def apply_loaded_state(optimizer: Any, plan: LoadPlan, loaded: dict,
     Adam step where each child reads it."""
     for i, child in enumerate(child_optimizers(optimizer)):
         if i in plan.boxes:
-            owned_state.put_loaded(loaded[i], plan.boxes[i])
+            state_boxes.put_loaded(loaded[i], plan.boxes[i])
             if adam_step is not None:
-                owned_state.set_step(child, adam_step)
+                state_boxes.set_step(child, adam_step)
         else:  # megatron's others: one shared state['common_step']
             if adam_step is not None:
                 state = loaded[i].get("optimizer", loaded[i])["state"]

@@ -2,7 +2,7 @@
 megatron-core 0.19.2's schedule (k2m-plan's activation term).
 
 Pure python (no torch, no megatron): milliseconds for the 1T preset. Every term below names the
-op that saves it; the model was worked out against tests/saved_bytes.py (which counts unique
+op that saves it; the model was worked out against tests/harness/saved_bytes.py (which counts unique
 storages passed to autograd's saved-tensor hooks, parameters excluded) on k2-tiny and a widened
 variant, every layout of tests/parity/activation_probe.py (see its docstring for the table).
 

@@ -1,13 +1,13 @@
 """The communication term of the planner: bytes one rank hands to collectives per training step.
 
 Pure python (no torch or megatron at import), so `k2m-plan` prices the 1T kimi-k2 preset in
-milliseconds. The accounting is tests/comm_bytes.py's, which counts real runs: an all-reduce or
-a reduce-scatter counts its whole input, an all-gather the local shard, an all-to-all its whole
+milliseconds. The accounting is tests/harness/comm_bytes.py's, which counts real runs: an all-reduce
+or a reduce-scatter counts its whole input, an all-gather the local shard, an all-to-all its whole
 input (the split a rank keeps for itself included: megatron's dispatcher and MuonClip hand
-all_to_all_single one tensor holding every destination's rows), a broadcast the source's tensor,
-a point-to-point send what it sends; a 1-rank group counts nothing. One step = zero_grad,
-megatron's forward/backward schedule (k2mcore.training.step.forward_backward, with the DDP
-gradient reduce-scatter in finalize_model_grads), optimizer.step (the parameter all-gather) and
+all_to_all_single one tensor holding every destination's rows), a broadcast the source's tensor, a
+point-to-point send what it sends; a 1-rank group counts nothing. One step = zero_grad, megatron's
+forward/backward schedule (k2mcore.training.step.forward_backward, with the DDP gradient
+reduce-scatter in finalize_model_grads), optimizer.step (the parameter all-gather) and
 k2mcore.training.metrics.attention_report; the first step of a run (megatron caches one flag
 exchange of the optimizer after it: `first_step`).
 
@@ -38,7 +38,7 @@ TP2xPP2xEP2 (SP, ETP 2, DP 2) pp and dp are exact per rank; tp, ep and the MuonC
 exact summed over each pipeline stage's ranks, not per rank: with EP > 1 the expert-TP gather /
 reduce-scatter carries the rows the EP all-to-all delivered (routing-dependent, like ep), and
 at DP > 1 with TP > 1 the Newton-Schulz pieces sit where the owner-aligned shard planner put
-them (k2mcore.optim.shard_plan), which the even spread assumed here does not follow.
+them (k2mcore.optim.muonclip.shard_plan), which the even spread assumed here does not follow.
 
 Not modelled: NS offloads (optimizer.muon.ns_offload_budget > 0), CP > 1, tied embeddings'
 embedding-group all-reduce, MuonClip's exchange at DP > 1 with TP > 1 (`_muon_exchange`).
@@ -259,7 +259,7 @@ def _ns_flops(p: int, q: int, steps: int = 5) -> int:
 
 
 def _balance(costs: Sequence[int], size: int, candidates: Sequence[Optional[Sequence[int]]]):
-    """k2mcore.optim.distributed.balance with candidates (longest job first, ties by index,
+    """k2mcore.optim.muonclip.sharded.balance with candidates (longest job first, ties by index,
     then rank)."""
     owner, loads = [0] * len(costs), [0] * size
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
@@ -306,7 +306,7 @@ def _muon_matrices(cfg: Any, layout: Any, me: _Rank, expert: bool) -> list[tuple
 
 
 def _muon_exchange(cfg: Any, layout: Any, me: _Rank, a: int) -> int:
-    """The two all_to_alls of each holder group (k2mcore.optim.distributed.ExchangePlan):
+    """The two all_to_alls of each holder group (k2mcore.optim.muonclip.sharded.ExchangePlan):
     every source piece to its matrix's owner, then every holder's slice of the update back.
     With owner-aligned shards and no TP every piece already sits on its owner (silent: no
     exchange). With TP (DP = 1 per holder group) each TP rank holds a whole shard of a split

@@ -6,11 +6,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from k2mcore.config.schema import K2Config
-from k2mcore.parallel.layout import Layout, megatron_param_shapes
+from k2mcore.parallel.layout import Layout
+from k2mcore.parallel.param_counts import megatron_param_shapes
 
 from .activations import activation_bytes
 from .comm import KINDS, comm_bytes
-from .state import RankState, param_dtype_bytes, stage_chunks, stage_plan, rank_state
+from .state import RankState, param_dtype_bytes, rank_state, stage_chunks, stage_plan
 from .timing import ASSUMPTIONS, Links, StepTime, step_time
 
 GIB = 2**30
@@ -94,7 +95,7 @@ class Plan:
 
 
 def make_plan(cfg: K2Config, layout: Layout, options: Optional[PlanOptions] = None) -> Plan:
-    """The plan of `cfg` on `layout` (resolved by k2mcore.config.validate.resolve_layout)."""
+    """The plan of `cfg` on `layout` (resolved by k2mcore.parallel.layout.resolve_layout)."""
     o = options or PlanOptions()
     shapes = megatron_param_shapes(cfg.model)
     act_bytes = param_dtype_bytes(cfg, o.device)  # activations in the training dtype

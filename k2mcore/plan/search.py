@@ -11,10 +11,10 @@ import copy
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from k2mcore.config.errors import ConfigError
 from k2mcore.config.schema import K2Config
-from k2mcore.config.validate import resolve_layout
-from k2mcore.parallel.layout import Layout, stage_parameters
+from k2mcore.errors import ConfigError
+from k2mcore.parallel.layout import Layout, resolve_layout
+from k2mcore.parallel.param_counts import stage_parameters
 
 from .activations import activation_bytes
 from .comm import comm_bytes

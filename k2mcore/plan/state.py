@@ -5,12 +5,13 @@ megatron-core 0.19.2 and k2mcore allocate on each rank:
 
 - **Parameters** of one rank: its TP (vocab, column, row) and expert-TP shards, its pipeline
   chunks, its EP share of the routed experts (`megatron_param_shapes` in module order).
-- **DDP buffers** (k2mcore.training.step.wrap_ddp): per chunk one dense buffer and, at EP > 1,
+- **DDP buffers** (k2mcore.parallel.ddp.wrap_ddp): per chunk one dense buffer and, at EP > 1,
   one expert buffer; one bucket each (no overlap). With the distributed optimizer the params live
   in a param buffer of the training dtype and the gradients in an fp32 buffer
   (grad_reduce_in_fp32), both of the padded buffer size: megatron's layout (backprop order,
   64-element starts, end padded to lcm(dp, 128)) for AdamW, k2mcore's owner-aligned layout
-  (k2mcore.optim.shard_plan) for MuonClip. Without it there is no padding and no param buffer.
+  (k2mcore.optim.muonclip.shard_plan) for MuonClip. Without it there is no padding and no param
+  buffer.
 - **Optimizer state** of the rank's ZeRO-1 shard (the elements of its parameters inside it,
   padding excluded): fp32 master weights when the params are bf16 (fp32 params are their own
   master: megatron views them), Adam's two moments for AdamW elements, Muon's momentum alone for
@@ -25,11 +26,20 @@ from dataclasses import dataclass
 from typing import Optional
 
 from k2mcore.config.schema import K2Config
-from k2mcore.optim.shard_plan import (
-    ALIGN, BufferPlan, ChunkPlan, ParamSpec, StageChunk, StagePlan, World, megatron_end_divisor,
-    plan_stage, spec_for,
+from k2mcore.optim.muonclip.shard_plan import (
+    ALIGN,
+    BufferPlan,
+    ChunkPlan,
+    ParamSpec,
+    StageChunk,
+    StagePlan,
+    World,
+    megatron_end_divisor,
+    plan_stage,
+    spec_for,
 )
-from k2mcore.parallel.layout import Layout, megatron_param_shapes
+from k2mcore.parallel.layout import Layout
+from k2mcore.parallel.param_counts import megatron_param_shapes
 
 GRAD_BYTES = 4  # DDP's grad_reduce_in_fp32=True: fp32 main grads on every device
 MASTER_BYTES = 4  # fp32 master weights and optimizer moments

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from k2mcore.config.schema import K2Config, ModelConfig
-from k2mcore.parallel.layout import Layout, count_parameters
+from k2mcore.parallel.layout import Layout
+from k2mcore.parallel.param_counts import count_parameters
 
 ASSUMPTIONS = (
     "compute: matmul FLOPs only (6 per parameter-token for forward+backward, causal attention "

@@ -80,11 +80,10 @@ def _already_complete(cfg: K2Config, resume_from: Optional[str]) -> bool:
 def _set_up(cfg: K2Config, layout: Layout, ckpt_root: str, faults: Faults) -> _Run:
     """Process groups -> model -> DDP -> optimizer and scheduler."""
     from k2mcore.model.build import build_model
-    from k2mcore.optim.build import build_optimizer, ddp_param_layout
+    from k2mcore.optim.build import build_optimizer
     from k2mcore.optim.skip import SkippingStep
+    from k2mcore.parallel.ddp import ddp_param_layout, wrap_ddp
     from k2mcore.parallel.groups import init_distributed
-
-    from .step import wrap_ddp
 
     groups = init_distributed(layout, seed=cfg.train.seed)
     chunks = build_model(cfg, groups)

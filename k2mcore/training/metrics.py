@@ -17,7 +17,7 @@ def flops_per_token(model: ModelConfig, seq_length: int) -> float:
     The attention term is PaLM's 12·L·H·Q·T with MLA's q/k and v head dims
     (6·L·H·(d_qk + d_v)·T), counting the full (non-causal) square as Megatron-LM does.
     """
-    from k2mcore.parallel.layout import count_parameters
+    from k2mcore.parallel.param_counts import count_parameters
 
     active = count_parameters(model)["active"] - count_parameters(model)["embedding"]
     d_qk = model.qk_nope_head_dim + model.qk_rope_head_dim
@@ -31,7 +31,7 @@ def attention_report(cfg: K2Config, optimizer: Any, model: list, groups: Any,
 
     Collective. `stepped`: the optimizer applied this step (QK-Clip's stats are then fresh)."""
     from k2mcore.optim.chain import qk_clip_hook
-    from k2mcore.optim.qk_clip import attn_logit_report
+    from k2mcore.optim.muonclip.qk_clip import attn_logit_report
 
     hook = qk_clip_hook(optimizer) if cfg.qk_clip_active else None
     stats = hook.last_stats if hook is not None and stepped else None

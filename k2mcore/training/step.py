@@ -1,64 +1,16 @@
-"""One forward/backward over this rank's micro-batches with megatron-core's schedules and DDP."""
+"""One forward/backward over this rank's micro-batches with megatron-core's schedules, on the
+DDP-wrapped chunks (k2mcore.parallel.ddp)."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_model_config
 
 from k2mcore import platform
 from k2mcore.parallel.groups import ProcessGroups
-
-
-def wrap_ddp(chunks: Sequence[torch.nn.Module], groups: ProcessGroups, *,
-             distributed_optimizer: bool, param_layout: Optional[Any] = None) -> list:
-    """megatron DDP around each chunk (fp32 grad buffers), hooked into the schedules.
-
-    `param_layout`: lays out the buffers instead of megatron's distributed optimizer
-    (k2mcore.optim.owner_layout.OwnerAlignedLayout, for MuonClip)."""
-    config = get_model_config(chunks[0])
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=distributed_optimizer,
-        check_for_nan_in_grad=False,
-    )
-    model = []
-    for i, chunk in enumerate(chunks):
-        layout = (param_layout.layout(i, chunk, ddp_config) if param_layout is not None
-                  else _param_layout(chunk, ddp_config, groups))
-        model.append(DistributedDataParallel(
-            config=config, ddp_config=ddp_config, module=chunk,
-            # only the first chunk's buckets start the first all-reduce (as Megatron-LM does)
-            disable_bucketing=i > 0, full_param_layout=layout))
-        if param_layout is not None:
-            param_layout.register(i, model[-1])
-    config.finalize_model_grads_func = finalize_model_grads
-    return model
-
-
-def _param_layout(chunk: torch.nn.Module, ddp_config: DistributedDataParallelConfig,
-                  groups: ProcessGroups):
-    """The distributed optimizer's parameter layout, computed before DDP as megatron 0.19 asks
-    (DDP otherwise computes the same one itself and warns). One bucket per buffer: k2mcore does
-    not overlap the gradient reduction (`overlap_grad_reduce=False` makes DDP's bucket size None)."""
-    if not ddp_config.use_distributed_optimizer:
-        return None
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    params = [p for p in chunk.parameters() if p.requires_grad]
-    layout = groups.layout
-    return DistributedOptimizer.compute_full_param_layout(
-        params, None, layout.dp * layout.cp, ddp_config,
-        expert_data_parallel_world_size=layout.expert_dp)
 
 
 def _loss(loss_mask: torch.Tensor, per_token: torch.Tensor):
@@ -126,7 +78,7 @@ def forward_backward(
     token-averaged loss over the global batch (every rank gets the same value).
 
     `packed`: each row holds several documents, told apart by position_ids restarting at 0
-    (k2mcore.data.packing); a micro-batch runs as one THD sequence of its rows end to end.
+    (k2mcore.data.chat.packing); a micro-batch runs as one THD sequence of its rows end to end.
     """
     total, count = loss_totals(model, groups, micro_batches, seq_length=seq_length,
                                micro_batch_size=micro_batch_size, forward_only=forward_only,

@@ -11,7 +11,8 @@ import types
 import pytest
 
 from k2mcore import compat
-from k2mcore.compat.patching import CompatError, Patch, apply
+from k2mcore.compat.patching import Patch, apply
+from k2mcore.errors import CompatError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

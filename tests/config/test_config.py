@@ -8,12 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from k2mcore.config.errors import ConfigError
 from k2mcore.config.loader import (
-    INTENDED_WORLD_SIZE, config_to_dict, dump_yaml, list_presets, load_config,
+    INTENDED_WORLD_SIZE,
+    config_to_dict,
+    dump_yaml,
+    list_presets,
+    load_config,
 )
 from k2mcore.config.schema import K2Config, RopeScalingConfig
-from k2mcore.config.validate import resolve_layout
+from k2mcore.errors import ConfigError
+from k2mcore.parallel.layout import resolve_layout
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -384,9 +388,8 @@ def test_cli_check_imports_neither_torch_nor_megatron():
 
 
 def test_cli_train_calls_training_module(monkeypatch):
-    from k2mcore.cli.train import main
-
     import k2mcore.training
+    from k2mcore.cli.train import main
 
     seen, layouts = [], []
     monkeypatch.setattr(k2mcore.training, "train",

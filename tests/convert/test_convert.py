@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 import transformers
-from hf_models import VARIANTS, hf_config, random_hf_model
 from safetensors.torch import load_file, save_file
 
 import k2mcore
-from launching import local_command, local_env
+from harness.hf_models import VARIANTS, hf_config, random_hf_model
+from harness.launching import local_command, local_env
 
 BIN = os.path.dirname(sys.executable)
 IDS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(7))

@@ -11,7 +11,8 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from k2mcore.convert.dcp import DCPReader, DCPWriter
-from k2mcore.hf.safetensors_io import SafetensorsError, SafetensorsFile, StreamingWriter
+from k2mcore.errors import SafetensorsError
+from k2mcore.hf.safetensors_io import SafetensorsFile, StreamingWriter
 
 G = torch.Generator().manual_seed(0)
 TENSORS = {

@@ -8,7 +8,7 @@ import pytest
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine.*")  # megatron import noise
 
-from data_helpers import corpus_texts  # noqa: E402
+from harness.data_helpers import corpus_texts  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -8,19 +8,19 @@ import shutil
 
 import numpy as np
 import pytest
-from data_helpers import (
+
+from harness.data_helpers import (
     SAMPLE_PREFIX,
     TOKENIZER_JSON,
     make_cfg,
     random_docs,
     write_dataset,
 )
-
-from k2mcore.config.errors import ConfigError
 from k2mcore.config.loader import load_config
-from k2mcore.config.validate import resolve_layout
-from k2mcore.data import DataError, build_data_iterator, check_data
+from k2mcore.data import build_data_iterator, check_data
 from k2mcore.data.preprocess import preprocess
+from k2mcore.errors import ConfigError, DataError
+from k2mcore.parallel.layout import resolve_layout
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from data_helpers import make_cfg, random_docs, write_dataset
 
+from harness.data_helpers import make_cfg, random_docs, write_dataset
 from k2mcore.data import build_data_iterator, dali_available, resolve_path
 from k2mcore.data.batches import MicroBatchSampler
 from k2mcore.data.tokenizers import load_tokenizer

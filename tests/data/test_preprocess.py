@@ -7,10 +7,10 @@ import json
 import re
 
 import pytest
-from data_helpers import CORPUS, SAMPLE_PREFIX, TIKTOKEN, corpus_texts
 
-from k2mcore.data.indexed import read_meta
+from harness.data_helpers import CORPUS, SAMPLE_PREFIX, TIKTOKEN, corpus_texts
 from k2mcore.cli.preprocess import main
+from k2mcore.data.indexed import read_meta
 from k2mcore.data.preprocess import preprocess
 from k2mcore.data.tokenizers import load_tokenizer
 

@@ -5,10 +5,10 @@ import base64
 import json
 
 import pytest
-from data_helpers import TIKTOKEN, TOKENIZER_DIR, TOKENIZER_JSON, corpus_texts
 
-from k2mcore.data.errors import DataError
+from harness.data_helpers import TIKTOKEN, TOKENIZER_DIR, TOKENIZER_JSON, corpus_texts
 from k2mcore.data.tokenizers import K2_SPECIAL_TOKENS, load_tokenizer
+from k2mcore.errors import DataError
 
 EXTRA = [
     "Kimi-K2 splits Han runs: 月之暗面的模型，很好。 And English contractions: we'll, it's.",

@@ -5,14 +5,13 @@ import math
 
 import pytest
 import torch
+from megatron.core.transformer.enums import AttnMaskType
 
 from k2mcore.config.schema import K2Config, ModelConfig
-from k2mcore.config.validate import resolve_layout
 from k2mcore.model.attention import MLACoreAttention
 from k2mcore.model.config import mla_config
 from k2mcore.parallel.groups import init_distributed
-
-from megatron.core.transformer.enums import AttnMaskType
+from k2mcore.parallel.layout import resolve_layout
 
 
 @pytest.fixture(scope="module")

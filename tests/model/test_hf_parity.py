@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import k2mcore
-from k2mcore.hf.mapping import HFFormatError
-
-from hf_models import VARIANTS, hf_config, random_hf_model
+from harness.hf_models import VARIANTS, hf_config, random_hf_model
+from k2mcore.errors import HFFormatError
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

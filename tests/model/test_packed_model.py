@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import k2mcore
-
-from hf_models import VARIANTS, hf_config, random_hf_model
+from harness.hf_models import VARIANTS, hf_config, random_hf_model
 
 LENGTHS = (7, 19, 1, 13, 24)  # a 1-token document too
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 
 from k2mcore.config.loader import load_config
-from k2mcore.config.validate import resolve_layout
 from k2mcore.model.build import build_model
 from k2mcore.optim import MuonClip, split_params
 from k2mcore.parallel.groups import init_distributed
+from k2mcore.parallel.layout import resolve_layout
 
 
 @pytest.fixture(scope="module")

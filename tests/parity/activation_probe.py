@@ -1,5 +1,5 @@
 """Measured activation memory of one forward/backward: the peak bytes autograd holds for
-backward (tests/saved_bytes.py) on this rank, for the planner's check
+backward (tests/harness/saved_bytes.py) on this rank, for the planner's check
 (k2mcore/plan/activations.py). `measure` is what the parity worker calls per layout;
 `python tests/parity/activation_probe.py` (torchrun for several ranks) is the standalone driver
 that prints measured against planned for a set of layouts, recompute modes and probe settings.
@@ -21,7 +21,7 @@ import sys
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from saved_bytes import count_saved_bytes, model_storages, print_sites  # noqa: E402
+from harness.saved_bytes import count_saved_bytes, model_storages, print_sites  # noqa: E402
 
 
 def measure(cfg, groups, model, batches, *, attribute: bool = False, stats_out=None) -> int:
@@ -51,11 +51,11 @@ def _run_one(layout_name: str, model_name: str, recompute: str, probe: bool,
     from layout_worker import LAYOUTS, SEED, SEQ, micro_batches
 
     from k2mcore.config.loader import load_config
-    from k2mcore.config.validate import resolve_layout
     from k2mcore.model.build import build_model
+    from k2mcore.parallel.ddp import wrap_ddp
     from k2mcore.parallel.groups import init_distributed
+    from k2mcore.parallel.layout import resolve_layout
     from k2mcore.plan.activations import activation_bytes
-    from k2mcore.training.step import wrap_ddp
 
     overrides = [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[layout_name].items()]
     cfg = load_config("k2-tiny", overrides + MODELS[model_name] + [

@@ -24,7 +24,7 @@ import torch.distributed as dist
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from comm_bytes import count_collective_bytes, scope  # noqa: E402
+from harness.comm_bytes import count_collective_bytes, scope  # noqa: E402
 
 KINDS = ("tp", "ep", "pp", "dp", "optimizer")
 
@@ -64,13 +64,14 @@ def dp_buffers(model, groups) -> list[tuple[int, int, int]]:
 
 
 def _build(name: str, optimizer_name: str, world: int):
+    from layout_worker import LAYOUTS, SEED, SEQ
+
     from k2mcore.config.loader import load_config
-    from k2mcore.config.validate import resolve_layout
     from k2mcore.model.build import build_model
-    from k2mcore.optim.build import build_optimizer, ddp_param_layout
+    from k2mcore.optim.build import build_optimizer
+    from k2mcore.parallel.ddp import ddp_param_layout, wrap_ddp
     from k2mcore.parallel.groups import init_distributed
-    from k2mcore.training.step import wrap_ddp
-    from layout_worker import LAYOUTS, SEQ, SEED
+    from k2mcore.parallel.layout import resolve_layout
 
     overrides = [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[name].items()]
     cfg = load_config("k2-tiny", overrides + [
@@ -93,8 +94,9 @@ def main() -> None:
     ap.add_argument("--call-log", dest="log", action="store_true", help="every counted call (rank 0)")
     ap.add_argument("--json", help="write the rows here (rank 0)")
     args = ap.parse_args()
-    from k2mcore.plan.comm import comm_bytes
     from layout_worker import micro_batches
+
+    from k2mcore.plan.comm import comm_bytes
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rows = []

@@ -13,8 +13,9 @@ import os
 
 import pytest
 import torch
-from launching import launch
 from layout_worker import ALL, BYTE_LAYOUTS, CLIP_LAYOUTS, EIGHT_RANK, FOUR_RANK, TWO_RANK
+
+from harness.launching import launch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "layout_worker.py")

@@ -15,15 +15,16 @@ import sys
 
 import torch
 import torch.distributed as dist
+from plan_worker import PLAN_LAYOUTS, run_plan
 
 from k2mcore.config.loader import load_config
 from k2mcore.model.build import build_model
+from k2mcore.parallel.ddp import wrap_ddp
 from k2mcore.parallel.groups import init_distributed
-from k2mcore.config.validate import resolve_layout
-from k2mcore.parallel.layout import stage_parameters
+from k2mcore.parallel.layout import resolve_layout
+from k2mcore.parallel.param_counts import stage_parameters
 from k2mcore.parallel.reshard import gather_full, scatter_full
-from k2mcore.training.step import forward_backward, wrap_ddp
-from plan_worker import PLAN_LAYOUTS, run_plan
+from k2mcore.training.step import forward_backward
 
 LAYOUTS: dict[str, dict] = {
     "1rank": {},
@@ -61,7 +62,7 @@ def force_offloads(param_layout) -> None:
     first expert matrix block (the planner's order: deterministic on every rank)."""
     import dataclasses
 
-    from k2mcore.optim.ns_offload import _jobs
+    from k2mcore.optim.muonclip.ns_offload import _jobs
 
     stage = param_layout.stage
     ranks = sorted(stage.loads)
@@ -206,8 +207,9 @@ def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, 
                  tag: str) -> None:
     """`steps` MuonClip steps from the shared initial weights; saves losses, attention reports,
     the full weights after every step and each rank's Newton-Schulz FLOPs."""
-    from k2mcore.optim.build import build_optimizer, ddp_param_layout
+    from k2mcore.optim.build import build_optimizer
     from k2mcore.optim.chain import inner_optimizers
+    from k2mcore.parallel.ddp import ddp_param_layout
     from k2mcore.training.metrics import attention_report
 
     overrides = [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[name].items()]
@@ -259,9 +261,9 @@ def count_step_bytes(name: str, out: str, init_path: str) -> None:
     (zero_grad, forward/backward with the gradient reduce-scatter, optimizer step with the
     parameter all-gather, the attention report), MuonClip against AdamW on the same model."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from comm_bytes import count_collective_bytes, total_over_ranks
-
-    from k2mcore.optim.build import build_optimizer, ddp_param_layout
+    from harness.comm_bytes import count_collective_bytes, total_over_ranks
+    from k2mcore.optim.build import build_optimizer
+    from k2mcore.parallel.ddp import ddp_param_layout
     from k2mcore.training.metrics import attention_report
 
     result = {}
@@ -297,7 +299,7 @@ def _per_head_logits(model) -> dict:
     """{layer number: max logit per head, all heads}; resets the probes (collective)."""
     from megatron.core import parallel_state as ps
 
-    from k2mcore.optim.qk_clip import mla_attentions
+    from k2mcore.optim.muonclip.qk_clip import mla_attentions
 
     local = {}
     for a in mla_attentions([c.module for c in model]):

@@ -56,16 +56,16 @@ def _one(groups, layout_name: str, model: str, optimizer: str, recompute: str, p
          counted: bool, dtype: str = "fp32") -> dict:
     import comm_probe
     from layout_worker import SEED, micro_batches
-    from saved_bytes import count_saved_bytes, model_storages
+    from megatron.core import tensor_parallel
     from state_probe import measure_state
 
-    from megatron.core import tensor_parallel
-
+    from harness.saved_bytes import count_saved_bytes, model_storages
     from k2mcore.config.loader import load_config
-    from k2mcore.config.validate import resolve_layout
     from k2mcore.model.build import build_model
-    from k2mcore.optim.build import build_optimizer, ddp_param_layout
-    from k2mcore.training.step import forward_backward, wrap_ddp
+    from k2mcore.optim.build import build_optimizer
+    from k2mcore.parallel.ddp import ddp_param_layout, wrap_ddp
+    from k2mcore.parallel.layout import resolve_layout
+    from k2mcore.training.step import forward_backward
 
     overrides = plan_overrides(layout_name, model, optimizer, recompute, probe, dtype)
     cfg = load_config("k2-tiny", overrides)
@@ -101,8 +101,8 @@ def run_plan(layout_name: str, out: str) -> None:
     from layout_worker import SEED
 
     from k2mcore.config.loader import load_config
-    from k2mcore.config.validate import resolve_layout
     from k2mcore.parallel.groups import init_distributed
+    from k2mcore.parallel.layout import resolve_layout
 
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     cfg = load_config("k2-tiny", plan_overrides(layout_name, "tiny", "adamw", "none", False))

@@ -2,7 +2,7 @@
 matrix, and QK-Clip changes exactly the intended rows, the same way in every TP layout.
 
 Reference: the 1-rank run (where the exchange is local and the update is plain Muon on full
-matrices, itself checked against torch.optim.Muon in tests/optim/test_muon.py).
+matrices, itself checked against torch.optim.Muon in tests/optim/muonclip/test_muon.py).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from layout_worker import (
     MUON_TAU,
 )
 
-from k2mcore.optim.newton_schulz import ns_flops
+from k2mcore.optim.muonclip.newton_schulz import ns_flops
 
 LR = 3e-3  # the MuonClip phase's learning rate (layout_worker.run_muonclip)
 NOPE, ROPE, V, HEADS = 16, 8, 16, 4  # k2-tiny's MLA head dims

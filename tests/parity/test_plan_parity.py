@@ -21,7 +21,7 @@ import torch
 from plan_worker import PLAN_LAYOUTS
 
 from k2mcore.config.loader import load_config
-from k2mcore.config.validate import resolve_layout
+from k2mcore.parallel.layout import resolve_layout
 from k2mcore.plan.activations import activation_bytes
 from k2mcore.plan.planner import rank_comm
 from k2mcore.plan.state import stage_plan, stage_states

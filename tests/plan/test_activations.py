@@ -9,7 +9,7 @@ import time
 import pytest
 
 from k2mcore.config.loader import load_config
-from k2mcore.config.validate import resolve_layout
+from k2mcore.parallel.layout import resolve_layout
 from k2mcore.plan.activations import activation_bytes, chunk_layers, schedule_in_flight
 
 TINY = ["train.seq_length=32", "train.dtype=fp32", "train.global_batch_size=4"]

@@ -8,9 +8,8 @@ import subprocess
 import sys
 import time
 
-
 from k2mcore.config.loader import load_config
-from k2mcore.config.validate import resolve_layout
+from k2mcore.parallel.layout import resolve_layout
 from k2mcore.plan import comm
 
 A = 4  # fp32 activations and parameters

@@ -7,9 +7,9 @@ import math
 import pytest
 
 from k2mcore.config.loader import load_config
-from k2mcore.config.validate import resolve_layout
-from k2mcore.optim.shard_plan import ParamSpec
-from k2mcore.parallel.layout import megatron_param_shapes, stage_parameters
+from k2mcore.optim.muonclip.shard_plan import ParamSpec
+from k2mcore.parallel.layout import resolve_layout
+from k2mcore.parallel.param_counts import megatron_param_shapes, stage_parameters
 from k2mcore.plan.state import stage_chunks, stage_states, zero1_plan
 
 

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from launching import local_command, local_env
+from harness.launching import local_command, local_env
 
 K2M_TRAIN = os.path.join(os.path.dirname(sys.executable), "k2m-train")
 

@@ -13,7 +13,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from launching import local_env
+from harness.launching import local_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "tools", "sft_recipe.py")

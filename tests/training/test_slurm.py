@@ -1,8 +1,8 @@
-"""The project's own slurm/train.sbatch on a real Slurm cluster (tests/slurm_cluster.py: Debian's
-slurmctld and three slurmd "nodes" on loopback): k2-tiny on 2 nodes x 2 ranks, the job preempted by
-a higher-priority partition, requeued from outside with `scontrol requeue`, and one node lost
-with its job processes; every time Slurm requeues the job exactly once, the rerun resumes from
-the newest complete checkpoint, and the final losses equal an uninterrupted run's at the same
+"""The project's own slurm/train.sbatch on a real Slurm cluster (tests/harness/slurm_cluster.py:
+Debian's slurmctld and three slurmd "nodes" on loopback): k2-tiny on 2 nodes x 2 ranks, the job
+preempted by a higher-priority partition, requeued from outside with `scontrol requeue`, and one
+node lost with its job processes; every time Slurm requeues the job exactly once, the rerun resumes
+from the newest complete checkpoint, and the final losses equal an uninterrupted run's at the same
 OMP_NUM_THREADS, bit for bit.
 
 One job goes through the three interruptions in turn (each costs a requeue delay and a restart
@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-import slurm_cluster
-from launching import free_port, local_command, local_env
+from harness import slurm_cluster
+from harness.launching import free_port, local_command, local_env
 
 BIN = os.path.dirname(sys.executable)
 K2M_TRAIN = os.path.join(BIN, "k2m-train")

@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from launching import K2M_TRAIN_FAULTS, local_command, local_env
-
+from harness.launching import K2M_TRAIN_FAULTS, local_command, local_env
 from k2mcore import checkpoint as ck
 
 BIN = os.path.dirname(sys.executable)

@@ -1,0 +1,213 @@
+"""`k2m-preprocess --chat`: conversations (jsonl) -> token ids and loss masks, megatron's format.
+
+Each input line is `{"messages": [...]}`, with the conversation's tool schemas under `"tools"` if
+it declares any (k2mcore.data.chat.encoding names the message rules); other keys are ignored. Every
+conversation is encoded by `ChatTokenizer.encode` (the tokenizer directory's chat template, mask on
+its `{% generation %}` spans) and written as one document to two megatron indexed datasets with
+identical document lengths:
+
+    <output-prefix>_input_ids_document.{bin,idx}   token ids (megatron's dtype for the vocab)
+    <output-prefix>_loss_mask_document.{bin,idx}   uint8, 1 on the assistant tokens
+
+plus, for each, the `.json` sidecar of the text path (tokenizer fingerprint) with the chat counts.
+`<output-prefix>` is what a chat `data.blend` names (k2mcore.data.chat.dataset).
+
+`max_length`: a conversation of more tokens is cut to its first `max_length` (`overlong=
+"truncate"`; dropped after all when the cut leaves no assistant token) or dropped (`"drop"`);
+both are counted. Lines are encoded in `workers` processes, in order, so the output does not
+depend on the number of workers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from k2mcore.data.indexed import write_meta
+from k2mcore.data.preprocess import PROG, commit_outputs, discard_partial, expand_inputs, read_items
+from k2mcore.errors import DataError
+
+from .encoding import SPECIAL_TEXT_MODES, ChatTokenizer, load_chat_tokenizer
+
+OVERLONG = ("truncate", "drop")
+IDS_SUFFIX = "_input_ids_document"
+MASK_SUFFIX = "_loss_mask_document"
+
+
+def chat_output_prefixes(prefix: str) -> tuple[str, str]:
+    """(ids prefix, mask prefix) of a chat dataset named `prefix`."""
+    return prefix + IDS_SUFFIX, prefix + MASK_SUFFIX
+
+
+@dataclass
+class ChatStats:
+    read: int = 0  # conversations (non-blank lines)
+    written: int = 0
+    truncated: int = 0  # written, cut to max_length
+    dropped: int = 0  # longer than max_length (or cut to no assistant token)
+    with_special_text: int = 0  # read; content held special-token text
+    tokens: int = 0  # written
+    assistant_tokens: int = 0  # written, mask 1
+    bytes: int = 0
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+
+    @property
+    def conversations_per_s(self) -> float:
+        return self.read / max(self.seconds, 1e-9)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def counts(self) -> dict:
+        return {k: getattr(self, k) for k in ("read", "written", "truncated", "dropped",
+                                              "with_special_text", "tokens", "assistant_tokens")}
+
+
+# --- encoding (in worker processes) ------------------------------------------------------------
+_CHAT: Optional[ChatTokenizer] = None
+_MODE = "parse"
+_MAX_LENGTH: Optional[int] = None
+_OVERLONG = "truncate"
+_DTYPE: type = np.int32
+
+# One line's result: (ids or None when dropped, mask, "ok"|"truncated"|"dropped", special text,
+# bytes read)
+_Result = tuple[Optional[np.ndarray], Optional[np.ndarray], str, bool, int]
+
+
+def _init_worker(chat: ChatTokenizer, mode: str, max_length: Optional[int], overlong: str,
+                 dtype: type) -> None:
+    global _CHAT, _MODE, _MAX_LENGTH, _OVERLONG, _DTYPE
+    _CHAT, _MODE, _MAX_LENGTH, _OVERLONG, _DTYPE = chat, mode, max_length, overlong, dtype
+
+
+def _encode(item: tuple[str, int, bytes, str]) -> _Result:
+    path, lineno, raw, _ = item
+    where = f"{path}:{lineno}"
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise DataError(f"{where}: invalid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    if not isinstance(doc.get("messages"), list):
+        raise DataError(f"{where}: no 'messages' list (a chat line is "
+                        f"{{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}})")
+    enc = _CHAT.encode(doc["messages"], where, _MODE, tools=doc.get("tools"))
+    ids, mask, status = enc.ids, enc.mask, "ok"
+    if _MAX_LENGTH is not None and len(ids) > _MAX_LENGTH:
+        ids, mask = ids[:_MAX_LENGTH], mask[:_MAX_LENGTH]
+        status = "truncated" if _OVERLONG == "truncate" and any(mask) else "dropped"
+    if status == "dropped":
+        return None, None, status, enc.special_text, len(raw)
+    return (np.asarray(ids, dtype=_DTYPE), np.asarray(mask, dtype=np.uint8), status,
+            enc.special_text, len(raw))
+
+
+# --- driver -----------------------------------------------------------------------------------
+def preprocess_chat(
+    inputs: Sequence[str],
+    output_prefix: str,
+    tokenizer_dir: str,
+    *,
+    max_length: Optional[int] = None,
+    overlong: str = "truncate",
+    special_tokens_in_content: str = "parse",
+    workers: int = 1,
+    progress: bool = True,
+    chunk_size: int = 64,  # conversations per task sent to a worker
+) -> ChatStats:
+    """Encode the conversations of `inputs` (jsonl, .gz too) into `<output_prefix>` + IDS_SUFFIX
+    and MASK_SUFFIX datasets; returns the counts."""
+    with warnings.catch_warnings():  # megatron's import warns about absent TE/Apex, not ours
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    if overlong not in OVERLONG:
+        raise DataError(f"--overlong: {overlong!r} is not one of {', '.join(OVERLONG)}")
+    if special_tokens_in_content not in SPECIAL_TEXT_MODES:
+        raise DataError(f"--special-tokens-in-content: {special_tokens_in_content!r} is not one "
+                        f"of {', '.join(SPECIAL_TEXT_MODES)}")
+    if max_length is not None and max_length < 2:
+        raise DataError(f"--max-length: {max_length} leaves no token to predict (need >= 2)")
+    paths = expand_inputs(inputs)
+    chat = load_chat_tokenizer(tokenizer_dir, key="--tokenizer")
+    dtype = DType.optimal_dtype(chat.text.vocab_size)
+    prefixes = list(chat_output_prefixes(output_prefix))
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    # temporary names until both pairs are complete, as the text path does
+    builders = [IndexedDatasetBuilder(prefixes[0] + ".bin.tmp", dtype=dtype),
+                IndexedDatasetBuilder(prefixes[1] + ".bin.tmp", dtype=np.uint8)]
+    stats = ChatStats(outputs=prefixes)
+    gz = any(p.endswith(".gz") for p in paths)
+    total_bytes = None if gz else sum(os.path.getsize(p) for p in paths)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=PROG,
+               disable=not progress, file=sys.stderr, smoothing=0.1)
+    start = time.perf_counter()
+    pool = None
+    init = (chat, special_tokens_in_content, max_length, overlong, dtype)
+    items = read_items(paths, "jsonl", "line")
+    try:
+        if workers > 1:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            pool = get_context("fork").Pool(workers, _init_worker, init)
+            results = pool.imap(_encode, items, chunk_size)
+        else:
+            _init_worker(*init)
+            results = map(_encode, items)
+        last = start
+        for ids, mask, status, special, nbytes in results:
+            stats.read += 1
+            stats.with_special_text += special
+            stats.bytes += nbytes
+            bar.update(nbytes)
+            if ids is None:
+                stats.dropped += 1
+                continue
+            stats.truncated += status == "truncated"
+            builders[0].add_document(ids, [ids.size])
+            builders[1].add_document(mask, [mask.size])
+            stats.written += 1
+            stats.tokens += ids.size
+            stats.assistant_tokens += int(mask.sum())
+            now = time.perf_counter()
+            if progress and now - last > 0.5:
+                el = now - start
+                bar.set_postfix_str(f"{stats.read / el:.0f} conv/s, "
+                                    f"{stats.tokens / el / 1e3:.1f}k tok/s", refresh=False)
+                last = now
+        if stats.written == 0:
+            raise DataError(f"--input: no conversation written from {', '.join(paths)} "
+                            f"({stats.read} read, {stats.dropped} dropped by --max-length)")
+    except BaseException:
+        discard_partial(builders, prefixes)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
+    stats.seconds = time.perf_counter() - start
+    meta = {
+        "format": "chat", "tokenizer": {**chat.text.describe(), "path": chat.text.name},
+        "chat_template_sha256": chat.template_sha256,
+        "special_tokens_in_content": special_tokens_in_content, "max_length": max_length,
+        "overlong": overlong, "documents": stats.written, **stats.counts(),
+        "inputs": [os.path.basename(x) for x in paths],
+    }
+    commit_outputs(builders, prefixes)
+    write_meta(prefixes[0], {**meta, "loss_mask": os.path.basename(prefixes[1])})
+    write_meta(prefixes[1], {**meta, "input_ids": os.path.basename(prefixes[0])})
+    return stats
