@@ -59,3 +59,34 @@ def test_the_loop_reads_top_to_bottom_in_short_helpers():
                  if isinstance(n, ast.FunctionDef)}
     assert {"train", "_set_up", "_resume", "_steps", "_step", "_finish"} <= set(functions)
     assert max(functions.values()) <= 50, functions
+
+
+#: What `k2m-train --check`, `k2m-plan` and config loading import: a 1T preset is validated and
+#: planned in a fraction of a second because none of it pulls torch or megatron.
+TORCH_FREE = ("k2mcore.errors", "k2mcore.parallel.layout", "k2mcore.parallel.pipeline",
+              "k2mcore.parallel.param_counts", "k2mcore.optim.muonclip.shard_plan",
+              "k2mcore.optim.muonclip.ns_offload", "k2mcore.checkpoint.format")
+TORCH_FREE_PACKAGES = ("config", "plan")
+
+
+def test_the_torch_free_modules_import_neither_torch_nor_megatron():
+    """Each module in a fresh interpreter of its own, so that one module's imports cannot hide
+    another's."""
+    import subprocess
+    import sys
+
+    modules = list(TORCH_FREE)
+    for package in TORCH_FREE_PACKAGES:
+        for name in sorted(os.listdir(os.path.join(PKG, package))):
+            if name.endswith(".py"):
+                stem = name[:-3]
+                modules.append(f"k2mcore.{package}" + ("" if stem == "__init__" else f".{stem}"))
+    check = ("import importlib, sys; importlib.import_module(sys.argv[1]); "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'megatron'}))")
+    heavy = {}
+    for module in modules:
+        out = subprocess.run([sys.executable, "-c", check, module], capture_output=True,
+                             text=True, check=True, cwd=ROOT).stdout.strip()
+        if out != "[]":
+            heavy[module] = out
+    assert len(modules) >= 19 and heavy == {}
