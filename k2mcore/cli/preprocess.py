@@ -8,7 +8,8 @@ from typing import Optional, Sequence
 
 from k2mcore.data.chat.encoding import SPECIAL_TEXT_MODES
 from k2mcore.data.chat.preprocess import OVERLONG, preprocess_chat
-from k2mcore.data.preprocess import PROG, TEXT_MODES, preprocess
+from k2mcore.data.pipeline import PROG
+from k2mcore.data.preprocess import TEXT_MODES, preprocess
 from k2mcore.errors import K2Error
 
 
@@ -83,16 +84,12 @@ def _chat_conflict(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
-def _chat(args: argparse.Namespace) -> int:
-    try:
-        stats = preprocess_chat(
-            args.input, args.output_prefix, args.tokenizer, max_length=args.max_length,
-            overlong=args.overlong, special_tokens_in_content=args.special_tokens_in_content,
-            workers=args.workers, progress=not args.no_progress,
-        )
-    except K2Error as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+def _chat(args: argparse.Namespace) -> None:
+    stats = preprocess_chat(
+        args.input, args.output_prefix, args.tokenizer, max_length=args.max_length,
+        overlong=args.overlong, special_tokens_in_content=args.special_tokens_in_content,
+        workers=args.workers, progress=not args.no_progress,
+    )
     for prefix in stats.outputs:
         print(f"wrote {prefix}.bin/.idx")
     limit = f"--max-length {args.max_length}" if args.max_length else "no --max-length"
@@ -104,7 +101,19 @@ def _chat(args: argparse.Namespace) -> int:
           f"{stats.seconds:.2f}s: {stats.conversations_per_s:.0f} conversations/s, "
           f"{stats.tokens_per_s:.0f} tokens/s")
     print(_packing_line(stats.outputs[0], args))
-    return 0
+
+
+def _text(args: argparse.Namespace) -> None:
+    stats = preprocess(
+        args.input, args.output_prefix, args.tokenizer, json_keys=args.json_keys or ["text"],
+        append_eod=args.append_eod, workers=args.workers, input_format=args.input_format,
+        text_mode=args.text_docs, progress=not args.no_progress,
+    )
+    for prefix in stats.outputs:
+        print(f"wrote {prefix}.bin/.idx")
+    print(f"{stats.documents} documents, {stats.tokens} tokens "
+          f"({stats.skipped_empty} empty skipped) in {stats.seconds:.2f}s: "
+          f"{stats.docs_per_s:.0f} docs/s, {stats.tokens_per_s:.0f} tokens/s")
 
 
 def _packing_line(ids_prefix: str, args: argparse.Namespace) -> str:
@@ -127,22 +136,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if conflict:
         print(f"{PROG}: error: {conflict}", file=sys.stderr)
         return 2
-    if args.chat:
-        return _chat(args)
     try:
-        stats = preprocess(
-            args.input, args.output_prefix, args.tokenizer, json_keys=args.json_keys or ["text"],
-            append_eod=args.append_eod, workers=args.workers, input_format=args.input_format,
-            text_mode=args.text_docs, progress=not args.no_progress,
-        )
-    except K2Error as exc:
+        (_chat if args.chat else _text)(args)
+    except K2Error as exc:  # bad input found while reading: one line, nothing left behind
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
-    for prefix in stats.outputs:
-        print(f"wrote {prefix}.bin/.idx")
-    print(f"{stats.documents} documents, {stats.tokens} tokens "
-          f"({stats.skipped_empty} empty skipped) in {stats.seconds:.2f}s: "
-          f"{stats.docs_per_s:.0f} docs/s, {stats.tokens_per_s:.0f} tokens/s")
     return 0
 
 

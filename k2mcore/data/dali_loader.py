@@ -19,7 +19,6 @@ import torch
 from k2mcore.config.schema import K2Config
 from k2mcore.data.batches import FIELD_DTYPES, FIELDS, MicroBatchSampler, fetch_sample
 
-
 _ARMED = False
 
 

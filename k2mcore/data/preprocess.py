@@ -11,44 +11,30 @@ tokenizer's fingerprint so training can refuse data made with another tokenizer.
 """
 from __future__ import annotations
 
-import glob
 import gzip
 import json
 import os
-import sys
-import time
-import warnings
-from dataclasses import dataclass, field
-from multiprocessing import get_context
-from pathlib import Path
+from dataclasses import dataclass
 from typing import IO, Iterator, Optional, Sequence
 
 import numpy as np
 
 from k2mcore.data.indexed import write_meta
+from k2mcore.data.pipeline import DatasetWriter, PipelineStats, encoded, expand_inputs, token_dtype
 from k2mcore.data.tokenizers import Tokenizer, load_tokenizer
 from k2mcore.errors import DataError
 
-PROG = "k2m-preprocess"
 TEXT_MODES = ("paragraph", "line", "file")
 
 
 @dataclass
-class PreprocessStats:
+class PreprocessStats(PipelineStats):
     documents: int = 0  # written, per key summed
-    tokens: int = 0
     skipped_empty: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    outputs: list[str] = field(default_factory=list)  # dataset prefixes written
 
     @property
     def docs_per_s(self) -> float:
-        return self.documents / max(self.seconds, 1e-9)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / max(self.seconds, 1e-9)
+        return self.per_second(self.documents)
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -151,39 +137,6 @@ def output_prefix(prefix: str, key: str) -> str:
     return f"{prefix}_{key}_document"
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    paths: list[str] = []
-    for pattern in inputs:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise DataError(f"--input: {pattern!r} matches no file")
-        for path in matches:
-            if not os.path.isfile(path):
-                raise DataError(f"--input: {path} not found")
-        paths += matches
-    return paths
-
-
-def discard_partial(builders: list, prefixes: list) -> None:
-    """After a failure: close the builders' files and remove their .tmp outputs, so no
-    half-written dataset is left under a final name."""
-    for b, p in zip(builders, prefixes):
-        b.data_file.close()
-        for tmp in (p + ".bin.tmp", p + ".idx.tmp"):
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-def commit_outputs(builders: list, prefixes: list) -> None:
-    """Write every builder's index, then move all .tmp files to their final names (a reader
-    never sees one dataset of a pair without the other's index)."""
-    for b, p in zip(builders, prefixes):
-        b.finalize(p + ".idx.tmp")
-    for p in prefixes:
-        os.replace(p + ".bin.tmp", p + ".bin")
-        os.replace(p + ".idx.tmp", p + ".idx")
-
-
 def preprocess(
     inputs: Sequence[str],
     output_prefix_: str,
@@ -198,10 +151,6 @@ def preprocess(
     chunk_size: int = 256,  # documents per task sent to a worker (IPC amortised)
 ) -> PreprocessStats:
     """Tokenize `inputs` into `<output_prefix_>_<key>_document.{bin,idx}` per key."""
-    with warnings.catch_warnings():  # megatron's import warns about absent TE/Apex, not ours
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
     paths = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer, key="--tokenizer")
     eod = None
@@ -213,65 +162,37 @@ def preprocess(
             )
         eod = tok.eod
     keys = tuple(json_keys)
-    dtype = DType.optimal_dtype(tok.vocab_size)  # megatron's choice: uint16 below 65500
+    dtype = token_dtype(tok.vocab_size)
     prefixes = [output_prefix(output_prefix_, k) for k in keys]
-    Path(output_prefix_).parent.mkdir(parents=True, exist_ok=True)
-    # write under temporary names: a crash never leaves a .bin/.idx pair that looks complete
-    builders = [IndexedDatasetBuilder(p + ".bin.tmp", dtype=dtype) for p in prefixes]
     stats = PreprocessStats(outputs=prefixes)
     per_key_docs = [0] * len(keys)
     per_key_tokens = [0] * len(keys)
-    # the bar counts bytes read; a .gz input's file size is not that, so no total (nor ETA) then
-    gz = any(p.endswith(".gz") for p in paths)
-    total_bytes = None if gz else sum(os.path.getsize(p) for p in paths)
 
-    from tqdm import tqdm
+    def rate(elapsed: float) -> str:
+        return (f"{sum(per_key_docs) / elapsed:.0f} docs/s, "
+                f"{sum(per_key_tokens) / elapsed / 1e3:.1f}k tok/s")
 
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=PROG,
-               disable=not progress, file=sys.stderr, smoothing=0.1)
-    start = time.perf_counter()
-    pool = None
-    try:
-        if workers > 1:
-            # fork shares the loaded tokenizer; tokenizers' own threads stay off in the workers
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            pool = get_context("fork").Pool(workers, _init_worker, (tok, keys, eod, dtype))
-            results = pool.imap(_encode, read_items(paths, input_format, text_mode), chunk_size)
-        else:
-            _init_worker(tok, keys, eod, dtype)
-            results = map(_encode, read_items(paths, input_format, text_mode))
-        last = start
+    items = read_items(paths, input_format, text_mode)
+    with DatasetWriter(prefixes, [dtype] * len(keys)) as out, encoded(
+            paths, items, _init_worker, (tok, keys, eod, dtype), _encode, workers=workers,
+            chunk_size=chunk_size, progress=progress, rate=rate) as results:
         for arrays, nbytes in results:
             for k, ids in enumerate(arrays):
                 if ids is None:
                     stats.skipped_empty += 1
                     continue
-                builders[k].add_document(ids, [ids.size])
+                out.add(k, ids)
                 per_key_docs[k] += 1
                 per_key_tokens[k] += ids.size
             stats.bytes += nbytes
-            bar.update(nbytes)
-            now = time.perf_counter()
-            if progress and now - last > 0.5:
-                el = now - start
-                bar.set_postfix_str(f"{sum(per_key_docs) / el:.0f} docs/s, "
-                                    f"{sum(per_key_tokens) / el / 1e3:.1f}k tok/s", refresh=False)
-                last = now
         for k, n in enumerate(per_key_docs):
             if n == 0:
                 raise DataError(
                     f"--input: no non-empty {keys[k]!r} documents in {', '.join(paths)}")
-    except BaseException:
-        discard_partial(builders, prefixes)
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
-        bar.close()
-    stats.seconds = time.perf_counter() - start
+        stats.seconds = results.elapsed()
     stats.documents, stats.tokens = sum(per_key_docs), sum(per_key_tokens)
     meta_tok = {**tok.describe(), "path": tok.name}  # the fingerprint identifies it
-    commit_outputs(builders, prefixes)
+    out.commit()
     for k, p in enumerate(prefixes):
         write_meta(p, {
             "tokenizer": meta_tok, "append_eod": append_eod, "json_key": keys[k],

@@ -21,18 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
-import warnings
-from dataclasses import dataclass, field
-from multiprocessing import get_context
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 
 from k2mcore.data.indexed import write_meta
-from k2mcore.data.preprocess import PROG, commit_outputs, discard_partial, expand_inputs, read_items
+from k2mcore.data.pipeline import DatasetWriter, PipelineStats, encoded, expand_inputs, token_dtype
+from k2mcore.data.preprocess import read_items
 from k2mcore.errors import DataError
 
 from .encoding import SPECIAL_TEXT_MODES, ChatTokenizer, load_chat_tokenizer
@@ -48,25 +44,17 @@ def chat_output_prefixes(prefix: str) -> tuple[str, str]:
 
 
 @dataclass
-class ChatStats:
+class ChatStats(PipelineStats):
     read: int = 0  # conversations (non-blank lines)
     written: int = 0
     truncated: int = 0  # written, cut to max_length
     dropped: int = 0  # longer than max_length (or cut to no assistant token)
     with_special_text: int = 0  # read; content held special-token text
-    tokens: int = 0  # written
     assistant_tokens: int = 0  # written, mask 1
-    bytes: int = 0
-    seconds: float = 0.0
-    outputs: list[str] = field(default_factory=list)
 
     @property
     def conversations_per_s(self) -> float:
-        return self.read / max(self.seconds, 1e-9)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / max(self.seconds, 1e-9)
+        return self.per_second(self.read)
 
     def counts(self) -> dict:
         return {k: getattr(self, k) for k in ("read", "written", "truncated", "dropped",
@@ -129,10 +117,6 @@ def preprocess_chat(
 ) -> ChatStats:
     """Encode the conversations of `inputs` (jsonl, .gz too) into `<output_prefix>` + IDS_SUFFIX
     and MASK_SUFFIX datasets; returns the counts."""
-    with warnings.catch_warnings():  # megatron's import warns about absent TE/Apex, not ours
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
     if overlong not in OVERLONG:
         raise DataError(f"--overlong: {overlong!r} is not one of {', '.join(OVERLONG)}")
     if special_tokens_in_content not in SPECIAL_TEXT_MODES:
@@ -142,64 +126,35 @@ def preprocess_chat(
         raise DataError(f"--max-length: {max_length} leaves no token to predict (need >= 2)")
     paths = expand_inputs(inputs)
     chat = load_chat_tokenizer(tokenizer_dir, key="--tokenizer")
-    dtype = DType.optimal_dtype(chat.text.vocab_size)
+    dtype = token_dtype(chat.text.vocab_size)
     prefixes = list(chat_output_prefixes(output_prefix))
-    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    # temporary names until both pairs are complete, as the text path does
-    builders = [IndexedDatasetBuilder(prefixes[0] + ".bin.tmp", dtype=dtype),
-                IndexedDatasetBuilder(prefixes[1] + ".bin.tmp", dtype=np.uint8)]
     stats = ChatStats(outputs=prefixes)
-    gz = any(p.endswith(".gz") for p in paths)
-    total_bytes = None if gz else sum(os.path.getsize(p) for p in paths)
 
-    from tqdm import tqdm
+    def rate(elapsed: float) -> str:
+        return f"{stats.read / elapsed:.0f} conv/s, {stats.tokens / elapsed / 1e3:.1f}k tok/s"
 
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=PROG,
-               disable=not progress, file=sys.stderr, smoothing=0.1)
-    start = time.perf_counter()
-    pool = None
     init = (chat, special_tokens_in_content, max_length, overlong, dtype)
     items = read_items(paths, "jsonl", "line")
-    try:
-        if workers > 1:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            pool = get_context("fork").Pool(workers, _init_worker, init)
-            results = pool.imap(_encode, items, chunk_size)
-        else:
-            _init_worker(*init)
-            results = map(_encode, items)
-        last = start
+    with DatasetWriter(prefixes, [dtype, np.uint8]) as out, encoded(
+            paths, items, _init_worker, init, _encode, workers=workers, chunk_size=chunk_size,
+            progress=progress, rate=rate) as results:
         for ids, mask, status, special, nbytes in results:
             stats.read += 1
             stats.with_special_text += special
             stats.bytes += nbytes
-            bar.update(nbytes)
             if ids is None:
                 stats.dropped += 1
                 continue
             stats.truncated += status == "truncated"
-            builders[0].add_document(ids, [ids.size])
-            builders[1].add_document(mask, [mask.size])
+            out.add(0, ids)
+            out.add(1, mask)
             stats.written += 1
             stats.tokens += ids.size
             stats.assistant_tokens += int(mask.sum())
-            now = time.perf_counter()
-            if progress and now - last > 0.5:
-                el = now - start
-                bar.set_postfix_str(f"{stats.read / el:.0f} conv/s, "
-                                    f"{stats.tokens / el / 1e3:.1f}k tok/s", refresh=False)
-                last = now
         if stats.written == 0:
             raise DataError(f"--input: no conversation written from {', '.join(paths)} "
                             f"({stats.read} read, {stats.dropped} dropped by --max-length)")
-    except BaseException:
-        discard_partial(builders, prefixes)
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
-        bar.close()
-    stats.seconds = time.perf_counter() - start
+        stats.seconds = results.elapsed()
     meta = {
         "format": "chat", "tokenizer": {**chat.text.describe(), "path": chat.text.name},
         "chat_template_sha256": chat.template_sha256,
@@ -207,7 +162,7 @@ def preprocess_chat(
         "overlong": overlong, "documents": stats.written, **stats.counts(),
         "inputs": [os.path.basename(x) for x in paths],
     }
-    commit_outputs(builders, prefixes)
+    out.commit()
     write_meta(prefixes[0], {**meta, "loss_mask": os.path.basename(prefixes[1])})
     write_meta(prefixes[1], {**meta, "input_ids": os.path.basename(prefixes[0])})
     return stats
