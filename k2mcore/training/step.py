@@ -3,7 +3,7 @@ DDP-wrapped chunks (k2mcore.parallel.ddp)."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -61,28 +61,16 @@ def _forward_step(data_iterator, model, *, packed: bool = False, multiple: int =
     return output, partial(_loss, batch["loss_mask"])
 
 
-def forward_backward(
-    model: Sequence[torch.nn.Module],
-    groups: ProcessGroups,
-    micro_batches: Iterable[dict],
-    *,
-    seq_length: int,
-    micro_batch_size: int,
-    forward_only: bool = False,
-    packed: bool = False,
-) -> float:
-    """Run the schedule over `micro_batches` (dicts of tokens/labels/loss_mask, [mbs, seq]).
+def forward_backward(model: Sequence[torch.nn.Module], groups: ProcessGroups,
+                     micro_batches: Iterable[dict], **schedule: Any) -> float:
+    """Run the schedule over `micro_batches` (dicts of tokens/labels/loss_mask, [mbs, seq]);
+    `schedule`: `loss_totals`' keywords (seq_length, micro_batch_size, forward_only, packed).
 
     Gradients land in each parameter's `main_grad`, already reduced over data parallelism and
     divided by the global batch's unmasked-token count (megatron's per-token loss). Returns that
     token-averaged loss over the global batch (every rank gets the same value).
-
-    `packed`: each row holds several documents, told apart by position_ids restarting at 0
-    (k2mcore.data.chat.packing); a micro-batch runs as one THD sequence of its rows end to end.
     """
-    total, count = loss_totals(model, groups, micro_batches, seq_length=seq_length,
-                               micro_batch_size=micro_batch_size, forward_only=forward_only,
-                               packed=packed)
+    total, count = loss_totals(model, groups, micro_batches, **schedule)
     # no unmasked token (every assistant turn truncated away): a non-finite loss, which the
     # skip-step logic turns into a skipped step
     return total / count if count else float("nan")
@@ -98,8 +86,12 @@ def loss_totals(
     forward_only: bool = False,
     packed: bool = False,
 ) -> tuple[float, float]:
-    """`forward_backward`'s schedule; returns (sum of masked token losses, unmasked tokens)
-    over the global batch, the same on every rank."""
+    """megatron's schedule over `micro_batches`; returns (sum of masked token losses, unmasked
+    tokens) over the global batch, the same on every rank.
+
+    `packed`: each row holds several documents, told apart by position_ids restarting at 0
+    (k2mcore.data.chat.packing); a micro-batch runs as one THD sequence of its rows end to end.
+    """
     micro_batches = list(micro_batches)
     step = _forward_step
     if packed:

@@ -33,7 +33,7 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -299,27 +299,18 @@ class ChatInfo:
             dtype=np.int64))
 
 
-def check_chat_dataset(
-    prefix: str,
-    *,
-    vocab_size: int,
-    key: str = "data.blend",
-    cache_dir: Optional[str] = None,
-    tokenizer_fingerprint: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
-    split: Optional[Split] = None,
-    max_seq_length: Optional[int] = None,
-) -> ChatInfo:
+def check_chat_dataset(prefix: str, *, split: Optional[Split] = None,
+                       max_seq_length: Optional[int] = None, **ids_checks: Any) -> ChatInfo:
     """Every check on a chat dataset, one line naming the file: the ids as
-    `check_indexed_dataset` checks text data (files, structure, empty conversations, ids >=
-    vocab_size, tokenizer fingerprint); the mask's files and structure, its dtype (uint8) and
+    `check_indexed_dataset` checks text data, with its keywords `ids_checks` (vocab_size, key,
+    cache_dir, tokenizer_fingerprint, tokenizer_path: files, structure, empty conversations, ids
+    >= vocab_size, tokenizer fingerprint); the mask's files and structure, its dtype (uint8) and
     values (0/1), and that it has the ids' conversations and lengths; with `split`, that no
     split with a weight is left without conversations; with `max_seq_length` (data.truncate
     false), that no conversation is longer than max_seq_length + 1 tokens."""
     ids_prefix, mask_prefix = chat_prefixes(prefix)
-    ids = check_indexed_dataset(ids_prefix, vocab_size=vocab_size, key=key, cache_dir=cache_dir,
-                                tokenizer_fingerprint=tokenizer_fingerprint,
-                                tokenizer_path=tokenizer_path)
+    ids = check_indexed_dataset(ids_prefix, **ids_checks)
+    key, cache_dir = ids_checks.get("key", "data.blend"), ids_checks.get("cache_dir")
     mask = read_index(mask_prefix, key)
     ids_idx, mask_idx = idx_path(ids_prefix), idx_path(mask_prefix)
     if np.dtype(mask.dtype) != np.uint8:
