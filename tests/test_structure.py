@@ -90,3 +90,26 @@ def test_the_torch_free_modules_import_neither_torch_nor_megatron():
         if out != "[]":
             heavy[module] = out
     assert len(modules) >= 19 and heavy == {}
+
+
+def test_every_error_class_lives_in_errors_and_derives_from_k2error():
+    """One home and one base: a CLI catches K2Error and prints one line; callers keep catching
+    the built-in base (ValueError for bad input, RuntimeError for a broken run)."""
+    from k2mcore import errors
+
+    elsewhere = []
+    for path, text in _sources().items():
+        if path == os.path.join("k2mcore", "errors.py"):
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and any(
+                    getattr(b, "id", getattr(b, "attr", "")).endswith(("Error", "Exception"))
+                    for b in node.bases):
+                elsewhere.append(f"{path}: {node.name}")
+    assert elsewhere == []
+    classes = [c for c in vars(errors).values()
+               if isinstance(c, type) and issubclass(c, Exception) and c is not errors.K2Error]
+    assert len(classes) == 10
+    for cls in classes:
+        assert issubclass(cls, errors.K2Error) and issubclass(cls, (ValueError, RuntimeError))
+        assert str(cls("a  line\n  and its   tail")) == "a line and its tail"
