@@ -9,6 +9,7 @@ so that a forked worker finds them) and what it counts; the rest is here.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import sys
 import time
@@ -66,6 +67,17 @@ def _indexed_dataset() -> Any:
 def token_dtype(vocab_size: int) -> type:
     """megatron's choice of token dtype for a vocabulary: uint16 below 65500, else int32."""
     return _indexed_dataset().DType.optimal_dtype(vocab_size)
+
+
+def json_object(raw: bytes, where: str) -> dict:
+    """One jsonl line as a dict, or one line naming `where` (file:line) and what is wrong."""
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise DataError(f"{where}: invalid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    return doc
 
 
 class DatasetWriter:

@@ -12,7 +12,6 @@ tokenizer's fingerprint so training can refuse data made with another tokenizer.
 from __future__ import annotations
 
 import gzip
-import json
 import os
 from dataclasses import dataclass
 from typing import IO, Iterator, Optional, Sequence
@@ -20,7 +19,14 @@ from typing import IO, Iterator, Optional, Sequence
 import numpy as np
 
 from k2mcore.data.indexed import write_meta
-from k2mcore.data.pipeline import DatasetWriter, PipelineStats, encoded, expand_inputs, token_dtype
+from k2mcore.data.pipeline import (
+    DatasetWriter,
+    PipelineStats,
+    encoded,
+    expand_inputs,
+    json_object,
+    token_dtype,
+)
 from k2mcore.data.tokenizers import Tokenizer, load_tokenizer
 from k2mcore.errors import DataError
 
@@ -97,12 +103,7 @@ def _encode(item: _Item) -> tuple[list[Optional[np.ndarray]], int]:
     """-> (one token array per key, None for an empty text; bytes consumed)."""
     path, lineno, raw, kind = item
     if kind == "json":
-        try:
-            doc = json.loads(raw)
-        except ValueError as exc:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({exc})") from None
-        if not isinstance(doc, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(doc).__name__}")
+        doc = json_object(raw, f"{path}:{lineno}")
         texts = []
         for key in _KEYS:
             if key not in doc:

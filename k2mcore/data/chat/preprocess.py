@@ -19,15 +19,14 @@ depend on the number of workers.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 
+from k2mcore.data import pipeline
 from k2mcore.data.indexed import write_meta
-from k2mcore.data.pipeline import DatasetWriter, PipelineStats, encoded, expand_inputs, token_dtype
 from k2mcore.data.preprocess import read_items
 from k2mcore.errors import DataError
 
@@ -44,7 +43,7 @@ def chat_output_prefixes(prefix: str) -> tuple[str, str]:
 
 
 @dataclass
-class ChatStats(PipelineStats):
+class ChatStats(pipeline.PipelineStats):
     read: int = 0  # conversations (non-blank lines)
     written: int = 0
     truncated: int = 0  # written, cut to max_length
@@ -82,12 +81,7 @@ def _init_worker(chat: ChatTokenizer, mode: str, max_length: Optional[int], over
 def _encode(item: tuple[str, int, bytes, str]) -> _Result:
     path, lineno, raw, _ = item
     where = f"{path}:{lineno}"
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise DataError(f"{where}: invalid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    doc = pipeline.json_object(raw, where)
     if not isinstance(doc.get("messages"), list):
         raise DataError(f"{where}: no 'messages' list (a chat line is "
                         f"{{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}})")
@@ -124,9 +118,9 @@ def preprocess_chat(
                         f"of {', '.join(SPECIAL_TEXT_MODES)}")
     if max_length is not None and max_length < 2:
         raise DataError(f"--max-length: {max_length} leaves no token to predict (need >= 2)")
-    paths = expand_inputs(inputs)
+    paths = pipeline.expand_inputs(inputs)
     chat = load_chat_tokenizer(tokenizer_dir, key="--tokenizer")
-    dtype = token_dtype(chat.text.vocab_size)
+    dtype = pipeline.token_dtype(chat.text.vocab_size)
     prefixes = list(chat_output_prefixes(output_prefix))
     stats = ChatStats(outputs=prefixes)
 
@@ -135,7 +129,7 @@ def preprocess_chat(
 
     init = (chat, special_tokens_in_content, max_length, overlong, dtype)
     items = read_items(paths, "jsonl", "line")
-    with DatasetWriter(prefixes, [dtype, np.uint8]) as out, encoded(
+    with pipeline.DatasetWriter(prefixes, [dtype, np.uint8]) as out, pipeline.encoded(
             paths, items, _init_worker, init, _encode, workers=workers, chunk_size=chunk_size,
             progress=progress, rate=rate) as results:
         for ids, mask, status, special, nbytes in results:
