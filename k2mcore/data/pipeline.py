@@ -1,14 +1,16 @@
 """The skeleton both preprocessing pipelines (text: k2mcore.data.preprocess; chat:
-k2mcore.data.chat.preprocess) run on: input files expanded, items encoded in order by a pool of
-forked workers, a progress bar over the bytes read, and megatron indexed datasets written under
-temporary names until every one of them is complete.
+k2mcore.data.chat.preprocess) run on: input files expanded and read into work items (jsonl lines
+or text documents, .gz too), items encoded in order by a pool of forked workers, a progress bar
+over the bytes read, and megatron indexed datasets written under temporary names until every one
+of them is complete.
 
-Each pipeline brings its own reader, its worker's `init`/`encode` pair (module-level functions,
-so that a forked worker finds them) and what it counts; the rest is here.
+Each pipeline brings its worker's `init`/`encode` pair (module-level functions, so that a forked
+worker finds them) and what it counts; the rest is here.
 """
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import os
 import sys
@@ -18,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from k2mcore.errors import DataError
 
@@ -67,6 +69,51 @@ def _indexed_dataset() -> Any:
 def token_dtype(vocab_size: int) -> type:
     """megatron's choice of token dtype for a vocabulary: uint16 below 65500, else int32."""
     return _indexed_dataset().DType.optimal_dtype(vocab_size)
+
+
+def _open(path: str) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _is_jsonl(path: str, fmt: str) -> bool:
+    if fmt != "auto":
+        return fmt == "jsonl"
+    name = path[:-3] if path.endswith(".gz") else path
+    return name.endswith((".jsonl", ".json", ".ndjson"))
+
+
+# A work item: (file, line number, raw bytes, kind). Parsing happens in the workers.
+Item = tuple[str, int, bytes, str]
+
+
+def read_items(paths: Sequence[str], fmt: str, text_mode: str) -> Iterator[Item]:
+    """The work items of `paths` in order: a jsonl file's non-blank lines (`fmt` "jsonl", or
+    "auto" and a .jsonl/.json/.ndjson name, .gz too), else text documents by `text_mode`:
+    paragraphs (separated by blank lines), lines, or whole files."""
+    for path in paths:
+        with _open(path) as f:
+            if _is_jsonl(path, fmt):
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        yield path, lineno, line, "json"
+            elif text_mode == "file":
+                yield path, 1, f.read(), "text"
+            elif text_mode == "line":
+                for lineno, line in enumerate(f, 1):
+                    yield path, lineno, line, "text"
+            else:  # paragraphs: documents separated by blank lines
+                buf: list[bytes] = []
+                start = 1
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        if not buf:
+                            start = lineno
+                        buf.append(line)
+                    elif buf:
+                        yield path, start, b"".join(buf), "text"
+                        buf = []
+                if buf:
+                    yield path, start, b"".join(buf), "text"
 
 
 def json_object(raw: bytes, where: str) -> dict:

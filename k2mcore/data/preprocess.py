@@ -11,20 +11,21 @@ tokenizer's fingerprint so training can refuse data made with another tokenizer.
 """
 from __future__ import annotations
 
-import gzip
 import os
 from dataclasses import dataclass
-from typing import IO, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from k2mcore.data.indexed import write_meta
 from k2mcore.data.pipeline import (
     DatasetWriter,
+    Item,
     PipelineStats,
     encoded,
     expand_inputs,
     json_object,
+    read_items,
     token_dtype,
 )
 from k2mcore.data.tokenizers import Tokenizer, load_tokenizer
@@ -43,49 +44,6 @@ class PreprocessStats(PipelineStats):
         return self.per_second(self.documents)
 
 
-# --- reading ----------------------------------------------------------------------------------
-def _open(path: str) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
-def _is_jsonl(path: str, fmt: str) -> bool:
-    if fmt != "auto":
-        return fmt == "jsonl"
-    name = path[:-3] if path.endswith(".gz") else path
-    return name.endswith((".jsonl", ".json", ".ndjson"))
-
-
-# A work item: (file, line number, raw bytes, kind). Parsing happens in the workers.
-_Item = tuple[str, int, bytes, str]
-
-
-def read_items(paths: Sequence[str], fmt: str, text_mode: str) -> Iterator[_Item]:
-    for path in paths:
-        with _open(path) as f:
-            if _is_jsonl(path, fmt):
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        yield path, lineno, line, "json"
-            elif text_mode == "file":
-                yield path, 1, f.read(), "text"
-            elif text_mode == "line":
-                for lineno, line in enumerate(f, 1):
-                    yield path, lineno, line, "text"
-            else:  # paragraphs: documents separated by blank lines
-                buf: list[bytes] = []
-                start = 1
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        if not buf:
-                            start = lineno
-                        buf.append(line)
-                    elif buf:
-                        yield path, start, b"".join(buf), "text"
-                        buf = []
-                if buf:
-                    yield path, start, b"".join(buf), "text"
-
-
 # --- encoding (in worker processes) ------------------------------------------------------------
 _TOKENIZER: Optional[Tokenizer] = None
 _KEYS: tuple[str, ...] = ("text",)
@@ -99,7 +57,7 @@ def _init_worker(tokenizer: Tokenizer, keys: tuple[str, ...], eod: Optional[int]
     _TOKENIZER, _KEYS, _EOD, _DTYPE = tokenizer, keys, eod, dtype
 
 
-def _encode(item: _Item) -> tuple[list[Optional[np.ndarray]], int]:
+def _encode(item: Item) -> tuple[list[Optional[np.ndarray]], int]:
     """-> (one token array per key, None for an empty text; bytes consumed)."""
     path, lineno, raw, kind = item
     if kind == "json":

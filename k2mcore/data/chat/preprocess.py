@@ -27,7 +27,6 @@ import numpy as np
 
 from k2mcore.data import pipeline
 from k2mcore.data.indexed import write_meta
-from k2mcore.data.preprocess import read_items
 from k2mcore.errors import DataError
 
 from .encoding import SPECIAL_TEXT_MODES, ChatTokenizer, load_chat_tokenizer
@@ -128,7 +127,7 @@ def preprocess_chat(
         return f"{stats.read / elapsed:.0f} conv/s, {stats.tokens / elapsed / 1e3:.1f}k tok/s"
 
     init = (chat, special_tokens_in_content, max_length, overlong, dtype)
-    items = read_items(paths, "jsonl", "line")
+    items = pipeline.read_items(paths, "jsonl", "line")
     with pipeline.DatasetWriter(prefixes, [dtype, np.uint8]) as out, pipeline.encoded(
             paths, items, _init_worker, init, _encode, workers=workers, chunk_size=chunk_size,
             progress=progress, rate=rate) as results:
