@@ -5,10 +5,10 @@ release it is for, why, what would remove it), checked before it is applied, so 
 fails with one line naming the patch. Modules:
 
 - `cpu`: the CPU/gloo backend, active only without CUDA;
-- `dist_checkpoint`: the in-process torch_dist writer, the allow-listed DCP reader, and the
-  DistributedOptimizer's Adam-state loading fixes;
+- `dist_checkpoint`: the in-process torch_dist writer and the allow-listed DCP reader;
 - `mla`: MLA self-attention with TP-replicated down projections and the spec's own q/kv norms;
-- `uneven_shards`: ZeRO-1 shards of unequal size for MuonClip's owner-aligned buffers;
+- `uneven_shards`: ZeRO-1 shards of unequal size for MuonClip's owner-aligned buffers (the
+  buffers' views, the gradient reduce-scatter, the parameter all-gather, the optimizer's ranges);
 - `console`: megatron's and torch's known noise, shown once or not at all;
 - `preimport`: what megatron reads at import (the console filters; without CUDA, its
   torch.compile'd functions left eager), set before the first megatron import.

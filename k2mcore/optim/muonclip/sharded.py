@@ -8,7 +8,8 @@ weights and all-gathered. `ShardedMuonClip` is that inner optimizer. It steps Ad
 non-matrix shards and, for the Muon matrices:
 
 1. momentum and Nesterov input on the local shard (element-wise, so the state is a ZeRO slice that
-   megatron's fully-reshardable checkpoint saves and reshards across layouts, under `exp_avg`);
+   k2mcore's checkpoints save as boxes of the model-space tensor, under `exp_avg`, and reshard
+   across layouts: k2mcore.optim.state_boxes);
 2. one all_to_all over the ranks that hold the matrix (its TP or ETP shards times its DP or
    expert-DP replicas) sends each piece to the matrix's owner, picked to balance Newton-Schulz
    FLOPs (longest job first);
