@@ -1,6 +1,6 @@
 """megatron-core 0.19.2's own Muon path against k2mcore's MuonClip and ZeRO-1 AdamW, same model.
 
-    pip install emerging-optimizers   # megatron's Muon needs it; not a k2mcore dependency
+    pip install -c constraints.txt -e '.[megatron-muon]'   # emerging-optimizers, for megatron's Muon
     python benchmarks/bench_megatron_muon.py [--steps 6]
 
 megatron's path: LayerWiseDistributedOptimizer over emerging-optimizers' TensorParallelMuon, its
@@ -174,7 +174,8 @@ def main() -> None:
         import emerging_optimizers  # noqa: F401
     except ImportError:
         print("bench_megatron_muon: megatron's Muon needs emerging-optimizers "
-              "(pip install emerging-optimizers); nothing measured", file=sys.stderr)
+              "(pip install -c constraints.txt -e '.[megatron-muon]'); nothing measured",
+              file=sys.stderr)
         raise SystemExit(2)
     from harness.launching import local_command, local_env
 
