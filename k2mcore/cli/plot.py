@@ -10,11 +10,15 @@ from typing import Optional
 from k2mcore.training.plot import plot_run
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="k2m-plot", description=__doc__.splitlines()[0])
     ap.add_argument("metrics", help="a run's metrics.jsonl (or its run directory)")
     ap.add_argument("-o", "--output", help="PNG path (default: metrics.png beside the input)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
     path = args.metrics
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
