@@ -29,7 +29,7 @@ run: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH launch/local.sh $(NPROC) --config k2-tiny $(RUN_ARGS)
 	$(VENV)/bin/k2m-plot runs/k2-tiny
 
-# released weights -> SFT -> Hugging Face on the bundled assets (README: the recipe section):
+# released weights -> SFT -> Hugging Face on the bundled assets (docs/conversion.md, the recipe):
 # a random DeepseekV3 release, hf-to-mcore, packed chat SFT with MuonClip at TP2 x EP2,
 # mcore-to-hf, greedy generation in transformers reproducing the trained replies
 sft: $(STAMP)

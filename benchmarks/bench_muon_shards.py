@@ -1,5 +1,5 @@
 """Owner-aligned uneven ZeRO-1 shards (k2mcore.optim.muonclip.shard_plan) on Kimi-K2's shapes,
-against ZeRO-1 AdamW, today's MuonClip exchange and megatron 0.19.2's LayerWise layout. Planning
+against ZeRO-1 AdamW, MuonClip's exchange on equal shards and megatron 0.19.2's LayerWise layout. Planning
 only.
 
     python benchmarks/bench_muon_shards.py [--dp 2 4 8 16 64] [--ep 16 64]
@@ -23,7 +23,7 @@ marked "EP16->8". Per layout, over all 16 pipeline stages and all their ranks:
   state      worst stage: the largest optimizer shard (fp32 master + moments live there) /
              ZeRO-1's shard.
 
-Rows: "zero1" ZeRO-1 AdamW (the baseline); "a2a" today's MuonClip on ZeRO-1 shards (NS owners by
+Rows: "zero1" ZeRO-1 AdamW (the baseline); "a2a" MuonClip on megatron's equal ZeRO-1 shards (owner_aligned_shards: false) (NS owners by
 LPT per holder group, no loads carried between dense and experts; its two bf16 all_to_alls
 added to the bytes); "owner" this plan; "off" this plan with
 Newton-Schulz offloads (ns_offload.py, budget optimizer.muon.ns_offload_budget = 1.5% of the

@@ -7,7 +7,8 @@
    same seed, so the same weights and batches): losses within 1e-4 (fp32) and 2e-2 (bf16)
    relative, and the same clipped heads per step;
 2. a K2-shaped proxy on one device: K2's widths (hidden 7168, MLA ranks 1536/512, 64 heads,
-   expert width 2048) with few layers and experts, bf16, local spec, selective recompute;
+   expert width 2048) with few layers and experts, bf16, selective recompute (the TE spec where
+   Transformer-Engine imports, else the local spec);
    tokens/s and MFU against the bf16 GEMM peak measured first (8192^3), with and without the
    max-logit probe;
 3. MuonClip against AdamW on that proxy: optimizer-step and whole-step time, and Newton-Schulz

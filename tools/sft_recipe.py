@@ -6,7 +6,8 @@
 3. `k2m-convert hf-to-mcore`;
 4. `k2m-train` from the converted weights (`checkpoint.load`) on the packed chat data
    (data.format=chat, data.packing=true) with MuonClip at TP2 x EP2 (2 gloo ranks on CPU);
-5. `k2m-convert mcore-to-hf`, the tokenizer copied next to the weights;
+5. `k2m-convert mcore-to-hf`: the release's config and tokenizer come back with the weights (the
+   checkpoints carried them through training);
 6. transformers loads it and greedy generation (apply_chat_template(add_generation_prompt=True),
    do_sample=False) must reproduce every trained reply up to `<|im_end|>`.
 

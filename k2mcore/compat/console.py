@@ -12,7 +12,7 @@ import warnings
 # (logger, message start, why it is noise)
 _LOG_NOISE = (
     ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED",
-     "k2mcore stays on GPTModel on purpose (README, 'GPTModel, not HybridModel')"),
+     "k2mcore stays on GPTModel on purpose (docs/architecture.md, 'GPTModel, not HybridModel')"),
     ("torch.utils.cpp_extension", "No CUDA runtime is found",
      "PyPI's CUDA build of torch says so at import on a machine without a GPU"),
 )

@@ -1,7 +1,7 @@
 """CPU/gloo backend for megatron-core: real TP/SP/PP/EP/DP on gloo ranks of one machine.
 
 megatron-core assumes CUDA throughout. Rather than fork it, this module adapts the few places that
-block it on a CPU-only run (shared/reference/megatron-core-on-cpu.md tells how each was found):
+block it on a CPU-only run (docs/reference.md, 'megatron-core on CPU', tells how each was found):
 
 1. `torch.cuda` calls (device, RNG, streams, events, synchronize) get CPU stand-ins;
 2. a TorchFunctionMode rewrites CUDA device arguments and `.cuda()` to CPU, and makes
@@ -15,9 +15,9 @@ block it on a CPU-only run (shared/reference/megatron-core-on-cpu.md tells how e
    a C++ extension megatron compiles at run time.
 
 Active only when CUDA is absent (`activate()` is a no-op otherwise); nothing outside
-`k2mcore.compat` knows about it. Each megatron or torch target is a declared `Patch`, checked
-before it is replaced (k2mcore/compat/patching.py). megatron-core 0.19.2 fixed what 0.16.1 also
-needed here: MLA's stale `HAVE_TE` and moe_utils' undefined `te_general_gemm`.
+`k2mcore.compat` knows about it. Each megatron or torch function it replaces is a declared
+`Patch`, checked before it is replaced (k2mcore/compat/patching.py); the `torch.cuda` stand-ins
+are set directly, since on a CPU-only torch there is nothing of CUDA's to check.
 """
 from __future__ import annotations
 

@@ -194,8 +194,8 @@ class CheckpointConfig:
     load: Optional[str] = None
     keep: int = 2
     # interval saves written by a background thread while training goes on (committed, by
-    # rename, once every rank has written); the save on a stop signal and at the end of the
-    # run waits for it, then saves synchronously
+    # rename, once every rank has written); the end of the run waits for a write in progress,
+    # and a stop signal waits for it, then saves synchronously
     async_save: bool = False
     # write the checkpoint files with O_DIRECT, around the page cache (3-4x less time per byte
     # here; k2mcore.checkpoint.writer); a filesystem that refuses it gets buffered writes

@@ -1,7 +1,7 @@
 """Hugging Face DeepseekV3 / Kimi-K2 <-> k2mcore: config fields and weight names.
 
 Weight names map one-to-one except the gated MLPs, whose megatron `linear_fc1` is
-cat(gate_proj, up_proj) along the output dim (see shared/reference/kimi-k2.md).
+cat(gate_proj, up_proj) along the output dim (see docs/reference.md, 'Weight names').
 """
 from __future__ import annotations
 

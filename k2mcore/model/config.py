@@ -2,7 +2,7 @@
 
 Every field that decides numerics is set explicitly: megatron's MLA defaults (YaRN with factor 40,
 beta_fast 32, mscale_all_dim 0, softmax router, aux loss) are DeepSeek-V2's, not K2's.
-See shared/reference/hf-parity.md for what each one breaks when left out.
+See docs/reference.md, 'Hugging Face parity', for what each one breaks when left out.
 """
 from __future__ import annotations
 

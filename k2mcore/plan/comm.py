@@ -41,7 +41,8 @@ at DP > 1 with TP > 1 the Newton-Schulz pieces sit where the owner-aligned shard
 them (k2mcore.optim.muonclip.shard_plan), which the even spread assumed here does not follow.
 
 Not modelled: NS offloads (optimizer.muon.ns_offload_budget > 0), CP > 1, tied embeddings'
-embedding-group all-reduce, MuonClip's exchange at DP > 1 with TP > 1 (`_muon_exchange`).
+embedding-group all-reduce. MuonClip's exchange at DP > 1 with TP > 1 (`_muon_exchange`) is
+priced spread evenly over DP, as said above.
 """
 from __future__ import annotations
 

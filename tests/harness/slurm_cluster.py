@@ -1,6 +1,6 @@
 """A real Slurm cluster on this machine for the tests: Debian's slurmctld, three slurmd "nodes"
 (n1, n2, n3 on 127.0.0.2-4) and munged, brought up once per test session and stopped by
-PID at the end (see shared/reference/slurm-on-one-machine.md for why each setting is there).
+PID at the end (see docs/reference.md, 'Slurm on one machine', for why each setting is there).
 
 `ensure_installed()` installs the packages with apt when they are missing; without root or apt
 the tests skip with one line, unless K2M_REQUIRE_SLURM=1 (CI) turns that into a failure.

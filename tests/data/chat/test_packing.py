@@ -131,7 +131,7 @@ def test_efficiency_counts_real_positions(convs):
 
 
 def test_bundled_sample_packing_figures():
-    """The README's figures: the bundled chat sample in file order."""
+    """docs/data.md's figures: the bundled chat sample in file order."""
     from k2mcore.data.indexed import read_index
 
     lengths = read_index(str(CHAT_PREFIX) + "_input_ids_document").sequence_lengths
