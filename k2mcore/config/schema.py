@@ -191,6 +191,8 @@ class CheckpointConfig:
     # every N steps (make train.iters a multiple to keep the final weights) and when a stop
     # signal ends the run early; 0: only then
     interval: int = 0
+    # where a run without checkpoints of its own starts (a converted release, another run's
+    # step); once the run has saved, it resumes from its own newest checkpoint
     load: Optional[str] = None
     keep: int = 2
     # interval saves written by a background thread while training goes on (committed, by

@@ -48,8 +48,12 @@ def train(cfg: K2Config, layout: Layout, data: Optional[Iterator[dict]] = None, 
     """
     stop = StopRequest(stop_file=os.path.join(cfg.run.dir, "STOP"))  # before anything slow
     ckpt_root = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
-    resume_from = cfg.checkpoint.load or ckpt.latest_checkpoint(ckpt_root)
-    if _already_complete(cfg, resume_from):
+    # the run's own newest checkpoint first, so that a preempted or requeued run started from
+    # checkpoint.load (a converted release, another run's step) goes on from where it stopped;
+    # checkpoint.load starts a run that has none yet (Megatron-LM's --pretrained-checkpoint)
+    own = ckpt.latest_checkpoint(ckpt_root)
+    resume_from = own or cfg.checkpoint.load
+    if _already_complete(cfg, own):
         return []
     summary = None
     if data is None:  # bad data stops here, before any process group, model or checkpoint
@@ -65,9 +69,10 @@ def train(cfg: K2Config, layout: Layout, data: Optional[Iterator[dict]] = None, 
     return rows
 
 
-def _already_complete(cfg: K2Config, resume_from: Optional[str]) -> bool:
-    """A finished run says so in one line, before any process group exists."""
-    done = ckpt.saved_step(resume_from) if resume_from and not cfg.checkpoint.load else 0
+def _already_complete(cfg: K2Config, own: Optional[str]) -> bool:
+    """A finished run (its own newest checkpoint at train.iters) says so in one line, before any
+    process group exists."""
+    done = ckpt.saved_step(own) if own else 0
     if done < cfg.train.iters:
         return False
     if os.environ.get("RANK", "0") == "0":

@@ -163,8 +163,15 @@ def test_resume_equals_uninterrupted_also_under_another_layout(reference, tmp_pa
     step3 = os.path.join(ck, "step_00000003")
     assert os.path.isdir(step3)
     # another layout (1 rank, and TP2 x PP2 on 4 ranks) from the EP2 checkpoint; the same
-    # layout's automatic resume: the SIGTERM test here, and test_slurm.py's three reruns
-    _run(1, [f"checkpoint.load={step3}"], str(tmp_path / "c"), 6)
+    # layout's automatic resume: the SIGTERM test here, and test_slurm.py's three reruns.
+    # The 1-rank run stops at step 5 and is started again with the same checkpoint.load: its own
+    # newest checkpoint comes first (a requeued fine-tune goes on), then it is complete.
+    c, load_c = str(tmp_path / "c"), [f"checkpoint.load={step3}", "checkpoint.interval=1"]
+    _run(1, load_c, c, 5)
+    again = _run(1, load_c, c, 6)
+    assert f"resumed from {os.path.join(c, 'checkpoints', 'step_00000005')} at step 5" \
+        in again.stdout, again.stdout
+    assert "is already complete (step 6 of train.iters=6)" in _run(1, load_c, c, 6).stdout
     _run(4, ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2", f"checkpoint.load={step3}"],
          str(tmp_path / "d"), 6)
     ref = _losses(reference)
