@@ -226,3 +226,35 @@ def test_job_ran_exactly_once_per_interruption_and_matches_the_reference(interru
     losses = _losses(job.run_dir)
     assert sorted(losses) == list(range(1, ITERS + 1))
     assert losses == reference  # same ranks, same threads: bit for bit
+
+
+def test_run_dir_from_the_arguments_is_the_one_the_stop_file_goes_to(tmp_path):
+    """No cluster: `srun`, `scontrol` and `torchrun` stand-ins (srun runs its command, torchrun
+    records its arguments). A `--set run.dir=DIR` in the job's arguments wins over RUN_DIR, so the
+    directory the script makes and writes its stop file into is the ranks' run.dir (k2m-train
+    takes the last override, the script's own); without one, RUN_DIR is used."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+                                  'SLURM_NODEID=0 exec "$@"\n')
+    (bin_dir / "torchrun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node1\n")
+    for tool in ("srun", "torchrun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+
+    def job(args: list[str], run_dir_env: str) -> tuple[str, list[str]]:
+        record = tmp_path / "srun.args"
+        env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SRUN_ARGS=str(record),
+                   RUN_DIR=run_dir_env, SLURM_JOB_ID="7", SLURM_NNODES="1",
+                   SLURM_JOB_NODELIST="node1", K2M_TRAIN="k2m-train")
+        proc = subprocess.run(["bash", os.path.join(ROOT, "slurm", "train.sbatch"), *args],
+                              env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        return record.read_text().splitlines(), sorted(p.name for p in tmp_path.iterdir())
+
+    wanted, env_dir = str(tmp_path / "wanted"), str(tmp_path / "from_env")
+    args, made = job(["--config", "k2-tiny", "--set", f"run.dir={wanted}"], env_dir)
+    assert args[-2:] == ["--set", f"run.dir={wanted}"] and "wanted" in made
+    assert "from_env" not in made
+    args, made = job(["--config", "k2-tiny"], env_dir)
+    assert args[-2:] == ["--set", f"run.dir={env_dir}"] and "from_env" in made
