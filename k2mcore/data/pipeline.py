@@ -174,9 +174,9 @@ class Encoded:
     which the progress bar counts. `rate(elapsed)` gives the bar's speed text."""
 
     def __init__(self, results: Iterable, bar: Any, rate: Callable[[float], str],
-                 progress: bool) -> None:
+                 progress: bool, start: float) -> None:
         self._results, self._bar, self._rate, self._progress = results, bar, rate, progress
-        self.start = time.perf_counter()
+        self.start = start  # before the workers were started: their start-up counts
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -203,6 +203,7 @@ def encoded(paths: Sequence[str], items: Iterable, init: Callable[..., None],
     it has no total (nor ETA) then. The pool is ended on leaving, whatever happened."""
     from tqdm import tqdm
 
+    start = time.perf_counter()
     gz = any(p.endswith(".gz") for p in paths)
     total: Optional[int] = None if gz else sum(os.path.getsize(p) for p in paths)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=PROG,
@@ -216,7 +217,7 @@ def encoded(paths: Sequence[str], items: Iterable, init: Callable[..., None],
         else:
             init(*init_args)
             results = map(encode, items)
-        yield Encoded(results, bar, rate, progress)
+        yield Encoded(results, bar, rate, progress, start)
     finally:
         if pool is not None:
             pool.terminate()
