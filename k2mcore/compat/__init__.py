@@ -7,6 +7,8 @@ fails with one line naming the patch. Modules:
 - `cpu`: the CPU/gloo backend, active only without CUDA;
 - `dist_checkpoint`: the in-process torch_dist writer and the allow-listed DCP reader;
 - `mla`: MLA self-attention with TP-replicated down projections and the spec's own q/kv norms;
+- `param_sync`: each DistributedOptimizer of a chain all-gathers only its own buffers (one
+  parameter all-gather per buffer per step at EP > 1);
 - `uneven_shards`: ZeRO-1 shards of unequal size for MuonClip's owner-aligned buffers (the
   buffers' views, the gradient reduce-scatter, the parameter all-gather, the optimizer's ranges);
 - `console`: megatron's and torch's known noise, shown once or not at all;
@@ -41,7 +43,7 @@ def declared_modules() -> list[str]:
     """Import every module that declares patches (so `PATCHES` is complete); their names."""
     import importlib
 
-    names = ["cpu", "dist_checkpoint", "mla", "uneven_shards"]
+    names = ["cpu", "dist_checkpoint", "mla", "param_sync", "uneven_shards"]
     for name in names:
         importlib.import_module(f"{__name__}.{name}")
     return names

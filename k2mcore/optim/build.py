@@ -27,6 +27,10 @@ def build_optimizer(cfg: K2Config, model: list, groups: ProcessGroups, *,
         model,
         use_gloo_process_groups=False,
     )
+    if cfg.parallel.distributed_optimizer:
+        from k2mcore.compat import param_sync
+
+        param_sync.install()  # one parameter all-gather per buffer, also with EP's two children
     sched = build_scheduler(cfg, opt)
     if o.name == "muonclip":
         _install_muonclip(cfg, opt, model, groups,

@@ -25,7 +25,7 @@ Kinds:
              exchange since variable_seq_lengths is off), the loss total over PP and the
              schedule's token-count broadcast from the last stage.
   dp         the DDP buffers' gradient reduce-scatter (fp32) and parameter all-gather (once per
-             distributed optimizer of the chain: megatron's each syncs every bucket), the grad
+             buffer: k2mcore.compat.param_sync keeps EP's two optimizers apart), the grad
              norm and its group flags over the world, the router expert-bias token counts over
              TP x DP x CP, the loss total and token count over DP.
   optimizer  MuonClip's Newton-Schulz exchanges (two all_to_alls per holder group, when not
@@ -220,7 +220,7 @@ def _dp_bytes(cfg: Any, layout: Any, me: _Rank, dp_buffers: Optional[Iterable[Se
         numel, shard, size = entry[:3]
         if size > 1:
             n += FP32 * numel  # grad_reduce_in_fp32: the whole bucket
-            n += optimizers * a * shard  # each optimizer of the chain syncs every bucket
+            n += a * shard  # the parameter all-gather, once (k2mcore.compat.param_sync)
     if layout.world_size > 1:
         n += FP32  # the grad norm over the world
         if first_step:

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_every_declared_target_exists_with_its_signature():
     modules = compat.declared_modules()
-    assert modules == ["cpu", "dist_checkpoint", "mla", "uneven_shards"]
+    assert modules == ["cpu", "dist_checkpoint", "mla", "param_sync", "uneven_shards"]
     names = sorted(compat.PATCHES)
     assert len(names) >= 15, names
     assert compat.check_all() == []

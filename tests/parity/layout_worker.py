@@ -285,12 +285,27 @@ def count_step_bytes(name: str, out: str, init_path: str) -> None:
         with count_collective_bytes() as counts:
             optimizer.zero_grad()
             forward_backward(model, groups, batches, seq_length=SEQ, micro_batch_size=1)
-            optimizer.step()
+            with count_collective_bytes() as stepped:  # the parameter all-gather's part
+                optimizer.step()
             attention_report(cfg, optimizer, model, groups, stepped=True)
         mine = sum(counts.values())
+        # ZeRO-1's minimum from the buffer sizes: each buffer's fp32 gradients reduce-scattered
+        # whole, its fp32 parameters all-gathered once (this rank hands over its 1/d share)
+        buffers = [b for c in model for b in c.buffers + c.expert_parallel_buffers
+                   if b.data_parallel_world_size > 1]
+        zero1 = {"reduce_scatter_tensor": sum(4 * b.grad_data.numel() for b in buffers),
+                 "all_gather_into_tensor": sum(4 * b.param_data.numel() / b.data_parallel_world_size
+                                               for b in buffers)}
         per_rank: list = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, (mine, dict(counts)))
-        result[optimizer_name] = {"total": total_over_ranks(counts), "per_rank": per_rank}
+        # the DDP buffers' collectives: the gradient reduce-scatter (the only reduce_scatter_tensor
+        # without TP) and the optimizer step's all-gathers (the MoE token counts' are forward's)
+        ddp = {"reduce_scatter_tensor": counts.get("reduce_scatter_tensor", 0),
+               "all_gather_into_tensor": stepped.get("all_gather_into_tensor", 0)}
+        dist.all_gather_object(per_rank, (mine, dict(counts), zero1, ddp))
+        result[optimizer_name] = {"total": total_over_ranks(counts),
+                                  "per_rank": [r[:2] for r in per_rank],
+                                  "zero1": [r[2] for r in per_rank],
+                                  "ddp": [r[3] for r in per_rank]}
     if dist.get_rank() == 0:
         torch.save(result, os.path.join(out, f"{name}.bytes.pt"))
 

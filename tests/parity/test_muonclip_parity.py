@@ -111,6 +111,20 @@ def test_muonclip_moves_zero1_adamws_bytes(byte_results, layout):
     assert a2a(muon) == a2a(adam)  # MuonClip adds no exchange of its own
 
 
+@pytest.mark.parametrize("layout", BYTE_LAYOUTS)
+def test_data_parallel_bytes_are_zero1s_minimum(byte_results, layout):
+    """Summed over ranks, AdamW and MuonClip hand the DDP reduce-scatter exactly the buffers'
+    fp32 gradients and the parameter all-gather exactly 1/d of the fp32 parameters, once per
+    buffer (with EP2's dense and expert optimizers too): in bus bytes the all-gather equals the
+    reduce-scatter, d - 1 over d of the buffer each."""
+    for name in ("adamw", "muonclip"):
+        run = byte_results[layout][name]
+        for op in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+            counted = sum(d[op] for d in run["ddp"])
+            minimum = sum(z[op] for z in run["zero1"])
+            assert counted > 0 and counted == pytest.approx(minimum, rel=1e-9), (name, op)
+
+
 @pytest.mark.parametrize("layout", CLIP_LAYOUTS)
 def test_qk_clip_scales_exactly_the_clipped_heads_rows(clip_results, layout):
     """lr 0: only QK-Clip changes weights. Per head: q no-RoPE rows and k no-RoPE rows by

@@ -68,11 +68,12 @@ def test_data_parallel_buffers_and_small_ones():
     # a 1-rank group counts nothing; steady state drops the cached flag
     assert comm.comm_bytes(cfg, layout, dp_buffers=[(100, 100, 1)], dtype_bytes=A,
                            first_step=False)["dp"] == small - 4
-    # EP2: a dense and an expert optimizer, each all-gathers every bucket
+    # EP2: a dense and an expert optimizer; each buffer is all-gathered once (compat.param_sync),
+    # the has_grad_norm_group flag is each optimizer's
     cfg, layout = setup(2, ep=2)
     got = comm.comm_bytes(cfg, layout, dp_buffers=[(240256, 120128, 2), (1000, 1000, 1)],
                           dtype_bytes=A)["dp"]
-    assert got == 4 * 240256 + 2 * A * 120128 + 4 + 2 * 4 + 96 + 20 == 1922176
+    assert got == 4 * 240256 + A * 120128 + 4 + 2 * 4 + 96 + 20 == 1441664
 
 
 def test_tensor_parallel_sp():
