@@ -8,7 +8,8 @@ block it on a CPU-only run (docs/reference.md, 'megatron-core on CPU', tells how
    `Tensor.type()` report the CUDA type name megatron's optimizers compare against;
 3. the model-parallel RNG tracker forks the CPU generator (its CUDA-vs-CPU drift check would
    otherwise fire on every fork);
-4. gloo adapters: `all_to_all_single` split sizes as int lists, `all_gather` with uneven shapes,
+4. gloo adapters: `all_to_all_single` split sizes as int lists, `all_gather` with uneven shapes
+   (one broadcast per rank: no padding),
    pipeline p2p through megatron's unbatched path;
 5. Transformer-Engine-absent fixes: selective recompute's FP8 path switched on by a
    `fp8 is not None` test, and its recomputed outputs handed over by a storage copy rather than
@@ -26,6 +27,7 @@ import logging
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 from k2mcore import platform
@@ -217,8 +219,29 @@ A2A = declare(Patch(
 ALL_GATHER = declare(Patch(
     "cpu-gloo-uneven-all-gather", "torch.distributed.all_gather",
     params=("tensor_list", "tensor", "group", "async_op"),
-    why="gloo refuses unequal shapes, and megatron's MoE TP+EP path gathers uneven token counts",
+    why="gloo refuses unequal shapes, and megatron's MoE TP+EP path gathers uneven token counts "
+        "(so do MuonClip's owner-aligned shards); run as one broadcast per rank, NCCL's grouped "
+        "way, so no padding goes on the wire",
     remove_when="gloo supports uneven all_gather"))
+
+
+class _AllOf:
+    """One handle over several async collectives, so a caller's single `wait()` covers every
+    piece of an adapted collective."""
+
+    def __init__(self, works: list, copies: list) -> None:
+        self._works, self._copies = works, copies
+
+    def wait(self, timeout: Any = None) -> bool:
+        for w in self._works:
+            w.wait() if timeout is None else w.wait(timeout)
+        for out, buf in self._copies:  # pieces that were not contiguous views
+            out.copy_(buf)
+        self._works, self._copies = [], []
+        return True
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self._works)
 
 
 def _patch_collectives() -> None:
@@ -234,17 +257,25 @@ def _patch_collectives() -> None:
 
     def gather(orig):
         def all_gather(tensor_list, tensor, group=None, async_op=False):
-            # pad every piece to the largest, gather, then copy the true sizes out
             if all(t.shape == tensor.shape for t in tensor_list):
                 return orig(tensor_list, tensor, group, async_op)
-            longest = max(t.numel() for t in tensor_list)
-            flat = torch.zeros(longest, dtype=tensor.dtype)
-            flat[: tensor.numel()] = tensor.reshape(-1)
-            bufs = [torch.empty(longest, dtype=tensor.dtype) for _ in tensor_list]
-            work = orig(bufs, flat, group, False)
-            for out, buf in zip(tensor_list, bufs):
-                out.copy_(buf[: out.numel()].view(out.shape))
-            return work
+            # Uneven: one broadcast per rank from its own piece, as NCCL's grouped path runs it,
+            # so the wire carries each piece's true size (padding to the largest would not).
+            me = dist.get_rank(group)
+            tensor_list[me].copy_(tensor.view(tensor_list[me].shape))
+            works, copies = [], []
+            for r, out in enumerate(tensor_list):
+                if out.numel() == 0:
+                    continue
+                buf = out if out.is_contiguous() else out.contiguous()
+                if buf is not out:
+                    copies.append((out, buf))
+                works.append(dist.broadcast(buf, group=group, group_src=r, async_op=True))
+            handle = _AllOf(works, copies)
+            if async_op:
+                return handle
+            handle.wait()
+            return None
         return all_gather
 
     apply(A2A, a2a)

@@ -52,28 +52,68 @@ def test_rng_tracker_forks_the_cpu_generator():
         assert torch.equal(torch.rand(3), a)
 
 
+ROWS = (2, 0, 3)  # rank r's rows in the uneven all_gather (rank 1 contributes none)
+
+
 def _gloo_worker(rank: int, world: int, path: str) -> None:
     cpu_backend.activate()
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    # uneven all_gather: rank r contributes r+1 rows
-    mine = torch.full((rank + 1, 2), float(rank))
-    out = [torch.empty(r + 1, 2) for r in range(world)]
-    dist.all_gather(out, mine)
-    for r, t in enumerate(out):
-        assert torch.equal(t, torch.full((r + 1, 2), float(r))), (rank, r, t)
-    # all_to_all_single with split sizes given as tensors, as megatron's MoE dispatcher does
-    send = torch.arange(3, dtype=torch.float32) + 10 * rank  # rank 0 sends [1 | 2] elements
-    in_splits = torch.tensor([1, 2]) if rank == 0 else torch.tensor([2, 1])
-    out_splits = torch.tensor([1, 2]) if rank == 0 else torch.tensor([2, 1])
+    # what goes on the wire: every broadcast the adapter issues, (source, bytes)
+    sent, broadcast = [], dist.broadcast
+
+    def recording(tensor, *args, **kwargs):
+        sent.append((kwargs.get("group_src"), tensor.numel() * tensor.element_size()))
+        return broadcast(tensor, *args, **kwargs)
+
+    dist.broadcast = recording
+    try:
+        def mine(step):
+            return torch.full((ROWS[rank], 2), float(10 * step + rank))
+
+        def expect(outs, step):
+            for r, t in enumerate(outs):
+                assert torch.equal(t, torch.full((ROWS[r], 2), float(10 * step + r))), (rank, r, t)
+
+        # synchronous, into separate tensors
+        out = [torch.empty(n, 2) for n in ROWS]
+        assert dist.all_gather(out, mine(0)) is None
+        expect(out, 0)
+        # async, into views of one flat buffer (as compat.uneven_shards hands it): one handle
+        flat = torch.empty(sum(ROWS) * 2)
+        views = list(torch.split(flat, [2 * n for n in ROWS]))
+        work = dist.all_gather([v.view(-1, 2) for v in views], mine(1), async_op=True)
+        work.wait()
+        expect([v.view(-1, 2) for v in views], 1)
+        # async into strided pieces (every other column of one matrix): filled by wait()
+        wide = torch.full((sum(ROWS), 4), -1.0)
+        starts = [sum(ROWS[:r]) for r in range(world)]
+        pieces = [wide[s:s + n, ::2] for s, n in zip(starts, ROWS)]
+        dist.all_gather(pieces, mine(2), async_op=True).wait()
+        expect(pieces, 2)
+        assert torch.equal(wide[:, 1::2], torch.full((sum(ROWS), 2), -1.0))
+    finally:
+        dist.broadcast = broadcast
+    # no padding: one broadcast per contributing rank, of exactly its piece, per gather
+    piece = {r: 4 * 2 * n for r, n in enumerate(ROWS) if n}
+    assert sent == [(r, b) for r, b in piece.items()] * 3, (rank, sent)
+    # all_to_all_single with split sizes given as tensors, as megatron's MoE dispatcher does:
+    # rank r sends j + 1 elements to rank j
+    send = torch.arange(6, dtype=torch.float32) + 10 * rank
+    in_splits = torch.tensor([1, 2, 3])
+    out_splits = torch.tensor([rank + 1] * world)
     recv = torch.empty(int(out_splits.sum()))
     dist.all_to_all_single(recv, send, out_splits, in_splits)
-    want = torch.tensor([0.0, 10.0, 11.0]) if rank == 0 else torch.tensor([1.0, 2.0, 12.0])
+    first = rank * (rank + 1) // 2
+    want = torch.cat([torch.arange(first, first + rank + 1, dtype=torch.float32) + 10 * s
+                      for s in range(world)])
     assert torch.equal(recv, want), (rank, recv)
     dist.destroy_process_group()
 
 
 def test_gloo_adapters(tmp_path):
-    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+    """Three gloo ranks: the uneven all_gather's values (sync, async with one handle) and the
+    bytes it puts on the wire (each piece's own size, no padding); tensor split sizes."""
+    mp.spawn(_gloo_worker, args=(3, str(tmp_path / "store")), nprocs=3, join=True)
 
 
 def test_inert_when_cuda_is_present():
