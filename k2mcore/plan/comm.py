@@ -1,11 +1,16 @@
-"""The communication term of the planner: bytes one rank hands to collectives per training step.
+"""The communication term of the planner: bytes one rank moves per training step, by kind.
 
 Pure python (no torch or megatron at import), so `k2m-plan` prices the 1T kimi-k2 preset in
-milliseconds. The accounting is tests/harness/comm_bytes.py's, which counts real runs: an all-reduce
-or a reduce-scatter counts its whole input, an all-gather the local shard, an all-to-all its whole
-input (the split a rank keeps for itself included: megatron's dispatcher and MuonClip hand
-all_to_all_single one tensor holding every destination's rows), a broadcast the source's tensor, a
-point-to-point send what it sends; a 1-rank group counts nothing. One step = zero_grad, megatron's
+milliseconds. Two conventions, both tests/harness/comm_bytes.py's, which counts real runs
+(docs/testing.md, 'Counting bytes'):
+- handed over (`comm_bytes`): an all-reduce or a reduce-scatter counts its whole input, an
+  all-gather the local shard, an all-to-all its whole input (the split a rank keeps for itself
+  included: megatron's dispatcher and MuonClip hand all_to_all_single one tensor holding every
+  destination's rows), a broadcast the source's tensor, a point-to-point send what it sends;
+- bus bytes (`bus_bytes`, NCCL-tests' convention, what the step time divides by link bandwidth):
+  a reduce-scatter N_in(d-1)/d, an all-gather N_out(d-1)/d, an all-reduce 2N(d-1)/d, an
+  all-to-all what goes to the other ranks, a broadcast N on every rank, a send N.
+A 1-rank group counts nothing in either. One step = zero_grad, megatron's
 forward/backward schedule (k2mcore.training.step.forward_backward, with the DDP gradient
 reduce-scatter in finalize_model_grads), optimizer.step (the parameter all-gather) and
 k2mcore.training.metrics.attention_report; the first step of a run (megatron caches one flag
@@ -32,7 +37,8 @@ Kinds:
              silent), QK-Clip's per-head max-logit all-reduce over DP x CP, and the attention
              report's two all-reduces over the world (also under AdamW, when logits are measured).
 
-Exactness (tests/parity/comm_probe.py against real k2-tiny runs): every kind exact per rank at
+Exactness (tests/parity/comm_probe.py against real k2-tiny runs, both conventions): every kind
+exact per rank at
 1 rank, TP2+SP, PP2xVPP2, EP2, DP2 (ep there within 4%: routing is not uniform). At
 TP2xPP2xEP2 (SP, ETP 2, DP 2) pp and dp are exact per rank; tp, ep and the MuonClip exchange are
 exact summed over each pipeline stage's ranks, not per rank: with EP > 1 the expert-TP gather /
@@ -51,6 +57,44 @@ from typing import Any, Iterable, Optional, Sequence
 
 KINDS = ("tp", "ep", "pp", "dp", "optimizer")
 FP32, INT32, INT64, FP64 = 4, 4, 8, 8
+
+
+class _Tally:
+    """One kind's bytes on one rank in both conventions (module docstring), collective by
+    collective; `d` is the group's size, and a group of one rank adds nothing."""
+
+    def __init__(self) -> None:
+        self.handed, self.bus = 0, 0.0
+
+    def reduce_scatter(self, n_in: int, d: int, times: int = 1) -> None:
+        if d > 1:
+            self.handed += times * n_in
+            self.bus += times * n_in * (d - 1) / d
+
+    def all_gather(self, shard: int, d: int, times: int = 1, *, out: Optional[int] = None) -> None:
+        if d > 1:
+            self.handed += times * shard
+            self.bus += times * (shard * d if out is None else out) * (d - 1) / d
+
+    def all_reduce(self, n: int, d: int, times: int = 1) -> None:
+        if d > 1:
+            self.handed += times * n
+            self.bus += times * 2 * n * (d - 1) / d
+
+    def all_to_all(self, n: int, d: int, times: int = 1, *, kept: Optional[int] = None) -> None:
+        """`kept`: the split this rank sends itself (default an even one, n / d)."""
+        if d > 1:
+            self.handed += times * n
+            self.bus += times * (n - (n / d if kept is None else kept))
+
+    def broadcast(self, n: int, d: int, source: bool) -> None:
+        if d > 1:
+            self.handed += n if source else 0
+            self.bus += n
+
+    def send(self, n: int) -> None:
+        self.handed += n
+        self.bus += n
 
 
 @dataclass(frozen=True)
@@ -78,16 +122,15 @@ def _is_moe(cfg: Any, layer: int) -> bool:
 
 
 # ---------------------------------------------------------------- tensor parallelism
-def _tp_bytes(cfg: Any, layout: Any, me: _Rank, a: int) -> int:
-    m, t = cfg.model, cfg.train
+def _tp_bytes(cfg: Any, layout: Any, me: _Rank, a: int, t: _Tally) -> None:
+    m, tr = cfg.model, cfg.train
     tp, sp = layout.tp, layout.sp
-    s, b, h = t.seq_length, t.micro_batch_size, m.hidden_size
-    n = 0
+    s, b, h = tr.seq_length, tr.micro_batch_size, m.hidden_size
     if tp > 1:
         full = s * b  # tokens of a micro-batch
         shard = full // tp if sp else full
         q_in = m.q_lora_rank if m.q_lora_rank is not None else h
-        per_mb = 0
+        mbs = layout.num_microbatches
         for text, layers in _chunks(cfg, layout, me.pp):
             col = [q_in, m.kv_lora_rank]  # MLA's column-parallel up projections' input widths
             cols = []  # every column-parallel linear's input width
@@ -111,20 +154,24 @@ def _tp_bytes(cfg: Any, layout: Any, me: _Rank, a: int) -> int:
                 # column: forward gather, backward re-gather (for the weight grad) + input-grad
                 # reduce-scatter; row: forward reduce-scatter, backward gather; the embedding
                 # reduce-scatters its output like a row linear; MLA gathers its rotary key
-                per_mb += sum(a * shard * c * 2 + a * full * c for c in cols)
-                per_mb += (rows + emb) * (a * full * h + a * shard * h)
-                per_mb += rope * (a * shard * m.qk_rope_head_dim + a * full * m.qk_rope_head_dim)
+                for c in cols:
+                    t.all_gather(a * shard * c, tp, 2 * mbs)
+                    t.reduce_scatter(a * full * c, tp, mbs)
+                t.reduce_scatter(a * full * h, tp, (rows + emb) * mbs)
+                t.all_gather(a * shard * h, tp, (rows + emb) * mbs)
+                t.all_gather(a * shard * m.qk_rope_head_dim, tp, rope * mbs)
+                t.reduce_scatter(a * full * m.qk_rope_head_dim, tp, rope * mbs)
             else:
                 # row outputs (and the embedding's) all-reduced forward, column inputs' grads
                 # all-reduced backward
-                per_mb += (rows + emb) * a * full * h + sum(a * full * c for c in cols)
+                t.all_reduce(a * full * h, tp, (rows + emb) * mbs)
+                for c in cols:
+                    t.all_reduce(a * full * c, tp, mbs)
             if "L" in text:
-                per_mb += 3 * FP32 * full  # vocab-parallel CE: max, target logit, sum of exp
-        n += per_mb * layout.num_microbatches
-        n += _sp_grad_numel(cfg, layout, me) * FP32  # main_grads are fp32
-        n += 2 * FP64  # the loss total over TP (k2mcore.training.step.loss_totals)
-    n += _moe_tp_bytes(cfg, layout, me, a)
-    return n
+                t.all_reduce(FP32 * full, tp, 3 * mbs)  # vocab-parallel CE: max, target, sum exp
+        t.all_reduce(_sp_grad_numel(cfg, layout, me) * FP32, tp)  # main_grads are fp32
+        t.all_reduce(2 * FP64, tp)  # the loss total over TP (k2mcore.training.step.loss_totals)
+    _moe_tp_bytes(cfg, layout, me, a, t)
 
 
 def _sp_grad_numel(cfg: Any, layout: Any, me: _Rank) -> int:
@@ -160,76 +207,78 @@ def _moe_layers(cfg: Any, layout: Any, me: _Rank) -> int:
     return sum(_is_moe(cfg, i) for _, layers in _chunks(cfg, layout, me.pp) for i in layers)
 
 
-def _moe_tp_bytes(cfg: Any, layout: Any, me: _Rank, a: int) -> int:
+def _moe_tp_bytes(cfg: Any, layout: Any, me: _Rank, a: int, t: _Tally) -> None:
     """The alltoall dispatcher's expert-TP gather (tokens, probs) and reduce-scatter (combine,
     in the probs' fp32), forward and backward, under uniform routing."""
     etp = layout.etp
     if etp <= 1:
-        return 0
+        return
     h = cfg.model.hidden_size
     rows = _moe_tokens(cfg, layout) * cfg.model.moe_topk  # rows this rank gets from its EP a2a
-    per_layer = (a * rows * h + FP32 * rows          # forward gather: tokens, probs
-                 + FP32 * etp * rows * h             # forward combine reduce-scatter (fp32)
-                 + a * etp * rows * h + FP32 * etp * rows  # backward of the gathers
-                 + FP32 * rows * h)                  # backward of the combine: gather (fp32)
-    return per_layer * _moe_layers(cfg, layout, me) * layout.num_microbatches
+    n = _moe_layers(cfg, layout, me) * layout.num_microbatches
+    t.all_gather(a * rows * h, etp, n)  # forward gather: tokens
+    t.all_gather(FP32 * rows, etp, n)  # and probs
+    t.reduce_scatter(FP32 * etp * rows * h, etp, n)  # forward combine (fp32)
+    t.reduce_scatter(a * etp * rows * h, etp, n)  # backward of the gathers
+    t.reduce_scatter(FP32 * etp * rows, etp, n)
+    t.all_gather(FP32 * rows * h, etp, n)  # backward of the combine (fp32)
 
 
 # ---------------------------------------------------------------- expert parallelism
-def _ep_bytes(cfg: Any, layout: Any, me: _Rank, a: int) -> int:
+def _ep_bytes(cfg: Any, layout: Any, me: _Rank, a: int, t: _Tally) -> None:
     m = cfg.model
     layers = _moe_layers(cfg, layout, me) * layout.num_microbatches
     if not layers:
-        return 0
-    n = 0
-    if layout.ep * layout.etp > 1:  # tokens-per-expert all-gather over TP x EP (int64)
-        n += INT64 * m.num_experts * layers
-    if layout.ep > 1:
-        rows = _moe_tokens(cfg, layout) * m.moe_topk
-        # dispatch (tokens, probs) and combine forward; their backward the same sizes
-        n += 2 * (2 * a * rows * m.hidden_size + FP32 * rows) * layers
-    return n
+        return
+    # tokens-per-expert all-gather over TP x EP (int64)
+    t.all_gather(INT64 * m.num_experts, layout.ep * layout.etp, layers)
+    rows = _moe_tokens(cfg, layout) * m.moe_topk
+    # dispatch (tokens, probs) and combine forward; their backward the same sizes
+    t.all_to_all(a * rows * m.hidden_size, layout.ep, 4 * layers)
+    t.all_to_all(FP32 * rows, layout.ep, 2 * layers)
 
 
 # ---------------------------------------------------------------- pipeline parallelism
-def _pp_bytes(cfg: Any, layout: Any, me: _Rank, a: int) -> int:
+def _pp_bytes(cfg: Any, layout: Any, me: _Rank, a: int, t: _Tally) -> None:
     if layout.pp <= 1:
-        return 0
-    t, h = cfg.train, cfg.model.hidden_size
-    s = t.seq_length // layout.tp if layout.sp else t.seq_length
-    tensor = a * s * t.micro_batch_size * h
+        return
+    tr, h = cfg.train, cfg.model.hidden_size
+    s = tr.seq_length // layout.tp if layout.sp else tr.seq_length
+    tensor = a * s * tr.micro_batch_size * h
     chunks = len(layout.stages[me.pp])
     sends = 0
     for v in range(chunks):
         sends += 0 if (me.pp == layout.pp - 1 and v == chunks - 1) else 1  # activations
         sends += 0 if (me.pp == 0 and v == 0) else 1  # gradients
-    n = sends * layout.num_microbatches * tensor
-    n += 2 * FP64  # loss total over PP
-    if me.pp == layout.pp - 1:
-        n += INT32  # the schedule broadcasts the token count from the last stage
-    return n
+    for _ in range(sends * layout.num_microbatches):
+        t.send(tensor)
+    t.all_reduce(2 * FP64, layout.pp)  # loss total over PP
+    # the schedule broadcasts the token count from the last stage
+    t.broadcast(INT32, layout.pp, source=me.pp == layout.pp - 1)
 
 
 # ---------------------------------------------------------------- data parallelism
 def _dp_bytes(cfg: Any, layout: Any, me: _Rank, dp_buffers: Optional[Iterable[Sequence]],
-              a: int, first_step: bool) -> int:
-    n = 0
+              a: int, first_step: bool, t: _Tally) -> None:
     buffers = [tuple(x) for x in (dp_buffers or [])]
     optimizers = _num_distributed_optimizers(cfg, layout)
     for entry in buffers:
         numel, shard, size = entry[:3]
-        if size > 1:
-            n += FP32 * numel  # grad_reduce_in_fp32: the whole bucket
-            n += a * shard  # the parameter all-gather, once (k2mcore.compat.param_sync)
-    if layout.world_size > 1:
-        n += FP32  # the grad norm over the world
-        if first_step:
-            n += optimizers * INT32  # has_grad_norm_group flags (cached after the first step)
-    if layout.tp * layout.dp * layout.cp > 1 and cfg.model.moe_router_bias_update_rate:
-        n += FP32 * _moe_layers(cfg, layout, me) * cfg.model.num_experts
-    if layout.dp * layout.cp > 1:
-        n += 2 * FP64 + INT32  # loss total (step.loss_totals) and the schedule's token count
-    return n
+        if cfg.parallel.distributed_optimizer:
+            t.reduce_scatter(FP32 * numel, size)  # grad_reduce_in_fp32: the whole bucket
+            # the parameter all-gather, once (k2mcore.compat.param_sync)
+            t.all_gather(a * shard, size, out=a * numel)
+        else:
+            t.all_reduce(FP32 * numel, size)
+    world = layout.world_size
+    t.all_reduce(FP32, world)  # the grad norm over the world
+    if first_step:
+        t.all_reduce(INT32, world, optimizers)  # has_grad_norm_group flags (cached after)
+    if cfg.model.moe_router_bias_update_rate:
+        t.all_reduce(FP32 * cfg.model.num_experts, layout.tp * layout.dp * layout.cp,
+                     _moe_layers(cfg, layout, me))
+    t.all_reduce(2 * FP64, layout.dp * layout.cp)  # loss total (step.loss_totals)
+    t.all_reduce(INT32, layout.dp * layout.cp)  # the schedule's token count
 
 
 def _num_distributed_optimizers(cfg: Any, layout: Any) -> int:
@@ -240,18 +289,16 @@ def _num_distributed_optimizers(cfg: Any, layout: Any) -> int:
 
 
 # ---------------------------------------------------------------- optimizer (MuonClip)
-def _optimizer_bytes(cfg: Any, layout: Any, me: _Rank, a: int) -> int:
+def _optimizer_bytes(cfg: Any, layout: Any, me: _Rank, a: int, t: _Tally) -> None:
     m = cfg.model
-    n = 0
-    if layout.world_size > 1:  # attention_report: per-layer max and clipped count (fp64)
-        n += FP64 * (m.num_layers + 1)
+    # attention_report: per-layer max and clipped count (fp64)
+    t.all_reduce(FP64 * (m.num_layers + 1), layout.world_size)
     if cfg.optimizer.name != "muonclip":
-        return n
+        return
     layers = sum(len(ls) for _, ls in _chunks(cfg, layout, me.pp))
-    if cfg.qk_clip_active and layout.dp * layout.cp > 1 and layers:
-        n += FP32 * layers * (m.num_attention_heads // layout.tp)
-    n += _muon_exchange(cfg, layout, me, a)
-    return n
+    if cfg.qk_clip_active and layers:
+        t.all_reduce(FP32 * layers * (m.num_attention_heads // layout.tp), layout.dp * layout.cp)
+    _muon_exchange(cfg, layout, me, a, t)
 
 
 def _ns_flops(p: int, q: int, steps: int = 5) -> int:
@@ -306,7 +353,7 @@ def _muon_matrices(cfg: Any, layout: Any, me: _Rank, expert: bool) -> list[tuple
     return out
 
 
-def _muon_exchange(cfg: Any, layout: Any, me: _Rank, a: int) -> int:
+def _muon_exchange(cfg: Any, layout: Any, me: _Rank, a: int, t: _Tally) -> None:
     """The two all_to_alls of each holder group (k2mcore.optim.muonclip.sharded.ExchangePlan):
     every source piece to its matrix's owner, then every holder's slice of the update back.
     With owner-aligned shards and no TP every piece already sits on its owner (silent: no
@@ -315,7 +362,6 @@ def _muon_exchange(cfg: Any, layout: Any, me: _Rank, a: int) -> int:
     (TP rank 0 the only source and the owner)."""
     ns = getattr(cfg.optimizer.muon, "ns_dtype", "auto")
     wire = {"fp32": 4, "bf16": 2}.get(ns, a)
-    n = 0
     for expert in (False, True):
         if expert and layout.ep == 1:
             continue  # one optimizer at EP = 1
@@ -329,20 +375,35 @@ def _muon_exchange(cfg: Any, layout: Any, me: _Rank, a: int) -> int:
         costs = [k * _ns_flops(r // k, c) for r, c, k, _ in mats]
         cands = [None if sharded else [0] for *_, sharded in mats]
         owner = _balance(costs, tp, cands)
-        send = back = 0
+        send = back = kept = 0  # kept: what this rank's own all_to_all splits hold
         for (r, c, _, sharded), o in zip(mats, owner):
             numel = r * c
             if sharded:
                 send += numel // tp
                 back += numel if o == rank else 0
+                kept += (numel // tp if o == rank else 0) + (numel // tp if o == rank else 0)
             else:
                 send += numel if rank == 0 else 0
                 back += tp * numel if o == rank else 0
-        n += wire * (send + back) // dp  # DP > 1: an even spread assumed (not exact)
-    return n
+                kept += (numel if rank == 0 == o else 0) + (numel if o == rank else 0)
+        # DP > 1: an even spread assumed (not exact); the a2a size must stay positive
+        t.all_to_all(wire * (send + back) // dp, tp, kept=wire * kept // dp)
 
 
 # ---------------------------------------------------------------- API
+def _tallies(cfg: Any, layout: Any, rank: Optional[dict], dp_buffers: Optional[Iterable[Sequence]],
+             dtype_bytes: int, first_step: bool) -> dict[str, _Tally]:
+    me = _coords(layout, rank)
+    a = dtype_bytes
+    out = {k: _Tally() for k in KINDS}
+    _tp_bytes(cfg, layout, me, a, out["tp"])
+    _ep_bytes(cfg, layout, me, a, out["ep"])
+    _pp_bytes(cfg, layout, me, a, out["pp"])
+    _dp_bytes(cfg, layout, me, dp_buffers, a, first_step, out["dp"])
+    _optimizer_bytes(cfg, layout, me, a, out["optimizer"])
+    return out
+
+
 def comm_bytes(cfg: Any, layout: Any, *, rank: Optional[dict] = None,
                dp_buffers: Optional[Iterable[Sequence]] = None, dtype_bytes: int = 2,
                first_step: bool = True) -> dict[str, int]:
@@ -352,12 +413,16 @@ def comm_bytes(cfg: Any, layout: Any, *, rank: Optional[dict] = None,
     `dp_buffers`: per DDP bucket of this rank (buffer numel, this rank's shard numel, DP group
     size) until k2mcore.plan.state gives them; without them the DP term has only its small
     collectives. `dtype_bytes`: activations and parameters (bf16 = 2; CPU runs fp32 = 4)."""
-    me = _coords(layout, rank)
-    a = dtype_bytes
-    return {"tp": _tp_bytes(cfg, layout, me, a), "ep": _ep_bytes(cfg, layout, me, a),
-            "pp": _pp_bytes(cfg, layout, me, a),
-            "dp": _dp_bytes(cfg, layout, me, dp_buffers, a, first_step),
-            "optimizer": _optimizer_bytes(cfg, layout, me, a)}
+    got = _tallies(cfg, layout, rank, dp_buffers, dtype_bytes, first_step)
+    return {k: v.handed for k, v in got.items()}
+
+
+def bus_bytes(cfg: Any, layout: Any, *, rank: Optional[dict] = None,
+              dp_buffers: Optional[Iterable[Sequence]] = None, dtype_bytes: int = 2,
+              first_step: bool = True) -> dict[str, float]:
+    """{kind: bus bytes} of the same step (module docstring; comm_bytes' arguments)."""
+    got = _tallies(cfg, layout, rank, dp_buffers, dtype_bytes, first_step)
+    return {k: v.bus for k, v in got.items()}
 
 
 def ranks(layout: Any) -> list[dict]:

@@ -10,7 +10,7 @@ from k2mcore.parallel.layout import Layout
 from k2mcore.parallel.param_counts import megatron_param_shapes
 
 from .activations import activation_bytes
-from .comm import KINDS, comm_bytes
+from .comm import KINDS, bus_bytes, comm_bytes
 from .state import RankState, param_dtype_bytes, rank_state, stage_chunks, stage_plan
 from .timing import ASSUMPTIONS, Links, StepTime, step_time
 
@@ -54,13 +54,14 @@ class Plan:
     layout: Layout
     options: PlanOptions
     stages: list  # StageReport per pp rank
-    comm: dict  # kind -> bytes, the busiest rank's
+    comm: dict  # kind -> bytes handed to collectives, the busiest rank's
     comm_rank: int
     step: StepTime
     ns_flops: int
     warnings: list
     recompute: str = "none"
     pipeline_layout: Optional[str] = None
+    comm_bus: dict = field(default_factory=dict)  # kind -> bus bytes, the same rank's
 
     @property
     def peak_bytes(self) -> int:
@@ -81,6 +82,7 @@ class Plan:
             "stages": [{k: v for k, v in asdict(s).items() if k != "expert_state_bytes"}
                        for s in self.stages],
             "comm_bytes_per_step": {k: self.comm.get(k, 0) for k in KINDS},
+            "comm_bus_bytes_per_step": {k: round(self.comm_bus.get(k, 0)) for k in KINDS},
             "comm_rank": self.comm_rank,
             "step_time_s": {"total": self.step.total_s, "compute": self.step.compute_s,
                             "bubble": self.step.bubble_s, "newton_schulz": self.step.ns_s,
@@ -100,7 +102,7 @@ def make_plan(cfg: K2Config, layout: Layout, options: Optional[PlanOptions] = No
     shapes = megatron_param_shapes(cfg.model)
     act_bytes = param_dtype_bytes(cfg, o.device)  # activations in the training dtype
     acts = activation_bytes(cfg, layout, attention=o.attention, dtype_bytes=act_bytes)
-    stages, comm_best, ns = [], (None, -1, {}), 0
+    stages, comm_best, ns = [], (None, -1, {}, None), 0
     per = layout.world_size // layout.pp
     cache: dict = {}  # stages of the same structure (most middle stages) plan alike
     for r in range(layout.pp):
@@ -124,14 +126,17 @@ def make_plan(cfg: K2Config, layout: Layout, options: Optional[PlanOptions] = No
             total_bytes=worst.total + a, expert_state_bytes=worst.expert_optimizer_bytes))
         ns = max([ns] + list(plan.loads.values()))
         for q in range(r * per, (r + 1) * per):  # plan.buffers_of reads q's DP/EP coordinates
-            c = rank_comm(cfg, layout, q, plan, act_bytes)
-            if sum(c.values()) > comm_best[1]:
-                comm_best = (q, sum(c.values()), c)
-    comm = {k: comm_best[2].get(k, 0) for k in KINDS}
-    step = step_time(cfg, layout, comm, o.links, ns_flops=ns)
-    p = Plan(config=cfg.model.name, layout=layout, options=o, stages=stages, comm=comm,
-             comm_rank=comm_best[0], step=step, ns_flops=ns, warnings=[],
-             recompute=cfg.train.recompute, pipeline_layout=cfg.parallel.pipeline_layout)
+            bus = rank_comm(cfg, layout, q, plan, act_bytes, bus=True)
+            if sum(bus.values()) > comm_best[1]:  # the busiest by bus bytes: what takes time
+                comm_best = (q, sum(bus.values()), bus, plan)
+    q, _, bus, plan = comm_best
+    comm = rank_comm(cfg, layout, q, plan, act_bytes)
+    comm_bus = {k: bus.get(k, 0) for k in KINDS}
+    step = step_time(cfg, layout, comm_bus, o.links, ns_flops=ns)
+    p = Plan(config=cfg.model.name, layout=layout, options=o, stages=stages,
+             comm={k: comm.get(k, 0) for k in KINDS}, comm_rank=q, step=step, ns_flops=ns,
+             warnings=[], recompute=cfg.train.recompute,
+             pipeline_layout=cfg.parallel.pipeline_layout, comm_bus=comm_bus)
     p.warnings.extend(warnings_for(cfg, p))
     return p
 
@@ -146,18 +151,19 @@ def coords(layout: Layout, rank: int) -> dict:
             "ep": local // layout.etp % layout.ep}
 
 
-def rank_comm(cfg: K2Config, layout: Layout, rank: int, plan: Any, dtype_bytes: int) -> dict:
-    """comm_bytes of one rank, its DP traffic from the stage's planned buffers: each buffer's
-    fp32 gradient reduce-scatter and its shard's parameter all-gather (an all-reduce of the
-    unpadded buffer, nothing gathered, without the distributed optimizer)."""
+def rank_comm(cfg: K2Config, layout: Layout, rank: int, plan: Any, dtype_bytes: int, *,
+              bus: bool = False) -> dict:
+    """comm_bytes (`bus`: bus_bytes) of one rank, its DP traffic from the stage's planned
+    buffers: each buffer's fp32 gradient reduce-scatter and its shard's parameter all-gather (an
+    all-reduce of the unpadded buffer, nothing gathered, without the distributed optimizer)."""
     zero1 = cfg.parallel.distributed_optimizer
     buffers = []
     dense_ids = {id(c.dense) for c in plan.chunks}
     for buf, g in plan.buffers_of(rank):
         size = (layout.dp * layout.cp) if id(buf) in dense_ids else layout.expert_dp
         buffers.append((buf.numel, buf.shard_numel[g] if zero1 else 0, size))
-    return comm_bytes(cfg, layout, rank=coords(layout, rank), dp_buffers=buffers,
-                      dtype_bytes=dtype_bytes)
+    return (bus_bytes if bus else comm_bytes)(cfg, layout, rank=coords(layout, rank),
+                                              dp_buffers=buffers, dtype_bytes=dtype_bytes)
 
 
 def _signature(cfg: K2Config, layout: Layout, pp_rank: int) -> tuple:

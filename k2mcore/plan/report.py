@@ -63,11 +63,12 @@ def text(plan: Plan) -> str:
         lines.append(f"  {name:>6} {c[0]:>7} {c[1]:>8} {c[2]:>8} {c[3]:>8} {c[4]:>8} "
                      f"{c[5]:>8}  {c[6]}")
     st = plan.step
-    comm = "  ".join(f"{k} {_gb(plan.comm.get(k, 0))}" for k in KINDS)
+    comm = "  ".join(f"{k} {_gb(plan.comm.get(k, 0))}/{_gb(plan.comm_bus.get(k, 0))}"
+                     for k in KINDS)
     lines += [
         "",
-        f"communication per step, busiest rank ({plan.comm_rank}), GB handed to collectives: "
-        f"{comm}",
+        f"communication per step, busiest rank ({plan.comm_rank}), GB handed to collectives / "
+        f"bus GB: {comm}",
         f"ideal step time: {st.total_s:.3g} s = compute {st.compute_s:.3g} s (bubble "
         f"{st.bubble_s:.3g} s) + Newton-Schulz {st.ns_s:.3g} s + "
         + " + ".join(f"{k} {st.comm_s.get(k, 0):.3g} s ({st.links.get(k, '-')})" for k in KINDS
@@ -90,13 +91,14 @@ def search_table(cfg: K2Config, world_size: int, options: PlanOptions, plans: li
              f"(budget {options.budget_bytes / GIB:.1f} GiB): {considered} valid layouts, "
              f"{screened} fit by the closed-form screen; the best {len(plans)} planned exactly",
              f"  {'#':>2} {'step s':>8} {'peak GiB':>8} {'act GiB':>7} {'tp GB':>7} {'ep GB':>7} "
-             f"{'pp GB':>7} {'dp GB':>7}  layout / recompute"]
+             f"{'pp GB':>7} {'dp GB':>7}  layout / recompute (GB: bus bytes per step)"]
     for i, p in enumerate(plans, 1):
         worst = max(p.stages, key=lambda s: s.total_bytes)
         lines.append(
             f"  {i:>2} {p.step.total_s:>8.3g} {p.peak_bytes / GIB:>8.1f} "
-            f"{worst.activation_bytes / GIB:>7.1f} {_gb(p.comm['tp']):>7} {_gb(p.comm['ep']):>7} "
-            f"{_gb(p.comm['pp']):>7} {_gb(p.comm['dp']):>7}  {layout_line(p)} "
+            f"{worst.activation_bytes / GIB:>7.1f} {_gb(p.comm_bus['tp']):>7} "
+            f"{_gb(p.comm_bus['ep']):>7} {_gb(p.comm_bus['pp']):>7} {_gb(p.comm_bus['dp']):>7}  "
+            f"{layout_line(p)} "
             f"recompute={p.recompute}")
     if not plans:
         lines.append("  no layout fits: raise --gpu-mem-gb or the world size, or lower "

@@ -17,7 +17,7 @@ from k2mcore.parallel.layout import Layout, resolve_layout
 from k2mcore.parallel.param_counts import stage_parameters
 
 from .activations import activation_bytes
-from .comm import comm_bytes
+from .comm import bus_bytes
 from .planner import KINDS, Plan, PlanOptions, make_plan
 from .state import param_dtype_bytes
 from .timing import step_time
@@ -80,8 +80,8 @@ class Screened:
 
 
 def _quick(cfg: K2Config, layout: Layout, options: PlanOptions) -> tuple[int, dict]:
-    """Closed-form heaviest-rank bytes and busiest-rank communication: equal ZeRO-1 shards of
-    unpadded buffers (k2mcore.plan.state lays them out exactly, for the plans kept)."""
+    """Closed-form heaviest-rank bytes and busiest-rank communication (bus bytes): equal ZeRO-1
+    shards of unpadded buffers (k2mcore.plan.state lays them out exactly, for the plans kept)."""
     m = cfg.model
     pb = param_dtype_bytes(cfg, options.device)
     master = 4 if pb < 4 else 0
@@ -101,7 +101,7 @@ def _quick(cfg: K2Config, layout: Layout, options: PlanOptions) -> tuple[int, di
         buffers = [(d, d // dense_dp if zero1 else 0, dense_dp)]
         if e:
             buffers.append((e, e // edp if zero1 else 0, edp))
-        c = comm_bytes(cfg, layout, rank={"pp": r}, dp_buffers=buffers, dtype_bytes=pb)
+        c = bus_bytes(cfg, layout, rank={"pp": r}, dp_buffers=buffers, dtype_bytes=pb)
         if sum(c.values()) > sum(comm.values()):
             comm = c
     return peak, comm

@@ -18,9 +18,11 @@ ASSUMPTIONS = (
     "recompute adds its forward FLOPs again",
     "MoE: uniform routing (each rank's experts get tokens*topk/ep of its tokens)",
     "pipeline: the busiest stage sets the beat; bubble (pp-1)/(vpp*microbatches) of it",
-    "communication: bytes handed to the collectives / link bandwidth, not overlapped with "
-    "compute (an upper bound); NVLink inside a node of --gpus-per-node GPUs, InfiniBand "
-    "(per GPU) for a group that spans nodes, except the EP all-to-all's in-node share",
+    "communication: bus bytes (NCCL-tests' convention: a reduce-scatter or all-gather moves "
+    "(d-1)/d of the whole buffer over each rank's link, an all-reduce twice that) / link "
+    "bandwidth, not overlapped with compute (an upper bound); NVLink inside a node of "
+    "--gpus-per-node GPUs, InfiniBand (per GPU) for a group that spans nodes, except the EP "
+    "all-to-all's in-node share",
     "Newton-Schulz: the busiest rank's MuonClip orthogonalization FLOPs at the same peak",
 )
 

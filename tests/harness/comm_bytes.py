@@ -1,12 +1,21 @@
 """Bytes handed to torch.distributed collectives, counted at the API while a block runs (the
 tests and, through tests/ on sys.path, the benchmarks).
 
-Every collective's input is counted on the rank that hands it over: a reduce-scatter or an
-all-reduce counts its whole input, an all-gather its local shard, an all-to-all what it sends,
-a broadcast the source's tensor; a collective over a group of one rank counts nothing. megatron's gradient buffers and its tensor-parallel layers and
-mappings call the collectives through names they bound at import (`dist_all_gather_func`,
-`dist_reduce_scatter_func`); those are wrapped too.
-A collective that calls another (an adapter) is counted once, at the outermost call.
+Two conventions, both per rank and summed over ranks by the caller (docs/testing.md, 'Counting
+bytes'):
+- handed over (the counter's Counter, and the planner's k2mcore.plan.comm): what this rank gives
+  the collective. A reduce-scatter or an all-reduce counts its whole input, an all-gather its
+  local shard, an all-to-all what it sends (its own split included), a broadcast the source's
+  tensor, a point-to-point send what it sends.
+- bus bytes (`bus=`, NCCL-tests' convention: what a bandwidth-optimal algorithm moves over each
+  rank's link): a reduce-scatter N_in(d-1)/d, an all-gather N_out(d-1)/d, an all-reduce
+  2N(d-1)/d, an all-to-all what goes to the other ranks, a broadcast N on every rank, a send N.
+  A ZeRO-1 step's gradient reduce-scatter and parameter all-gather have equal bus bytes.
+A collective over a group of one rank counts nothing in either. megatron's gradient buffers and
+its tensor-parallel layers and mappings call the collectives through names they bound at import
+(`dist_all_gather_func`, `dist_reduce_scatter_func`); those are wrapped too. A collective that
+calls another (an adapter, e.g. the CPU backend's uneven all_gather) is counted once, at the
+outermost call, as the collective the caller asked for.
 
 `count_collective_bytes(by_kind=True)` counts by kind instead ("tp", "ep", "pp", "dp",
 "optimizer", the planner's k2mcore.plan.comm breakdown): each collective by the megatron
@@ -46,6 +55,38 @@ _INPUTS: dict[str, tuple[int, str, int]] = {
     "all_to_all": (1, "input_tensor_list", 2),
     "broadcast": (0, "tensor", 2),
 }
+
+
+# op name -> (position, keyword) of the output, for the bus bytes of gathers
+_OUTPUTS: dict[str, tuple[int, str]] = {
+    "all_gather_into_tensor": (0, "output_tensor"), "_all_gather_base": (0, "output_tensor"),
+    "all_gather": (0, "tensor_list"),
+}
+
+
+def _bus_bytes(name: str, handed: Any, args: tuple, kwargs: dict, group: Any) -> float:
+    """NCCL-tests' bus bytes of one call on this rank (module docstring)."""
+    d = dist.get_world_size(group)
+    share = (d - 1) / d
+    if name in ("isend", "send", "broadcast"):
+        return float(_nbytes(handed))
+    if name == "all_reduce":
+        return 2 * share * _nbytes(handed)
+    if name in _OUTPUTS:
+        pos, key = _OUTPUTS[name]
+        return share * _nbytes(kwargs.get(key, args[pos] if len(args) > pos else None))
+    if name == "all_to_all":  # every input but the one this rank keeps
+        me = dist.get_rank(group)
+        return float(sum(_nbytes(t) for i, t in enumerate(handed) if i != me))
+    if name == "all_to_all_single":
+        splits = kwargs.get("input_split_sizes", args[3] if len(args) > 3 else None)
+        total = _nbytes(handed)
+        if splits is None or len(splits) == 0:
+            return share * total
+        splits = [int(x) for x in splits]
+        own = splits[dist.get_rank(group)]
+        return total * (1 - own / sum(splits)) if sum(splits) else 0.0
+    return share * _nbytes(handed)  # reduce-scatters: the whole input
 
 
 # point-to-point sends: (position, keyword) of the tensor, position of the group
@@ -137,7 +178,7 @@ def _call_site() -> str:
 
 def _wrap(name: str, fn: Callable, counts: Counter, depth: list, kinds: Optional[list] = None,
           log: Optional[list] = None, table: Optional[dict] = None,
-          kind: Optional[str] = None) -> Callable:
+          kind: Optional[str] = None, bus: Optional[Counter] = None) -> Callable:
     pos, key, group_pos = (table or _INPUTS)[name]
 
     def counted(*args: Any, **kwargs: Any) -> Any:
@@ -146,16 +187,25 @@ def _wrap(name: str, fn: Callable, counts: Counter, depth: list, kinds: Optional
         # over a group of several ranks (a 1-rank group's bytes never leave the rank)
         if depth[0] == 0 and dist.get_world_size(group) > 1:
             handed = kwargs.get(key, args[pos] if len(args) > pos else None)
-            src = kwargs.get("src", args[1] if len(args) > 1 else 0)
-            if name == "broadcast" and dist.get_rank() != src:
-                handed = None  # only the source hands its tensor over (src is a global rank)
+            if name == "broadcast":
+                src = kwargs.get("src", args[1] if len(args) > 1 else None)
+                if src is None:  # group_src: a rank within the group
+                    src = dist.get_global_rank(group or dist.group.WORLD,
+                                               kwargs.get("group_src") or 0)
+                bus_of = _bus_bytes(name, handed, args, kwargs, group)
+                if dist.get_rank() != src:
+                    handed = None  # only the source hands its tensor over (src is a global rank)
+            else:
+                bus_of = _bus_bytes(name, handed, args, kwargs, group)
             nbytes = _nbytes(handed)
             label = name if kinds is None else (
                 _SCOPE[0] if _SCOPE else kind or _classify(group, kinds))
             counts[label] += nbytes
+            if bus is not None:
+                bus[label] += bus_of
             if log is not None:
                 log.append((label, name, nbytes, tuple(getattr(handed, "shape", ())),
-                            _call_site()))
+                            _call_site(), bus_of))
         depth[0] += 1
         try:
             return fn(*args, **kwargs)
@@ -167,12 +217,13 @@ def _wrap(name: str, fn: Callable, counts: Counter, depth: list, kinds: Optional
 
 
 @contextlib.contextmanager
-def count_collective_bytes(by_kind: bool = False,
-                           log: Optional[list] = None) -> Iterator[Counter]:
+def count_collective_bytes(by_kind: bool = False, log: Optional[list] = None,
+                           bus: Optional[Counter] = None) -> Iterator[Counter]:
     """Yields a Counter {collective: bytes this rank handed over} filled while the block runs.
 
     `by_kind`: {kind: bytes} instead (module docstring), point-to-point sends included.
-    `log`: a list that gets (label, op, bytes, shape) per counted call."""
+    `log`: a list that gets (label, op, bytes, shape, call site, bus bytes) per counted call.
+    `bus`: a Counter that gets the same labels' bus bytes (floats: (d-1)/d is not whole)."""
     from megatron.core.distributed import param_and_grad_buffer as pgb
     from torch.distributed import distributed_c10d as c10d
 
@@ -195,7 +246,7 @@ def count_collective_bytes(by_kind: bool = False,
     saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]
     # the DDP buffers' gradient reduce-scatter and parameter all-gather are data parallel's
     wrappers = [_wrap(as_name, fn, counts, depth, kinds, log,
-                      kind="dp" if owner is pgb else None)
+                      kind="dp" if owner is pgb else None, bus=bus)
                 for (owner, _, as_name), (_, _, fn) in zip(targets, saved)]
     if by_kind:
         # p2p: torch.distributed's names and c10d's own (batch_isend_irecv checks `op is isend`
@@ -203,7 +254,7 @@ def count_collective_bytes(by_kind: bool = False,
         for name in _SENDS:
             fn = getattr(c10d, name)
             # k2mcore's only point-to-point traffic is the pipeline's
-            w = _wrap(name, fn, counts, depth, kinds, log, table=_SENDS, kind="pp")
+            w = _wrap(name, fn, counts, depth, kinds, log, table=_SENDS, kind="pp", bus=bus)
             for owner in (dist, c10d):
                 saved.append((owner, name, getattr(owner, name)))
                 targets.append((owner, name, name))
@@ -232,4 +283,4 @@ def total_over_ranks(counts: Counter) -> int:
     """Sum of every rank's counted bytes (collective; call outside the counted block)."""
     box = torch.tensor([float(sum(counts.values()))], dtype=torch.float64)
     dist.all_reduce(box)
-    return int(box.item())
+    return int(round(box.item()))

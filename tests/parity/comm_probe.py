@@ -29,15 +29,17 @@ from harness.comm_bytes import count_collective_bytes, scope  # noqa: E402
 KINDS = ("tp", "ep", "pp", "dp", "optimizer")
 
 
-def measure(cfg, groups, model, optimizer, batches, *, seq_length=None, log=None) -> dict:
-    """{kind: bytes} this rank hands to collectives and p2p sends over one training step."""
+def measure(cfg, groups, model, optimizer, batches, *, seq_length=None, log=None,
+            bus=None) -> dict:
+    """{kind: bytes} this rank hands to collectives and p2p sends over one training step;
+    `bus`, a Counter, gets {kind: bus bytes} of the same step."""
     from k2mcore.training.metrics import attention_report
     from k2mcore.training.step import forward_backward
 
     seq = seq_length or cfg.train.seq_length
     mbs = batches[0]["tokens"].shape[0]
     dist.barrier()
-    with count_collective_bytes(by_kind=True, log=log) as counts:
+    with count_collective_bytes(by_kind=True, log=log, bus=bus) as counts:
         optimizer.zero_grad()
         forward_backward(model, groups, batches, seq_length=seq, micro_batch_size=mbs)
         optimizer.step()

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -38,13 +39,16 @@ LAYOUTS: dict[str, dict] = {
     "tp2-ep2": {"parallel.tp": 2, "parallel.sp": True, "parallel.ep": 2, "parallel.etp": 1},
     "tp2-pp2-ep2": {"parallel.tp": 2, "parallel.pp": 2, "parallel.ep": 2, "parallel.sp": True},
     "dp4": {},
+    "ep2-dp4": {"parallel.ep": 2},  # on 4 ranks: dense DP4, expert DP2
 }
 TWO_RANK = ["tp2-sp", "pp2", "pp2-vpp2", "pp2-uneven", "ep2", "dp2", "tp2-ep2"]
 EIGHT_RANK = ["tp2-pp2-ep2"]
 FOUR_RANK = ["dp4"]
 ALL = ["1rank", *TWO_RANK, *EIGHT_RANK, *FOUR_RANK]
-# layouts without TP whose collective bytes per training step are counted, MuonClip and AdamW
-BYTE_LAYOUTS = ("ep2", "dp4")
+# layouts without TP whose collective bytes per training step are counted, MuonClip and AdamW;
+# BYTES_ONLY run nothing else (in the 4-rank launch)
+BYTES_ONLY = ["ep2-dp4"]
+BYTE_LAYOUTS = ("ep2", "dp4", *BYTES_ONLY)
 GLOBAL_BATCH, SEQ, SEED = 4, 32, 1234
 # MuonClip phase: steps on fresh batches, with a QK-Clip threshold the toy's logits exceed
 MUON_STEPS, MUON_TAU = 5, 0.05
@@ -282,10 +286,12 @@ def count_step_bytes(name: str, out: str, init_path: str) -> None:
         optimizer, _ = build_optimizer(cfg, model, groups, param_layout=param_layout)
         batches = micro_batches(cfg.model.vocab_size, groups)
         dist.barrier()
-        with count_collective_bytes() as counts:
+        bus, stepped_bus = Counter(), Counter()
+        with count_collective_bytes(bus=bus) as counts:
             optimizer.zero_grad()
             forward_backward(model, groups, batches, seq_length=SEQ, micro_batch_size=1)
-            with count_collective_bytes() as stepped:  # the parameter all-gather's part
+            # the parameter all-gather's part
+            with count_collective_bytes(bus=stepped_bus) as stepped:
                 optimizer.step()
             attention_report(cfg, optimizer, model, groups, stepped=True)
         mine = sum(counts.values())
@@ -298,14 +304,19 @@ def count_step_bytes(name: str, out: str, init_path: str) -> None:
                                                for b in buffers)}
         per_rank: list = [None] * dist.get_world_size()
         # the DDP buffers' collectives: the gradient reduce-scatter (the only reduce_scatter_tensor
-        # without TP) and the optimizer step's all-gathers (the MoE token counts' are forward's)
-        ddp = {"reduce_scatter_tensor": counts.get("reduce_scatter_tensor", 0),
-               "all_gather_into_tensor": stepped.get("all_gather_into_tensor", 0)}
-        dist.all_gather_object(per_rank, (mine, dict(counts), zero1, ddp))
+        # without TP) and the optimizer step's all-gathers (the MoE token counts' are forward's),
+        # as handed over and in bus bytes
+        ops = ("reduce_scatter_tensor", "all_gather_into_tensor")
+        ddp = dict(zip(ops, (counts.get(ops[0], 0), stepped.get(ops[1], 0))))
+        ddp_bus = dict(zip(ops, (bus.get(ops[0], 0), stepped_bus.get(ops[1], 0))))
+        dist.all_gather_object(per_rank, (mine, dict(counts), zero1, ddp, ddp_bus,
+                                          sum(bus.values())))
         result[optimizer_name] = {"total": total_over_ranks(counts),
                                   "per_rank": [r[:2] for r in per_rank],
                                   "zero1": [r[2] for r in per_rank],
-                                  "ddp": [r[3] for r in per_rank]}
+                                  "ddp": [r[3] for r in per_rank],
+                                  "ddp_bus": [r[4] for r in per_rank],
+                                  "bus_total": sum(r[5] for r in per_rank)}
     if dist.get_rank() == 0:
         torch.save(result, os.path.join(out, f"{name}.bytes.pt"))
 
@@ -337,6 +348,9 @@ def main() -> None:
     args = ap.parse_args()
     init_path = os.path.join(args.out, "init.pt")
     for name in args.layouts.split(","):
+        if name in BYTES_ONLY:
+            count_step_bytes(name, args.out, init_path)
+            continue
         run(name, args.out, init_path, args.write_init)
         run_muonclip(name, args.out, init_path, lr=3e-3, steps=MUON_STEPS, tau=MUON_TAU,
                      tag="muonclip")

@@ -9,13 +9,15 @@ Per rank and run it records:
   saved_peak   the peak bytes saved for backward over the step's forward/backward
                (saved_bytes.count_saved_bytes: unique storages, parameters excluded);
   comm         bytes handed to collectives and p2p sends over the whole step, by kind
-               (comm_probe.measure).
+               (comm_probe.measure);
+  comm_bus     the same step's bus bytes, by kind.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -83,8 +85,10 @@ def _one(groups, layout_name: str, model: str, optimizer: str, recompute: str, p
     exclude = model_storages(model_)
     if counted:
         opt, _ = build_optimizer(cfg, model_, groups, param_layout=param_layout)
+        bus = Counter()
         with count_saved_bytes(exclude) as saved:
-            row["comm"] = comm_probe.measure(cfg, groups, model_, opt, batches)
+            row["comm"] = comm_probe.measure(cfg, groups, model_, opt, batches, bus=bus)
+        row["comm_bus"] = dict(bus)
         row["state"] = measure_state(model_, opt)
     else:
         with count_saved_bytes(exclude) as saved:

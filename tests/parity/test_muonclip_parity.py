@@ -115,14 +115,24 @@ def test_muonclip_moves_zero1_adamws_bytes(byte_results, layout):
 def test_data_parallel_bytes_are_zero1s_minimum(byte_results, layout):
     """Summed over ranks, AdamW and MuonClip hand the DDP reduce-scatter exactly the buffers'
     fp32 gradients and the parameter all-gather exactly 1/d of the fp32 parameters, once per
-    buffer (with EP2's dense and expert optimizers too): in bus bytes the all-gather equals the
-    reduce-scatter, d - 1 over d of the buffer each."""
+    buffer (with EP2's dense and expert optimizers too). In bus bytes the all-gather equals the
+    reduce-scatter, d - 1 over d of the buffer each, and MuonClip's equal AdamW's."""
+    bus = {}
     for name in ("adamw", "muonclip"):
         run = byte_results[layout][name]
         for op in ("reduce_scatter_tensor", "all_gather_into_tensor"):
             counted = sum(d[op] for d in run["ddp"])
             minimum = sum(z[op] for z in run["zero1"])
             assert counted > 0 and counted == pytest.approx(minimum, rel=1e-9), (name, op)
+        bus[name] = {op: sum(d[op] for d in run["ddp_bus"]) for op in run["ddp_bus"][0]}
+        scatter, gather = bus[name]["reduce_scatter_tensor"], bus[name]["all_gather_into_tensor"]
+        assert gather == pytest.approx(scatter, rel=1e-9), (name, gather / scatter)
+        # d - 1 over d of what was handed to the reduce-scatter (each buffer's d: EP2's expert
+        # buffers are data parallel over 2 ranks, the dense ones over 4)
+        assert scatter < sum(d["reduce_scatter_tensor"] for d in run["ddp"])
+    assert bus["muonclip"] == pytest.approx(bus["adamw"], rel=1e-9)
+    muon, adam = (byte_results[layout][n]["bus_total"] for n in ("muonclip", "adamw"))
+    assert muon <= 1.02 * adam, muon / adam
 
 
 @pytest.mark.parametrize("layout", CLIP_LAYOUTS)

@@ -117,3 +117,32 @@ def test_kimi_k2_in_milliseconds_without_torch():
     assert got["pp"] > 0 and got["ep"] > 0
     code = "import sys, k2mcore.plan.comm; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bus_bytes_by_hand():
+    """NCCL-tests' bus bytes (docs/testing.md, 'Counting bytes'): a reduce-scatter and the
+    matching all-gather move (d-1)/d of the buffer each, an all-reduce twice that, an all-to-all
+    what goes to the other ranks, a broadcast its tensor on every rank."""
+    cfg, layout = setup(2)  # DP2: every all-reduce's 2(d-1)/d is 1, the buffer's (d-1)/d a half
+    got = comm.bus_bytes(cfg, layout, dp_buffers=[(387712, 193856, 2)], dtype_bytes=A)["dp"]
+    assert got == 2 * (4 * 387712 / 2) + (4 + 4 + 96 + 16 + 4)
+    cfg, layout = setup(4)  # DP4: 3/4 of the buffer each way, the small all-reduces 3/2
+    got = comm.bus_bytes(cfg, layout, dp_buffers=[(400, 100, 4)], dtype_bytes=A)["dp"]
+    assert got == 2 * 1600 * 3 / 4 + (4 + 4 + 96 + 16 + 4) * 3 / 2
+    handed = comm.comm_bytes(cfg, layout, dp_buffers=[(400, 100, 4)], dtype_bytes=A)["dp"]
+    assert handed == 1600 + 400 + (4 + 4 + 96 + 16 + 4)  # the whole input, the local shard
+    # EP2: the all-to-alls keep half at home; the tokens-per-expert gather returns 2 x 64 bytes
+    cfg, layout = setup(2, ep=2)
+    rows = S * 2
+    a2a = 2 * (2 * A * rows * H + 4 * rows)
+    assert comm.bus_bytes(cfg, layout, dtype_bytes=A)["ep"] == (a2a / 2 + 64) * 3 * 2
+    # PP2: sends as they are; the loss total's all-reduce 16; the token count's broadcast
+    # reaches both stages (handed over by the last only)
+    act = S * 1 * H * A
+    cfg, layout = setup(2, pp=2)
+    for pp in (0, 1):
+        assert comm.bus_bytes(cfg, layout, rank={"pp": pp}, dtype_bytes=A)["pp"] == 4 * act + 20
+    # bf16 parameters: the all-gather moves half the fp32 gradients' reduce-scatter
+    cfg, layout = setup(2)
+    bf16 = comm.bus_bytes(cfg, layout, dp_buffers=[(1000, 500, 2)], dtype_bytes=2)["dp"]
+    assert bf16 == 4 * 1000 / 2 + 2 * 1000 / 2 + (4 + 4 + 96 + 16 + 4)

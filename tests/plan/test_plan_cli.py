@@ -57,6 +57,10 @@ def test_json_shape_and_the_kimi_k2_preset(capsys):
     assert any(w.startswith("does not fit: pp rank 1") for w in out["warnings"])
     assert out["comm_bytes_per_step"]["tp"] == 0  # TP = 1
     assert out["comm_bytes_per_step"]["ep"] > out["comm_bytes_per_step"]["dp"] > 0
+    # the same rank in bus bytes: DP's all-gather moves (d-1)/d of the buffer, not its shard
+    bus = out["comm_bus_bytes_per_step"]
+    assert set(bus) == set(out["comm_bytes_per_step"])
+    assert bus["dp"] > out["comm_bytes_per_step"]["dp"] and bus["ep"] > 0
 
 
 def test_expert_state_warning_names_the_bytes(capsys):
