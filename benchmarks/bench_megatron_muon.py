@@ -12,6 +12,7 @@ share one config. So every optimizer here runs in bf16 (slow on CPU: compare rat
 
 Per layout (widened k2-tiny, 8 x 64 tokens per step, gloo ranks): bytes handed to
 torch.distributed collectives over one whole step summed over ranks (tests/harness/comm_bytes.py),
+and their bus bytes,
 the busiest rank's, and the median whole-step time (slowest rank), each against AdamW of the same
 run; "replicas": whether every DP-replicated weight is equal on all DP ranks after the steps.
 """
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
@@ -110,15 +112,17 @@ def _run(overrides: dict, mode: str, steps: int) -> dict:
         batches = [{"tokens": s[None, :-1], "labels": s[None, 1:], "loss_mask": torch.ones(1, SEQ)}
                    for s in mine]
         dist.barrier()
-        with count_collective_bytes() as counts:
+        bus = Counter()
+        with count_collective_bytes(bus=bus) as counts:
             start = time.perf_counter()
             opt.zero_grad()
             forward_backward(model, groups, batches, seq_length=SEQ, micro_batch_size=1)
             opt.step()
             dist.barrier()
             times.append(time.perf_counter() - start)
-        counted = dict(counts)
+        counted, bus_bytes = dict(counts), sum(bus.values())
     return {"step_s": statistics.median(times[2:]), "bytes": sum(counted.values()),
+            "bus": bus_bytes,
             "by_kind": counted, "replicas_equal": _replicas_equal(model, groups)}
 
 
@@ -151,6 +155,7 @@ def worker(world: int, steps: int, out: str) -> None:
             errors = [r["error"] for r in every if "error" in r]
             rows[name][mode] = {"error": errors[0]} if errors else {
                 "bytes": sum(r["bytes"] for r in every), "busiest": max(r["bytes"] for r in every),
+                "bus": sum(r["bus"] for r in every),
                 "ranks": len(every), "step_s": max(r["step_s"] for r in every),
                 "replicas_equal": all(r["replicas_equal"] for r in every),
                 "by_kind": {k: sum(r["by_kind"].get(k, 0) for r in every)
@@ -189,8 +194,10 @@ def main() -> None:
             with open(out) as f:
                 rows.update(json.load(f))
     print(f"megatron 0.19.2 layer-wise Muon vs k2mcore MuonClip vs ZeRO-1 AdamW, widened k2-tiny, "
-          f"bf16, {GLOBAL_BATCH} x {SEQ} tokens per step; bytes handed to collectives per step")
-    print(f"{'layout':8s} {'mode':14s} {'MB':>8s} {'bytes x':>8s} {'busiest x':>9s} "
+          f"bf16, {GLOBAL_BATCH} x {SEQ} tokens per step; bytes handed to collectives per step "
+          f"(MB), bus bytes beside (bus MB; docs/testing.md, 'Counting bytes')")
+    print(f"{'layout':8s} {'mode':14s} {'MB':>8s} {'bytes x':>8s} {'bus MB':>8s} {'bus x':>6s} "
+          f"{'busiest x':>9s} "
           f"{'step ms':>8s} {'step x':>7s} {'replicas':>9s}")
     for name, r in rows.items():
         a = r["adamw"]
@@ -200,6 +207,7 @@ def main() -> None:
                 continue
             kinds = ", ".join(f"{k} {v / 1e6:.3f}" for k, v in m["by_kind"].items())
             print(f"{name:8s} {mode:14s} {m['bytes'] / 1e6:8.3f} {m['bytes'] / a['bytes']:8.3f} "
+                  f"{m['bus'] / 1e6:8.3f} {m['bus'] / a['bus']:6.3f} "
                   f"{m['busiest'] / (a['bytes'] / a['ranks']):9.3f} {1e3 * m['step_s']:8.1f} "
                   f"{m['step_s'] / a['step_s']:7.2f} {str(m['replicas_equal']):>9s}   "
                   f"MB by collective: {kinds}")

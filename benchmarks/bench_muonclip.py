@@ -7,7 +7,8 @@ build_optimizer and stepped on the same batches):
   - Newton-Schulz FLOPs per rank (max and min) and the redundancy factor: their sum over all
     ranks / the model's total (one NS per matrix: target 1.00);
   - bytes handed to torch.distributed collectives over one whole training step (counted at the
-    API, tests/harness/comm_bytes.py), summed over ranks and on the busiest rank, for ZeRO-1 AdamW,
+    API, tests/harness/comm_bytes.py; handed over, and bus bytes beside), summed over ranks and on
+    the busiest rank, for ZeRO-1 AdamW,
     MuonClip on owner-aligned shards (the default) and MuonClip on megatron's equal shards with
     its two all_to_all exchanges ("muon-a2a"); the all_to_all bytes apart (TP gathers only, on
     owner-aligned shards);
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 
 LAYOUTS = {
     1: {"1rank": {}},
@@ -121,7 +123,8 @@ def _step(run: dict, step: int, global_batch: int) -> None:
     cfg, groups, model, opt = run["cfg"], run["groups"], run["model"], run["opt"]
     batches = _batches(cfg.model.vocab_size, step, groups, global_batch)
     dist.barrier()
-    with count_collective_bytes() as counts:
+    bus = Counter()
+    with count_collective_bytes(bus=bus) as counts:
         start = time.perf_counter()
         opt.zero_grad()
         forward_backward(model, groups, batches, seq_length=SEQ, micro_batch_size=1)
@@ -134,6 +137,7 @@ def _step(run: dict, step: int, global_batch: int) -> None:
     run["step_s"].append(end - start)
     run["opt_s"].append(end - before)
     run["counted"].append(dict(counts))
+    run["bus"] = sum(bus.values())
 
 
 def _run_layout(overrides: dict, steps: int, global_batch: int) -> dict:
@@ -149,7 +153,8 @@ def _run_layout(overrides: dict, steps: int, global_batch: int) -> dict:
         last = run["counted"][-1]  # every step hands over the same bytes
         out[mode] = {"step_s": statistics.median(run["step_s"][warm]),
                      "opt_s": statistics.median(run["opt_s"][warm]),
-                     "bytes": sum(last.values()), "exchange": last.get("all_to_all_single", 0),
+                     "bytes": sum(last.values()), "bus": run["bus"],
+                     "exchange": last.get("all_to_all_single", 0),
                      "ns_flops": sum(o.ns_flops_here for o in run["muon"]),
                      "matmul_flops": _matmul_flops(run["cfg"], global_batch * SEQ)}
     return out
@@ -170,7 +175,7 @@ def worker(world: int, steps: int, out: str, names: list, batch: int) -> None:
             dist.all_gather_object(every, mine)
             rows[name][mode] = {
                 "step_s": max(r["step_s"] for r in every), "opt_s": max(r["opt_s"] for r in every),
-                "bytes": sum(r["bytes"] for r in every),
+                "bytes": sum(r["bytes"] for r in every), "bus": sum(r["bus"] for r in every),
                 "busiest": max(r["bytes"] for r in every), "ranks": len(every),
                 "exchange": sum(r["exchange"] for r in every),
                 "ns_flops": [r["ns_flops"] for r in every], "matmul_flops": every[0]["matmul_flops"]}
@@ -269,9 +274,11 @@ def report(rows: dict, batch: int) -> None:
     print(f"MuonClip vs ZeRO-1 AdamW, widened k2-tiny ({batch} x {SEQ} tokens per step, "
           f"fp32, gloo), model NS total {total / 1e9:.3f} GFLOP per step = {share:.2f}x the "
           f"Muon matrices' forward+backward matmul FLOPs; bytes: every byte "
-          f"handed to a torch.distributed collective over one whole step, summed over ranks")
+          f"handed to a torch.distributed collective over one whole step, summed over ranks "
+          f"(MB), and bus bytes (bus MB; docs/testing.md, 'Counting bytes')")
     print(f"{'layout':12s} {'mode':9s} {'NS GFLOP/rank max..min':>23s} {'redund.':>8s} "
-          f"{'MB':>8s} {'bytes x':>8s} {'busiest x':>9s} {'a2a MB':>7s} {'opt ms':>7s} "
+          f"{'MB':>8s} {'bytes x':>8s} {'bus MB':>8s} {'busiest x':>9s} {'a2a MB':>7s} "
+          f"{'opt ms':>7s} "
           f"{'opt x':>6s} {'step ms':>8s} {'step x':>6s}")
     for name, r in rows.items():
         a = r["adamw"]
@@ -282,7 +289,8 @@ def report(rows: dict, batch: int) -> None:
                   if mode != "adamw" else f"{'-':>23s} {'-':>8s}")
             ratio = f"{m['bytes'] / a['bytes']:.3f}" if a["bytes"] else "n/a"
             busiest = f"{m['busiest'] / per_rank:.3f}" if per_rank else "n/a"
-            print(f"{name:12s} {mode:9s} {ns} {m['bytes'] / 1e6:8.3f} {ratio:>8s} {busiest:>9s} "
+            print(f"{name:12s} {mode:9s} {ns} {m['bytes'] / 1e6:8.3f} {ratio:>8s} "
+                  f"{m['bus'] / 1e6:8.3f} {busiest:>9s} "
                   f"{m['exchange'] / 1e6:7.3f} {1e3 * m['opt_s']:7.1f} {m['opt_s'] / a['opt_s']:6.2f} "
                   f"{1e3 * m['step_s']:8.1f} {m['step_s'] / a['step_s']:6.2f}")
     print()
