@@ -107,8 +107,11 @@ class CheckpointManager:
         Raises CheckpointError on every rank if any rank failed (for an async save: from the
         poll() or wait() that finds it failed).
         """
+        from k2mcore.parallel.ddp import sync_params
+
         self.wait()
         self.close()
+        sync_params(model)  # overlap_param_gather: the stepped weights, not last step's shards
         self._gc.pause()  # until the commit (_finalize)
         try:
             return self._save(step, model, optimizer, scheduler,

@@ -31,6 +31,12 @@ _WARNING_NOISE = (
      r"megatron\.", "experts at parallel.etp=1 run without SP while the dense layers use it"),
     (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor", r"",
      "megatron's distributed optimizer looks at `.grad` of its shard views in zero_grad"),
+    (UserWarning, r"The next bucket's parameter all-gather operation has already been dispatched",
+     r"megatron\.",
+     "overlap_param_gather: megatron's MoE layer registers its shared experts after the routed "
+     "ones but runs them first, so where a bucket boundary falls between the two (the routed "
+     "experts share the dense buffer at EP 1) one gather is dispatched late: a note on overlap, "
+     "not a fault"),
 )
 # only without CUDA: advice about GPU streams
 _CPU_WARNING_NOISE = (

@@ -10,6 +10,12 @@ registered here all three follow the bucket's planned bounds: list-form `reduce_
 all_gather through the CPU backend's adapter). Buckets nobody registered keep megatron's
 behaviour exactly.
 
+Under overlapped communication (train.overlap_grad_reduce / overlap_param_gather) megatron issues
+a bucket group's collectives inside torch's `_coalescing_manager` and keeps its handle; torch
+coalesces only the tensor forms, so the list forms' Work objects would be dropped and the wait
+would wait on nothing. The uneven collectives therefore hand their Work to the coalescing manager
+they run under (`uneven-coalescing-handle`), so megatron's one handle covers every piece.
+
 Checkpoints need no patch: k2mcore saves each rank's optimizer state as boxes of the model-space
 tensors (k2mcore.optim.state_boxes), whatever the shard bounds. megatron's own gathered forms
 ('fully_reshardable', `get_parameter_state_dp_zero`) assume equal shards, and k2mcore never calls
@@ -21,8 +27,9 @@ to equal ranges for its distributed-optimizer mode (benchmarks/bench_muon_shards
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -45,10 +52,16 @@ ALL_GATHER = companion(
     SHARD_BUFFER, "uneven-all-gather", f"{_PGB}.dist_all_gather_func",
     "the parameter all-gather over uneven shards (list form)",
     params=("output_tensor", "input_tensor", "group", "async_op"))
+COALESCING = companion(
+    SHARD_BUFFER, "uneven-coalescing-handle", f"{_PGB}._coalescing_manager",
+    "records the coalescing manager a bucket group's collectives run under, so the uneven "
+    "list-form collectives' Work joins the handle megatron keeps (torch coalesces only the "
+    "tensor forms)", params=("group", "device", "async_ops"))
 GBUF_RANGE = companion(
     SHARD_BUFFER, "uneven-optimizer-range", f"{_DISTRIB}._build_model_gbuf_range",
     "the range of each bucket a rank's optimizer steps",
     params=("cls", "param_and_grad_buffer", "bucket_index"))
+_MANAGERS: list = []  # the coalescing managers entered and not yet left, innermost last
 # id() of a registered bucket's grad_data / param_data view -> per-rank (start, end); an entry
 # goes when its view does (weakref.finalize), so a later buffer can never inherit it
 _BOUNDS: dict[int, list[tuple[int, int]]] = {}
@@ -77,6 +90,15 @@ def _views(t: torch.Tensor, bounds: list[tuple[int, int]]) -> list[torch.Tensor]
     return [t[s:e] for s, e in bounds]
 
 
+def _handed(work: Any, async_op: bool) -> Any:
+    """An async uneven collective's Work: into the coalescing manager it runs under, whose
+    handle megatron waits on (and None back, as a coalesced call returns), else to the caller."""
+    if async_op and _MANAGERS and work is not None:
+        _MANAGERS[-1].append(work)
+        return None
+    return work
+
+
 def install() -> None:
     """Apply the patches (idempotent); inert for buckets nobody registered."""
     from megatron.core.optimizer.distrib_optimizer import Range
@@ -92,8 +114,8 @@ def install() -> None:
             bounds = bounds_of(input)
             if bounds is None:
                 return orig(output, input, op=op, group=group, async_op=async_op)
-            return dist.reduce_scatter(output, _views(input, bounds), op=op, group=group,
-                                       async_op=async_op)
+            return _handed(dist.reduce_scatter(output, _views(input, bounds), op=op, group=group,
+                                               async_op=async_op), async_op)
         return patched
 
     def all_gather(orig):
@@ -101,8 +123,8 @@ def install() -> None:
             bounds = bounds_of(output_tensor)
             if bounds is None:
                 return orig(output_tensor, input_tensor, group=group, async_op=async_op)
-            return dist.all_gather(_views(output_tensor, bounds), input_tensor, group=group,
-                                   async_op=async_op)
+            return _handed(dist.all_gather(_views(output_tensor, bounds), input_tensor,
+                                           group=group, async_op=async_op), async_op)
         return patched
 
     def gbuf_range(orig):
@@ -117,9 +139,21 @@ def install() -> None:
                 param_and_grad_buffer.param_index_map, world, bucket.offset)}
         return classmethod(patched)
 
-    for patch in (SHARD_BUFFER, REDUCE_SCATTER, ALL_GATHER, GBUF_RANGE):
+    def coalescing(orig):
+        @contextlib.contextmanager
+        def patched(group=None, device=None, async_ops=False) -> Iterator[Any]:
+            with orig(group, device, async_ops) as cm:
+                _MANAGERS.append(cm)
+                try:
+                    yield cm
+                finally:
+                    _MANAGERS.pop()
+        return patched
+
+    for patch in (SHARD_BUFFER, REDUCE_SCATTER, ALL_GATHER, COALESCING, GBUF_RANGE):
         patch.check()
     apply(SHARD_BUFFER, shard_buffer)
+    apply(COALESCING, coalescing)
     apply(REDUCE_SCATTER, reduce_scatter)
     apply(ALL_GATHER, all_gather)
     apply(GBUF_RANGE, gbuf_range)

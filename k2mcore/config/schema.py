@@ -105,6 +105,15 @@ class TrainConfig:
     # time, so the curve compares like with like); eval_iters x global_batch_size samples built
     eval_interval: int = 0
     eval_iters: int = 1
+    # data-parallel communication overlapped with compute, as Megatron-LM runs it
+    # (docs/training.md, 'Overlapped data-parallel communication'): gradients reduce-scattered
+    # bucket by bucket while the backward runs; parameters all-gathered in the next forward's
+    # pre-hooks (needs parallel.distributed_optimizer)
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = True
+    # DDP bucket size in elements; null: megatron's max(40M, 1M x DP), one bucket on a toy
+    # model. Only the first pipeline stage's first chunk is cut into buckets (megatron's rule)
+    ddp_bucket_size: Optional[int] = None
 
 
 @dataclass

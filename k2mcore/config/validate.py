@@ -42,6 +42,7 @@ POSITIVE_INTS = (
 )
 OPTIONAL_POSITIVE_INTS = (
     "model.q_lora_rank", "parallel.vpp", "optimizer.wsd_decay_iters", "optimizer.decay_iters",
+    "train.ddp_bucket_size",
     "parallel.first_stage_layers", "parallel.last_stage_layers",
 )
 NON_NEGATIVE = (
@@ -94,6 +95,7 @@ def _check_fields(cfg: K2Config) -> None:
     if o.min_lr > o.lr:
         raise ConfigError(f"optimizer.min_lr={_fmt(o.min_lr)} exceeds optimizer.lr={_fmt(o.lr)}")
     _check_muonclip(cfg)
+    _check_overlap(cfg)
     _check_recompute(cfg)
     rs = cfg.model.rope_scaling
     if rs is not None:
@@ -147,6 +149,17 @@ def _check_muonclip(cfg: K2Config) -> None:
     if cfg.optimizer.name == "muonclip" and not cfg.parallel.distributed_optimizer:
         raise ConfigError("optimizer.name=muonclip needs parallel.distributed_optimizer=true "
                           "(its Muon exchange works on the distributed optimizer's shards)")
+
+
+def _check_overlap(cfg: K2Config) -> None:
+    t = cfg.train
+    if t.overlap_param_gather and not cfg.parallel.distributed_optimizer:
+        raise ConfigError("train.overlap_param_gather=true needs parallel.distributed_optimizer="
+                          "true (without ZeRO-1 there is no parameter all-gather to overlap; "
+                          "set it false)")
+    if t.overlap_param_gather and not t.overlap_grad_reduce:
+        raise ConfigError("train.overlap_param_gather=true needs train.overlap_grad_reduce=true "
+                          "(Megatron-LM's rule, and the only pairing tested)")
 
 
 def _check_data(cfg: K2Config) -> None:

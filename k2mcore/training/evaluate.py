@@ -37,8 +37,11 @@ def evaluate(model: list, groups: Any, batches: Callable[[], Iterator[dict]], *,
     """{"val_loss", "val_ppl"} over `eval_iters` global batches from `batches()` (a fresh
     iterator over this DP rank's valid micro-batches; `packed`: rows of packed conversations).
     Collective."""
+    from k2mcore.parallel.ddp import sync_params
+
     from .step import loss_totals
 
+    sync_params(model)  # overlap_param_gather: evaluate the stepped weights on every rank
     total = count = 0.0
     it = batches()
     try:

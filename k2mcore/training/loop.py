@@ -87,14 +87,14 @@ def _set_up(cfg: K2Config, layout: Layout, ckpt_root: str, faults: Faults) -> _R
     from k2mcore.model.build import build_model
     from k2mcore.optim.build import build_optimizer
     from k2mcore.optim.skip import SkippingStep
-    from k2mcore.parallel.ddp import ddp_param_layout, wrap_ddp
+    from k2mcore.parallel.ddp import Overlap, ddp_param_layout, wrap_ddp
     from k2mcore.parallel.groups import init_distributed
 
     groups = init_distributed(layout, seed=cfg.train.seed)
     chunks = build_model(cfg, groups)
     param_layout = ddp_param_layout(cfg, chunks, groups)
     model = wrap_ddp(chunks, groups, distributed_optimizer=cfg.parallel.distributed_optimizer,
-                     param_layout=param_layout)
+                     param_layout=param_layout, overlap=Overlap.from_config(cfg))
     optimizer, scheduler = build_optimizer(cfg, model, groups, param_layout=param_layout)
     return _Run(cfg=cfg, groups=groups, model=model, optimizer=optimizer, scheduler=scheduler,
                 stepper=SkippingStep(optimizer, cfg.train.max_consecutive_skips),

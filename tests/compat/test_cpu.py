@@ -96,6 +96,7 @@ def _gloo_worker(rank: int, world: int, path: str) -> None:
     # no padding: one broadcast per contributing rank, of exactly its piece, per gather
     piece = {r: 4 * 2 * n for r, n in enumerate(ROWS) if n}
     assert sent == [(r, b) for r, b in piece.items()] * 3, (rank, sent)
+    _uneven_shards_under_coalescing(rank, world)
     # all_to_all_single with split sizes given as tensors, as megatron's MoE dispatcher does:
     # rank r sends j + 1 elements to rank j
     send = torch.arange(6, dtype=torch.float32) + 10 * rank
@@ -110,9 +111,39 @@ def _gloo_worker(rank: int, world: int, path: str) -> None:
     dist.destroy_process_group()
 
 
+def _uneven_shards_under_coalescing(rank: int, world: int) -> None:
+    """compat.uneven_shards' collectives as overlapped DDP issues them: async, inside megatron's
+    `_coalescing_manager`, whose handle megatron keeps; the pieces' Work must be in it."""
+    from types import SimpleNamespace
+
+    from megatron.core.distributed import param_and_grad_buffer as pgb
+
+    from k2mcore.compat import uneven_shards
+
+    bounds = [(0, 2), (2, 2), (2, 5)]  # rank 1 holds none of the bucket
+    grad = torch.arange(5.0) + 100 * rank
+    param = torch.zeros(5)
+    uneven_shards.register(SimpleNamespace(grad_data=grad, param_data=param), bounds)
+    s, e = bounds[rank]
+    shard = pgb.shard_buffer(grad, world)[rank]
+    with pgb._coalescing_manager(None, async_ops=True) as cm:
+        pgb.dist_reduce_scatter_func(shard, grad, group=None, async_op=True)
+    assert len(cm.works) == 1, cm.works  # the list-form reduce-scatter's Work, not dropped
+    cm.wait()
+    want = torch.arange(5.0)[s:e] * world + 100 * sum(range(world))
+    assert torch.equal(shard, want), (rank, shard, want)
+    param[s:e] = shard
+    with pgb._coalescing_manager(None, async_ops=True) as cm:
+        pgb.dist_all_gather_func(param, param[s:e].clone(), group=None, async_op=True)
+    assert len(cm.works) == 1, cm.works
+    cm.wait()
+    assert torch.equal(param, torch.arange(5.0) * world + 100 * sum(range(world))), (rank, param)
+
+
 def test_gloo_adapters(tmp_path):
     """Three gloo ranks: the uneven all_gather's values (sync, async with one handle) and the
-    bytes it puts on the wire (each piece's own size, no padding); tensor split sizes."""
+    bytes it puts on the wire (each piece's own size, no padding); compat.uneven_shards' async
+    collectives under megatron's coalescing manager; tensor split sizes."""
     mp.spawn(_gloo_worker, args=(3, str(tmp_path / "store")), nprocs=3, join=True)
 
 

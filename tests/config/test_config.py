@@ -161,6 +161,11 @@ def test_override_errors(override, message):
     (["data.truncate=false"], "data.truncate: false applies to data.format=chat only"),
     (["data.format=chat", "data.blend=x", "data.packing=true", "parallel.cp=2"],
      "data.packing: true with parallel.cp=2 is not supported"),
+    (["parallel.distributed_optimizer=false"],
+     "train.overlap_param_gather=true needs parallel.distributed_optimizer=true"),
+    (["train.overlap_grad_reduce=false"],
+     "train.overlap_param_gather=true needs train.overlap_grad_reduce=true"),
+    (["train.ddp_bucket_size=0"], "train.ddp_bucket_size: must be >= 1"),
 ])
 def test_fine_tuning_and_validation_settings_fail_in_one_line(overrides, message):
     cfg = load_config("k2-tiny", overrides)

@@ -16,7 +16,7 @@ import torch
 from layout_worker import (
     ALL,
     BYTE_LAYOUTS,
-    BYTES_ONLY,
+    EXTRA_FOUR_RANK,
     CLIP_LAYOUTS,
     EIGHT_RANK,
     FOUR_RANK,
@@ -40,7 +40,7 @@ def parity_dir(tmp_path_factory) -> str:
     _launch(out, ["1rank"], 1, "--write-init")
     _launch(out, TWO_RANK, 2)
     _launch(out, EIGHT_RANK, 8)
-    _launch(out, FOUR_RANK + BYTES_ONLY, 4)
+    _launch(out, FOUR_RANK + EXTRA_FOUR_RANK, 4)
     return out
 
 

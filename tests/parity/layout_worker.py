@@ -20,7 +20,7 @@ from plan_worker import PLAN_LAYOUTS, run_plan
 
 from k2mcore.config.loader import load_config
 from k2mcore.model.build import build_model
-from k2mcore.parallel.ddp import wrap_ddp
+from k2mcore.parallel.ddp import Overlap, sync_params, wrap_ddp
 from k2mcore.parallel.groups import init_distributed
 from k2mcore.parallel.layout import resolve_layout
 from k2mcore.parallel.param_counts import stage_parameters
@@ -40,6 +40,7 @@ LAYOUTS: dict[str, dict] = {
     "tp2-pp2-ep2": {"parallel.tp": 2, "parallel.pp": 2, "parallel.ep": 2, "parallel.sp": True},
     "dp4": {},
     "ep2-dp4": {"parallel.ep": 2},  # on 4 ranks: dense DP4, expert DP2
+    "pp2-vpp2-dp2": {"parallel.pp": 2, "parallel.vpp": 2},  # on 4 ranks
 }
 TWO_RANK = ["tp2-sp", "pp2", "pp2-vpp2", "pp2-uneven", "ep2", "dp2", "tp2-ep2"]
 EIGHT_RANK = ["tp2-pp2-ep2"]
@@ -49,7 +50,21 @@ ALL = ["1rank", *TWO_RANK, *EIGHT_RANK, *FOUR_RANK]
 # BYTES_ONLY run nothing else (in the 4-rank launch)
 BYTES_ONLY = ["ep2-dp4"]
 BYTE_LAYOUTS = ("ep2", "dp4", *BYTES_ONLY)
+# layouts whose overlapped step is recorded event by event (record_overlap); OVERLAP_ONLY run
+# nothing else (in the 4-rank launch)
+OVERLAP_ONLY = ["pp2-vpp2-dp2"]
+OVERLAP_LAYOUTS = ("dp2", *OVERLAP_ONLY)
+EXTRA_FOUR_RANK = BYTES_ONLY + OVERLAP_ONLY
 GLOBAL_BATCH, SEQ, SEED = 4, 32, 1234
+# every run overlaps data-parallel communication with compute (the trainer's default), with
+# buckets small enough that the first stage's first chunk has several (AdamW's megatron layout;
+# MuonClip's owner-aligned layout keeps one bucket per buffer)
+BUCKET = 20_000
+OVERLAP = Overlap(grad_reduce=True, param_gather=True, bucket_size=BUCKET)
+GRAD_OVERLAP = Overlap(grad_reduce=True, bucket_size=BUCKET)  # no distributed optimizer
+# the byte counts: overlapped, one bucket per buffer as MuonClip has (so both optimizers' buffers
+# are padded alike and their bytes compare exactly)
+BYTES_OVERLAP = Overlap(grad_reduce=True, param_gather=True)
 # MuonClip phase: steps on fresh batches, with a QK-Clip threshold the toy's logits exceed
 MUON_STEPS, MUON_TAU = 5, 0.05
 # QK-Clip phase (TP layouts): lr 0, so the clip is the only change to the weights; a threshold
@@ -181,7 +196,8 @@ def run(name: str, out: str, init_path: str, write_init: bool) -> None:
                                               "model.moe_router_bias_update_rate=0.0"])
     layout = resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     groups = init_distributed(layout, seed=SEED)
-    model = wrap_ddp(build_model(cfg, groups), groups, distributed_optimizer=False)
+    model = wrap_ddp(build_model(cfg, groups), groups, distributed_optimizer=False,
+                     overlap=GRAD_OVERLAP)
     # parameters this rank holds, against the analytic count `k2m-train --check` prints
     held = sum(p.numel() for chunk in model for p in chunk.module.parameters())
     counts: list = [None] * dist.get_world_size()
@@ -229,7 +245,7 @@ def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, 
     if name == FORCED_OFFLOAD_LAYOUT:
         force_offloads(param_layout)
     model = wrap_ddp(chunks, groups, distributed_optimizer=True,
-                     param_layout=param_layout)
+                     param_layout=param_layout, overlap=OVERLAP)
     scatter_full(model, torch.load(init_path, weights_only=True))
     optimizer, _ = build_optimizer(cfg, model, groups, param_layout=param_layout)
     inner = inner_optimizers(optimizer)
@@ -243,6 +259,7 @@ def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, 
                                 seq_length=SEQ, micro_batch_size=1)
         ok, _, _ = optimizer.step()
         rows.append({"loss": loss, "ok": ok, **attention_report(cfg, optimizer, model, groups, stepped=ok)})
+        sync_params(model)  # the gathers overlap_param_gather leaves to the next forward
         weights.append(gather_full(model))
     # one more forward on the last batch: the logits the clipped weights give
     forward_backward(model, groups, micro_batches(cfg.model.vocab_size, groups, SEED + steps - 1), seq_length=SEQ,
@@ -262,8 +279,9 @@ def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, 
 
 def count_step_bytes(name: str, out: str, init_path: str) -> None:
     """Bytes every rank hands to torch.distributed collectives over one whole training step
-    (zero_grad, forward/backward with the gradient reduce-scatter, optimizer step with the
-    parameter all-gather, the attention report), MuonClip against AdamW on the same model."""
+    (zero_grad, forward/backward with the gradient reduce-scatter and, overlapped, the previous
+    step's parameter all-gather, the optimizer step, the attention report), after a first
+    uncounted step, MuonClip against AdamW on the same model."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from harness.comm_bytes import count_collective_bytes, total_over_ranks
     from k2mcore.optim.build import build_optimizer
@@ -281,19 +299,18 @@ def count_step_bytes(name: str, out: str, init_path: str) -> None:
         chunks = build_model(cfg, groups)
         param_layout = ddp_param_layout(cfg, chunks, groups)
         model = wrap_ddp(chunks, groups, distributed_optimizer=True,
-                         param_layout=param_layout)
+                         param_layout=param_layout, overlap=BYTES_OVERLAP)
         scatter_full(model, torch.load(init_path, weights_only=True))
         optimizer, _ = build_optimizer(cfg, model, groups, param_layout=param_layout)
-        batches = micro_batches(cfg.model.vocab_size, groups)
-        dist.barrier()
-        bus, stepped_bus = Counter(), Counter()
-        with count_collective_bytes(bus=bus) as counts:
-            optimizer.zero_grad()
-            forward_backward(model, groups, batches, seq_length=SEQ, micro_batch_size=1)
-            # the parameter all-gather's part
-            with count_collective_bytes(bus=stepped_bus) as stepped:
+        for step in range(2):
+            batches = micro_batches(cfg.model.vocab_size, groups, SEED + step)
+            dist.barrier()
+            log: list = []
+            with count_collective_bytes(by_kind=True, log=log) as counts:
+                optimizer.zero_grad()
+                forward_backward(model, groups, batches, seq_length=SEQ, micro_batch_size=1)
                 optimizer.step()
-            attention_report(cfg, optimizer, model, groups, stepped=True)
+                attention_report(cfg, optimizer, model, groups, stepped=True)
         mine = sum(counts.values())
         # ZeRO-1's minimum from the buffer sizes: each buffer's fp32 gradients reduce-scattered
         # whole, its fp32 parameters all-gathered once (this rank hands over its 1/d share)
@@ -302,15 +319,20 @@ def count_step_bytes(name: str, out: str, init_path: str) -> None:
         zero1 = {"reduce_scatter_tensor": sum(4 * b.grad_data.numel() for b in buffers),
                  "all_gather_into_tensor": sum(4 * b.param_data.numel() / b.data_parallel_world_size
                                                for b in buffers)}
+        # the DDP buffers' collectives (data parallelism's reduce-scatters and all-gathers), as
+        # handed over and in bus bytes
+        ops = {"reduce_scatter_tensor": ("reduce_scatter", "_reduce_scatter"),
+               "all_gather_into_tensor": ("all_gather", "_all_gather")}
+        ddp = {op: sum(e[2] for e in log if e[0] == "dp" and e[1].startswith(p))
+               for op, p in ops.items()}
+        ddp_bus = {op: sum(e[5] for e in log if e[0] == "dp" and e[1].startswith(p))
+                   for op, p in ops.items()}
+        by_op: Counter = Counter()
+        for e in log:
+            by_op[e[1]] += e[2]
         per_rank: list = [None] * dist.get_world_size()
-        # the DDP buffers' collectives: the gradient reduce-scatter (the only reduce_scatter_tensor
-        # without TP) and the optimizer step's all-gathers (the MoE token counts' are forward's),
-        # as handed over and in bus bytes
-        ops = ("reduce_scatter_tensor", "all_gather_into_tensor")
-        ddp = dict(zip(ops, (counts.get(ops[0], 0), stepped.get(ops[1], 0))))
-        ddp_bus = dict(zip(ops, (bus.get(ops[0], 0), stepped_bus.get(ops[1], 0))))
-        dist.all_gather_object(per_rank, (mine, dict(counts), zero1, ddp, ddp_bus,
-                                          sum(bus.values())))
+        dist.all_gather_object(per_rank, (mine, dict(by_op), zero1, ddp, ddp_bus,
+                                          sum(e[5] for e in log)))
         result[optimizer_name] = {"total": total_over_ranks(counts),
                                   "per_rank": [r[:2] for r in per_rank],
                                   "zero1": [r[2] for r in per_rank],
@@ -319,6 +341,81 @@ def count_step_bytes(name: str, out: str, init_path: str) -> None:
                                   "bus_total": sum(r[5] for r in per_rank)}
     if dist.get_rank() == 0:
         torch.save(result, os.path.join(out, f"{name}.bytes.pt"))
+
+
+def record_overlap(name: str, out: str, init_path: str) -> None:
+    """Two AdamW steps (distributed optimizer, overlap on, BUCKET-sized buckets), the order of
+    events on this rank: each parameter's gradient accumulation ("grad", chunk, bucket), each
+    bucket's reduce-scatter ("rs", chunk, bucket), each parameter all-gather ("ag", chunk,
+    bucket, issued in a forward pre-hook?), the end of the backward ("finalize") and the
+    optimizer step ("step"). megatron's hook on a gradient accumulator runs before the one
+    added here, so a bucket's reduce-scatter is logged before its last "grad"."""
+    import inspect
+
+    from megatron.core.distributed import param_and_grad_buffer as pgb
+
+    from k2mcore.optim.build import build_optimizer
+
+    cfg = load_config("k2-tiny", [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[name].items()] + [
+        f"train.seq_length={SEQ}", "train.dtype=fp32", "optimizer.name=adamw"])
+    groups = init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))),
+                              seed=SEED)
+    model = wrap_ddp(build_model(cfg, groups), groups, distributed_optimizer=True,
+                     overlap=OVERLAP)
+    scatter_full(model, torch.load(init_path, weights_only=True))
+    optimizer, _ = build_optimizer(cfg, model, groups)
+    events: list = []
+    where = {}  # data_ptr of a bucket's grad_data / param_data -> (chunk, bucket)
+    for c, chunk in enumerate(model):
+        for buf in chunk.buffers + chunk.expert_parallel_buffers:
+            for b, bucket in enumerate(buf.buckets):
+                where[bucket.grad_data.data_ptr()] = where[bucket.param_data.data_ptr()] = (c, b)
+                for p in bucket.params:
+                    acc = p.expand_as(p).grad_fn.next_functions[0][0]
+                    acc.register_hook(lambda *_, c=c, b=b: events.append(("grad", c, b)))
+
+    def in_pre_hook() -> bool:
+        return any(f.function == "hook" and f.filename.endswith("distributed_data_parallel.py")
+                   for f in inspect.stack(0))
+
+    rs, ag = pgb.dist_reduce_scatter_func, pgb.dist_all_gather_func
+
+    def reduce_scatter(output, input, *a, **kw):
+        events.append(("rs", *where[input.data_ptr()]))
+        return rs(output, input, *a, **kw)
+
+    def all_gather(output, input, *a, **kw):
+        events.append(("ag", *where[output.data_ptr()], in_pre_hook()))
+        return ag(output, input, *a, **kw)
+
+    config = model[0].config
+    fin = config.finalize_model_grads_func
+
+    def finalize(*a, **kw):
+        events.append(("finalize",))
+        return fin(*a, **kw)
+
+    pgb.dist_reduce_scatter_func, pgb.dist_all_gather_func = reduce_scatter, all_gather
+    config.finalize_model_grads_func = finalize
+    try:
+        for step in range(2):
+            events.append(("begin", step))
+            optimizer.zero_grad()
+            forward_backward(model, groups, micro_batches(cfg.model.vocab_size, groups,
+                                                          SEED + step),
+                             seq_length=SEQ, micro_batch_size=1)
+            optimizer.step()
+            events.append(("step",))
+    finally:
+        pgb.dist_reduce_scatter_func, pgb.dist_all_gather_func = rs, ag
+        config.finalize_model_grads_func = fin
+    buckets = {(c, b) for c, b in set(where.values())}
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, {"events": events, "buckets": sorted(buckets),
+                                   "pp_rank": groups.pp_rank,
+                                   "micro_batches": GLOBAL_BATCH // groups.layout.dp})
+    if dist.get_rank() == 0:
+        torch.save(every, os.path.join(out, f"{name}.overlap.pt"))
 
 
 def _per_head_logits(model) -> dict:
@@ -350,6 +447,9 @@ def main() -> None:
     for name in args.layouts.split(","):
         if name in BYTES_ONLY:
             count_step_bytes(name, args.out, init_path)
+        if name in OVERLAP_ONLY:
+            record_overlap(name, args.out, init_path)
+        if name in EXTRA_FOUR_RANK:
             continue
         run(name, args.out, init_path, args.write_init)
         run_muonclip(name, args.out, init_path, lr=3e-3, steps=MUON_STEPS, tau=MUON_TAU,
@@ -358,6 +458,8 @@ def main() -> None:
             run_muonclip(name, args.out, init_path, lr=0.0, steps=1, tau=CLIP_TAU, tag="clip")
         if name in BYTE_LAYOUTS:
             count_step_bytes(name, args.out, init_path)
+        if name in OVERLAP_LAYOUTS:
+            record_overlap(name, args.out, init_path)
         if name in PLAN_LAYOUTS:
             run_plan(name, args.out)
     dist.barrier()

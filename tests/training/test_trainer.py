@@ -22,9 +22,14 @@ COMMON = ["--config", "k2-tiny", "--set", "train.global_batch_size=4", "--set",
           "train.seq_length=32", "--set", "optimizer.name=adamw", "--set", "optimizer.lr=2e-3",
           "--set", "optimizer.warmup_iters=2", "--set", "optimizer.decay_iters=10",
           "--set", "train.seed=77", "--set", "train.eval_interval=5", "--set", "train.eval_iters=1",
-          "--set", "logging.tensorboard=true", "--set", "model.measure_max_attn_logit=true"]
+          "--set", "logging.tensorboard=true", "--set", "model.measure_max_attn_logit=true",
+          # overlapped DP communication is the default; buckets small enough that the first
+          # stage's first chunk has several (AdamW's layout)
+          "--set", "train.ddp_bucket_size=20000"]
 LAYOUTS = {
     "dp2-zero1": (2, []),
+    "dp2-zero1-no-overlap": (2, ["train.overlap_grad_reduce=false",
+                                 "train.overlap_param_gather=false"]),
     "pp2-vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
     "tp2-ep2": (2, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.etp=1"]),
     # experts over the TP ranks (etp 1): TP, PP and EP on 4 ranks; the 8-rank TP2 x PP2 x EP2 x
