@@ -82,6 +82,16 @@ class ParallelConfig:
         return self
 
 
+def resolve_overlap(overlap_grad_reduce: Optional[bool], overlap_param_gather: Optional[bool], *,
+                    distributed_optimizer: bool, cuda: bool) -> tuple[bool, bool]:
+    """(overlap_grad_reduce, overlap_param_gather) with null resolved: the gather on with CUDA
+    and the distributed optimizer; the reduction on with CUDA or with the gather."""
+    param = (cuda and distributed_optimizer) if overlap_param_gather is None \
+        else overlap_param_gather
+    grad = (cuda or param) if overlap_grad_reduce is None else overlap_grad_reduce
+    return grad, param
+
+
 @dataclass
 class TrainConfig:
     iters: int = 20
@@ -108,9 +118,11 @@ class TrainConfig:
     # data-parallel communication overlapped with compute, as Megatron-LM runs it
     # (docs/training.md, 'Overlapped data-parallel communication'): gradients reduce-scattered
     # bucket by bucket while the backward runs; parameters all-gathered in the next forward's
-    # pre-hooks (needs parallel.distributed_optimizer)
-    overlap_grad_reduce: bool = True
-    overlap_param_gather: bool = True
+    # pre-hooks (needs parallel.distributed_optimizer). null: on with CUDA (the gather with the
+    # distributed optimizer), off on CPU, where gloo's threads and the ranks' compute share the
+    # same cores and overlap measured slower (benchmarks/bench_overlap.py)
+    overlap_grad_reduce: Optional[bool] = None
+    overlap_param_gather: Optional[bool] = None
     # DDP bucket size in elements; null: megatron's max(40M, 1M x DP), one bucket on a toy
     # model. Only the first pipeline stage's first chunk is cut into buckets (megatron's rule)
     ddp_bucket_size: Optional[int] = None

@@ -155,9 +155,8 @@ def _check_overlap(cfg: K2Config) -> None:
     t = cfg.train
     if t.overlap_param_gather and not cfg.parallel.distributed_optimizer:
         raise ConfigError("train.overlap_param_gather=true needs parallel.distributed_optimizer="
-                          "true (without ZeRO-1 there is no parameter all-gather to overlap; "
-                          "set it false)")
-    if t.overlap_param_gather and not t.overlap_grad_reduce:
+                          "true (without ZeRO-1 there is no parameter all-gather to overlap)")
+    if t.overlap_param_gather and t.overlap_grad_reduce is False:
         raise ConfigError("train.overlap_param_gather=true needs train.overlap_grad_reduce=true "
                           "(Megatron-LM's rule, and the only pairing tested)")
 

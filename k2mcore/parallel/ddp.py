@@ -38,9 +38,15 @@ class Overlap:
 
     @classmethod
     def from_config(cls, cfg: K2Config) -> "Overlap":
+        """The config's switches, null resolved for this platform (resolve_overlap)."""
+        from k2mcore import platform
+        from k2mcore.config.schema import resolve_overlap
+
         t = cfg.train
-        return cls(grad_reduce=t.overlap_grad_reduce, param_gather=t.overlap_param_gather,
-                   bucket_size=t.ddp_bucket_size)
+        grad, param = resolve_overlap(t.overlap_grad_reduce, t.overlap_param_gather,
+                                      distributed_optimizer=cfg.parallel.distributed_optimizer,
+                                      cuda=platform.has_cuda())
+        return cls(grad_reduce=grad, param_gather=param, bucket_size=t.ddp_bucket_size)
 
 
 def ddp_param_layout(cfg: K2Config, chunks: list, groups: ProcessGroups) -> Optional[Any]:
@@ -54,7 +60,17 @@ def ddp_param_layout(cfg: K2Config, chunks: list, groups: ProcessGroups) -> Opti
 
     return OwnerAlignedLayout(chunks, groups, router_in_muon=m.router_in_muon,
                               split_gated=m.split_gated, offload_budget=m.ns_offload_budget,
-                              wire_bytes=MuonHyperParams.from_config(m).wire_dtype().itemsize)
+                              wire_bytes=MuonHyperParams.from_config(m).wire_dtype().itemsize,
+                              bucket_size=bucket_size(Overlap.from_config(cfg), groups))
+
+
+def bucket_size(overlap: Overlap, groups: ProcessGroups) -> Optional[int]:
+    """Elements per bucket DDP cuts the first stage's first chunk into: None (one bucket per
+    buffer) without overlapped gradient reduction, else the configured size or megatron's
+    default, max(40M, 1M x DP)."""
+    if not overlap.grad_reduce:
+        return None
+    return overlap.bucket_size or max(40_000_000, 1_000_000 * groups.layout.dp * groups.layout.cp)
 
 
 def wrap_ddp(chunks: Sequence[torch.nn.Module], groups: ProcessGroups, *,
@@ -139,8 +155,9 @@ def _megatron_layout(chunk: torch.nn.Module, ddp_config: DistributedDataParallel
     params = [p for p in chunk.parameters() if p.requires_grad]
     layout = groups.layout
     dp = layout.dp * layout.cp
-    bucket_size = None
-    if ddp_config.overlap_grad_reduce and bucketed and groups.pp_rank == 0:
-        bucket_size = ddp_config.bucket_size or max(40_000_000, 1_000_000 * dp)
+    size = None
+    if bucketed and groups.pp_rank == 0:
+        size = bucket_size(Overlap(grad_reduce=ddp_config.overlap_grad_reduce,
+                                   bucket_size=ddp_config.bucket_size), groups)
     return DistributedOptimizer.compute_full_param_layout(
-        params, bucket_size, dp, ddp_config, expert_data_parallel_world_size=layout.expert_dp)
+        params, size, dp, ddp_config, expert_data_parallel_world_size=layout.expert_dp)

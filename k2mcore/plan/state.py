@@ -186,11 +186,11 @@ def rank_state(cfg: K2Config, plan: StagePlan, rank: int, muon_names: set, *,
     params = buffer_numel = shard = muon_shard = expert_bytes = 0
     for buf, g in plan.buffers_of(rank):
         g = g if zero1 else 0
-        a, b = buf.shard_bounds[g]
+        pieces = buf.pieces(g)
         buffer_numel += buf.numel
         for name, (s, e) in buf.param_range.items():
             params += e - s
-            own = max(0, min(b, e) - max(a, s))
+            own = sum(max(0, min(b, e) - max(a, s)) for a, b in pieces)
             shard += own
             muon = muonclip and name in muon_names
             muon_shard += own if muon else 0

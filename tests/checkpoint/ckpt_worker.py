@@ -43,8 +43,7 @@ LAYOUTS: dict[str, dict] = {
     "tp2-ep2": {"parallel.tp": 2, "parallel.sp": True, "parallel.ep": 2, "parallel.etp": 1},
     "pp2-vpp2-ep2": {"parallel.pp": 2, "parallel.vpp": 2, "parallel.ep": 2},
     "1rank": {},
-    "1rank-plain-adam": {"parallel.distributed_optimizer": False,
-                         "train.overlap_param_gather": False},
+    "1rank-plain-adam": {"parallel.distributed_optimizer": False},
 }
 GLOBAL_BATCH, SEQ, SEED = 4, 32, 1234
 PAYLOAD_MARK = "pickle_payload_ran"

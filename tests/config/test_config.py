@@ -161,9 +161,9 @@ def test_override_errors(override, message):
     (["data.truncate=false"], "data.truncate: false applies to data.format=chat only"),
     (["data.format=chat", "data.blend=x", "data.packing=true", "parallel.cp=2"],
      "data.packing: true with parallel.cp=2 is not supported"),
-    (["parallel.distributed_optimizer=false"],
+    (["parallel.distributed_optimizer=false", "train.overlap_param_gather=true"],
      "train.overlap_param_gather=true needs parallel.distributed_optimizer=true"),
-    (["train.overlap_grad_reduce=false"],
+    (["train.overlap_grad_reduce=false", "train.overlap_param_gather=true"],
      "train.overlap_param_gather=true needs train.overlap_grad_reduce=true"),
     (["train.ddp_bucket_size=0"], "train.ddp_bucket_size: must be >= 1"),
 ])
@@ -173,6 +173,22 @@ def test_fine_tuning_and_validation_settings_fail_in_one_line(overrides, message
         resolve_layout(cfg, 1)
     assert str(exc.value).startswith(message), str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+def test_overlap_switches_resolve_per_platform():
+    """null: overlapped on GPUs (the gather only with the distributed optimizer), off on CPU;
+    an explicit gather brings the reduction with it."""
+    from k2mcore.config.schema import resolve_overlap
+
+    def r(grad, param, zero1=True, cuda=True):
+        return resolve_overlap(grad, param, distributed_optimizer=zero1, cuda=cuda)
+
+    assert r(None, None) == (True, True)
+    assert r(None, None, zero1=False) == (True, False)
+    assert r(None, None, cuda=False) == (False, False)
+    assert r(None, True, cuda=False) == (True, True)
+    assert r(True, None, cuda=False) == (True, False)
+    assert r(False, False) == (False, False)
 
 
 def test_setting_field_of_null_section_is_an_error():

@@ -56,14 +56,14 @@ OVERLAP_ONLY = ["pp2-vpp2-dp2"]
 OVERLAP_LAYOUTS = ("dp2", *OVERLAP_ONLY)
 EXTRA_FOUR_RANK = BYTES_ONLY + OVERLAP_ONLY
 GLOBAL_BATCH, SEQ, SEED = 4, 32, 1234
-# every run overlaps data-parallel communication with compute (the trainer's default), with
-# buckets small enough that the first stage's first chunk has several (AdamW's megatron layout;
-# MuonClip's owner-aligned layout keeps one bucket per buffer)
+# every run overlaps data-parallel communication with compute (the trainer's default on GPUs),
+# with buckets small enough that the first stage's first chunk has several (megatron's layout for
+# AdamW, the owner-aligned one for MuonClip)
 BUCKET = 20_000
 OVERLAP = Overlap(grad_reduce=True, param_gather=True, bucket_size=BUCKET)
 GRAD_OVERLAP = Overlap(grad_reduce=True, bucket_size=BUCKET)  # no distributed optimizer
-# the byte counts: overlapped, one bucket per buffer as MuonClip has (so both optimizers' buffers
-# are padded alike and their bytes compare exactly)
+# the byte counts: overlapped, one bucket per buffer for both optimizers (so their buffers are
+# padded alike and their bytes compare exactly)
 BYTES_OVERLAP = Overlap(grad_reduce=True, param_gather=True)
 # MuonClip phase: steps on fresh batches, with a QK-Clip threshold the toy's logits exceed
 MUON_STEPS, MUON_TAU = 5, 0.05
@@ -237,6 +237,8 @@ def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, 
         f"train.seq_length={SEQ}", "train.dtype=fp32", "optimizer.name=muonclip",
         f"optimizer.lr={lr}", "optimizer.min_lr=0", "optimizer.warmup_iters=0",
         "optimizer.decay_style=constant", f"qk_clip.threshold={tau}",
+        f"train.ddp_bucket_size={BUCKET}", "train.overlap_grad_reduce=true",
+        "train.overlap_param_gather=true",
         # the clip phase re-measures logits on the same batch: keep routing fixed
         f"model.moe_router_bias_update_rate={1e-3 if lr else 0.0}"])
     groups = init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))), seed=SEED)
@@ -245,7 +247,7 @@ def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, 
     if name == FORCED_OFFLOAD_LAYOUT:
         force_offloads(param_layout)
     model = wrap_ddp(chunks, groups, distributed_optimizer=True,
-                     param_layout=param_layout, overlap=OVERLAP)
+                     param_layout=param_layout, overlap=Overlap.from_config(cfg))
     scatter_full(model, torch.load(init_path, weights_only=True))
     optimizer, _ = build_optimizer(cfg, model, groups, param_layout=param_layout)
     inner = inner_optimizers(optimizer)
@@ -271,9 +273,14 @@ def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, 
     dist.all_gather_object(all_silent, silent)
     all_offloaded: list = [None] * dist.get_world_size()
     dist.all_gather_object(all_offloaded, offloaded)
+    # (pipeline rank, buckets of each DDP buffer of the first chunk) per rank
+    buckets: list = [None] * dist.get_world_size()
+    dist.all_gather_object(buckets, (groups.pp_rank, [
+        len(b.buckets) for b in model[0].buffers + model[0].expert_parallel_buffers]))
     if dist.get_rank() == 0:
         torch.save({"rows": rows, "weights": weights, "ns_flops": all_flops, "heads_after": heads,
-                    "exchange_free": all(all_silent), "offloaded": all_offloaded},
+                    "exchange_free": all(all_silent), "offloaded": all_offloaded,
+                    "buckets": buckets},
                    os.path.join(out, f"{name}.{tag}.pt"))
 
 

@@ -79,6 +79,15 @@ def test_newton_schulz_runs_once_per_matrix(muonclip_results, layout):
         assert max(flops) <= 1.02 * total / 2
 
 
+@pytest.mark.parametrize("layout", ALL[1:])
+def test_first_stage_runs_several_owner_aligned_buckets(muonclip_results, layout):
+    """Every MuonClip run overlaps its data-parallel communication with BUCKET-sized buckets: the
+    first stage's first chunk has several owner-aligned buckets in its dense buffer (the weights
+    above match one rank's all the same), the other stages one per buffer."""
+    for pp_rank, counts in muonclip_results[layout]["buckets"]:
+        assert counts[0] >= 2 if pp_rank == 0 else set(counts) == {1}, (pp_rank, counts)
+
+
 def test_forced_offloads_ran_both_ways(muonclip_results):
     """The layout whose weights above match one rank's with Newton-Schulz offloads did offload:
     each rank sent its neighbour a SwiGLU half and an expert matrix (layout_worker.force_offloads)."""

@@ -23,8 +23,9 @@ COMMON = ["--config", "k2-tiny", "--set", "train.global_batch_size=4", "--set",
           "--set", "optimizer.warmup_iters=2", "--set", "optimizer.decay_iters=10",
           "--set", "train.seed=77", "--set", "train.eval_interval=5", "--set", "train.eval_iters=1",
           "--set", "logging.tensorboard=true", "--set", "model.measure_max_attn_logit=true",
-          # overlapped DP communication is the default; buckets small enough that the first
-          # stage's first chunk has several (AdamW's layout)
+          # overlapped DP communication (the default on GPUs, off on CPU), with buckets small
+          # enough that the first stage's first chunk has several
+          "--set", "train.overlap_grad_reduce=true", "--set", "train.overlap_param_gather=true",
           "--set", "train.ddp_bucket_size=20000"]
 LAYOUTS = {
     "dp2-zero1": (2, []),

@@ -5,7 +5,9 @@ dense and expert buffers jointly, the same plan on every rank), hands DDP each c
 through megatron's `full_param_layout` hook, and registers each bucket's uneven shard bounds with
 k2mcore.compat.uneven_shards once DDP has built it. With it the gradient reduce-scatter delivers
 each Muon matrix's owner its whole (TP shard of the) reduced gradient, and the parameter
-all-gather returns the update: MuonClip moves nothing else over data parallelism.
+all-gather returns the update: MuonClip moves nothing else over data parallelism. Under
+overlapped gradient reduction the first stage's first chunk is cut into buckets of
+train.ddp_bucket_size, each owner-aligned on its own.
 """
 from __future__ import annotations
 
@@ -36,15 +38,19 @@ class OwnerAlignedLayout:
 
     def __init__(self, chunks: Sequence[nn.Module], groups: ProcessGroups, *,
                  router_in_muon: bool = True, split_gated: bool = True,
-                 offload_budget: float = 0.0, wire_bytes: int = 2) -> None:
+                 offload_budget: float = 0.0, wire_bytes: int = 2,
+                 bucket_size: Optional[int] = None) -> None:
         """`offload_budget`: optimizer.muon.ns_offload_budget, the bytes NS offloads may send
-        per step as a fraction of the stage's ZeRO-1 bytes; `wire_bytes`: the NS dtype's size."""
+        per step as a fraction of the stage's ZeRO-1 bytes; `wire_bytes`: the NS dtype's size;
+        `bucket_size`: DDP's bucket size under overlapped gradient reduction (None: one bucket
+        per buffer), which cuts the first stage's first chunk as megatron would."""
         self.groups = groups
         self.router_in_muon, self.split_gated = router_in_muon, split_gated
         self._specs = [self._chunk_specs(c) for c in chunks]
         stage_chunks = [StageChunk(dense=d, experts=[e] * groups.layout.ep if e else [])
                         for d, e in self._specs]
-        stage = plan_stage(stage_chunks, World.from_layout(groups.layout), pp_rank=groups.pp_rank)
+        stage = plan_stage(stage_chunks, World.from_layout(groups.layout), pp_rank=groups.pp_rank,
+                           bucket_size=bucket_size)
         param_bytes = next(iter(chunks[0].parameters())).element_size()
         zero1 = sum(stage.zero1_bytes_of(r, param_bytes=param_bytes) for r in stage.ranks)
         self.stage: StagePlan = plan_offload(stage, budget_bytes=int(offload_budget * zero1),
@@ -85,7 +91,9 @@ class OwnerAlignedLayout:
         dense, expert = self._plans(index)
         for buffers, plan in ((ddp_chunk.buffers, dense), (ddp_chunk.expert_parallel_buffers, expert)):
             for buffer in buffers:
-                if plan is None or len(buffer.buckets) != 1:
-                    raise RuntimeError("owner-aligned MuonClip expects one planned bucket per "
-                                       "DDP buffer")
-                uneven_shards.register(buffer.buckets[0], plan.bucket_shard_bounds[0])
+                if plan is None or len(buffer.buckets) != len(plan.bucket_ranges):
+                    raise RuntimeError("owner-aligned MuonClip: DDP built "
+                                       f"{len(buffer.buckets)} buckets where the plan has "
+                                       f"{len(plan.bucket_ranges) if plan else 0}")
+                for bucket, bounds in zip(buffer.buckets, plan.bucket_shard_bounds):
+                    uneven_shards.register(bucket, bounds)

@@ -18,7 +18,11 @@ the buffer ends on lcm(dp, 128) (megatron's pad_bucket_end), and every cut is a 
 `align`. `plan_stage` plans a pipeline stage's dense buffers over the dense DP(-CP) group and its
 expert buffers over each expert-DP group, chunk after chunk, with running NS loads per rank.
 `to_megatron_layout` / `to_full_param_layout` turn plans into megatron 0.19.2 layouts for DDP's
-`full_param_layout` (one bucket per buffer, num_optimizer_shards=dp).
+`full_param_layout` (num_optimizer_shards=dp). With a bucket size (overlapped gradient reduction,
+train.ddp_bucket_size) the first stage's first chunk is cut into buckets as megatron cuts them
+(parameters in reverse order, a bucket closed once it holds the bucket size), and each bucket is
+planned as a buffer of its own, with owners chosen over the whole buffer (`plan_buckets`): every
+Muon matrix still lies whole in its owner's piece of its bucket.
 
 Pure python: no torch or megatron at import (megatron is imported inside the two converters).
 Deterministic: the same specs in the same order give the same plan on every rank.
@@ -129,6 +133,9 @@ class BufferPlan:
     zero1_numel: int  # megatron's DistributedOptimizer buffer for the same params
     costs: dict = field(default_factory=dict)  # Muon matrix name -> NS FLOPs
     shapes: dict = field(default_factory=dict)  # Muon matrix name -> (NS shape, split_rows)
+    # [bucket][rank] -> (start, end) in the buffer, when cut into several buckets (plan_buckets;
+    # shard_bounds is then empty); empty: one bucket, shard_bounds
+    bucket_bounds: list = field(default_factory=list)
 
     @property
     def loads(self) -> list:
@@ -136,29 +143,50 @@ class BufferPlan:
         return [a + b for a, b in zip(self.start_loads, self.ns_load)]
 
     @property
+    def _buckets(self) -> list:
+        """[bucket][rank] -> (start, end) in the buffer."""
+        return self.bucket_bounds or [list(self.shard_bounds)]
+
+    @property
+    def bucket_ranges(self) -> list:
+        """[bucket] -> (start, end) in the buffer."""
+        return [(b[0][0], b[-1][1]) for b in self._buckets]
+
+    @property
     def shard_numel(self) -> list:
-        return [e - s for s, e in self.shard_bounds]
+        """[rank] -> elements of its shard (its pieces of every bucket)."""
+        return [sum(b[r][1] - b[r][0] for b in self._buckets) for r in range(self.dp)]
+
+    def pieces(self, rank: int) -> list:
+        """(start, end) of `rank`'s piece of each bucket."""
+        return [b[rank] for b in self._buckets]
 
     @property
     def bucket_shard_bounds(self) -> list:
-        """[bucket][rank] -> (start, end) in the buffer, for the uneven reduce-scatter (one
-        bucket covering the buffer)."""
-        return [list(self.shard_bounds)]
+        """[bucket][rank] -> (start, end) relative to the bucket, for the uneven reduce-scatter
+        and all-gather of each bucket."""
+        return [[(s - b[0][0], e - b[0][0]) for s, e in b] for b in self._buckets]
 
     def ranks_of(self, name: str) -> list:
         """Ranks whose shard holds part of `name` (one for a Muon matrix)."""
         s, e = self.param_range[name]
-        return [r for r, (a, b) in enumerate(self.shard_bounds) if a < e and s < b]
+        return sorted({r for b in self._buckets for r, (a, c) in enumerate(b)
+                       if a < e and s < c})
 
     def check(self) -> None:
         """Raise ValueError (one line) unless the plan's invariants hold."""
-        if self.shard_bounds[0][0] != 0 or self.shard_bounds[-1][1] != self.numel:
-            raise ValueError(f"shards do not cover [0, {self.numel}): {self.shard_bounds}")
-        for (_, e), (s, _) in zip(self.shard_bounds, self.shard_bounds[1:]):
+        buckets = self._buckets
+        if buckets[0][0][0] != 0 or buckets[-1][-1][1] != self.numel:
+            raise ValueError(f"shards do not cover [0, {self.numel}): {buckets}")
+        flat = [piece for b in buckets for piece in b]
+        for (_, e), (s, _) in zip(flat, flat[1:]):
             if e != s:
                 raise ValueError(f"shards leave a gap or overlap at {e}/{s}")
-        if any(s > e for s, e in self.shard_bounds):
-            raise ValueError(f"a shard ends before it starts: {self.shard_bounds}")
+        if any(s > e for s, e in flat):
+            raise ValueError(f"a shard ends before it starts: {flat}")
+        for n, (s, e) in self.param_range.items():
+            if e > s and not any(a <= s and e <= c for a, c in self.bucket_ranges):
+                raise ValueError(f"{n} ({s}, {e}) straddles a bucket boundary")
         spans = sorted(self.param_range[n] for n in self.order)
         for (s0, e0), (s1, _) in zip(spans, spans[1:]):
             if s1 < e0:
@@ -168,9 +196,9 @@ class BufferPlan:
                 raise ValueError(f"{n}: range ({s}, {e}) unaligned or outside the buffer")
         for n, r in self.owner.items():
             s, e = self.param_range[n]
-            a, b = self.shard_bounds[r]
-            if e > s and not a <= s < e <= b:
-                raise ValueError(f"{n} ({s}, {e}) is not inside its owner {r}'s shard ({a}, {b})")
+            if e > s and not any(a <= s < e <= b for a, b in self.pieces(r)):
+                raise ValueError(f"{n} ({s}, {e}) is not inside its owner {r}'s shard "
+                                 f"{self.pieces(r)}")
 
 
 def _lpt(costs: Sequence[int], loads: list) -> list:
@@ -220,9 +248,11 @@ def _validate(params: Sequence[ParamSpec], dp: Any, start_loads: Any, align: Any
 
 
 def plan_buffer(params: Sequence[ParamSpec], dp: int, *, start_loads: Optional[Sequence[int]] = None,
-                align: int = ALIGN, end_divisor: Optional[int] = None) -> BufferPlan:
+                align: int = ALIGN, end_divisor: Optional[int] = None,
+                owners: Optional[Mapping[str, int]] = None) -> BufferPlan:
     """Plan one buffer over `dp` ranks (module docstring). `end_divisor`: the buffer size is a
-    multiple of it (default lcm(dp, 128), megatron's; must be a multiple of dp)."""
+    multiple of it (default lcm(dp, 128), megatron's; must be a multiple of dp). `owners`: the
+    Muon matrices' owners, decided elsewhere (plan_buckets: over all buckets at once)."""
     params = list(params)
     loads0 = _validate(params, dp, start_loads, align)
     end_divisor = math.lcm(end_divisor or megatron_end_divisor(dp), align)
@@ -231,7 +261,8 @@ def plan_buffer(params: Sequence[ParamSpec], dp: int, *, start_loads: Optional[S
     slot = [_up(p.numel, align) for p in params]
     muon = [i for i, p in enumerate(params) if p.muon]
     adamw = [i for i, p in enumerate(params) if not p.muon]
-    owner_of = dict(zip(muon, _lpt([params[i].cost for i in muon], loads0)))
+    owner_of = (dict(zip(muon, _lpt([params[i].cost for i in muon], loads0))) if owners is None
+                else {i: owners[params[i].name] for i in muon})
     blocks: list = [[] for _ in range(dp)]
     for i in muon:
         blocks[owner_of[i]].append(i)
@@ -257,6 +288,57 @@ def plan_buffer(params: Sequence[ParamSpec], dp: int, *, start_loads: Optional[S
         zero1_numel=zero1_numel([p.numel for p in params], dp, align=align, end_divisor=end_divisor),
         costs={params[i].name: params[i].cost for i in muon},
         shapes={params[i].name: (params[i].shape, params[i].split_rows) for i in muon})
+
+
+def bucket_split(params: Sequence[ParamSpec], bucket_size: int, *,
+                 align: int = ALIGN) -> list:
+    """megatron's buckets of one buffer: the parameters in reverse order (the order the backward
+    produces their gradients), a bucket closed once its aligned elements reach `bucket_size`;
+    each bucket's parameters in their original order. Bucket 0 holds the last parameters."""
+    if not isinstance(bucket_size, int) or bucket_size < 1:
+        raise ValueError(f"bucket_split: bucket_size must be an integer >= 1, got {bucket_size!r}")
+    buckets, current, size = [], [], 0
+    for p in reversed(list(params)):
+        current.append(p)
+        size = _up(size, align) + p.numel
+        if size >= bucket_size:
+            buckets.append(current[::-1])
+            current, size = [], 0
+    if current:
+        buckets.append(current[::-1])
+    return buckets
+
+
+def plan_buckets(buckets: Sequence[Sequence[ParamSpec]], dp: int, *,
+                 start_loads: Optional[Sequence[int]] = None, align: int = ALIGN) -> BufferPlan:
+    """One buffer cut into `buckets` (bucket_split's), laid out one after the other: the owners
+    of all its Muon matrices first, longest first over the whole buffer (so Newton-Schulz is as
+    balanced as in one bucket), then each bucket planned as a buffer of its own with them."""
+    if len(buckets) == 1:
+        return plan_buffer(buckets[0], dp, start_loads=start_loads, align=align)
+    loads = _validate([p for b in buckets for p in b], dp, start_loads, align)
+    first = list(loads)
+    muon = [p for b in buckets for p in b if p.muon]
+    owners = {p.name: r for p, r in zip(muon, _lpt([p.cost for p in muon], loads))}
+    merged: dict = {"order": [], "param_range": {}, "owner": {}, "costs": {}, "shapes": {},
+                    "bucket_bounds": []}
+    ns, offset, padding, zero1 = [0] * dp, 0, 0, 0
+    for specs in buckets:
+        plan = plan_buffer(specs, dp, start_loads=loads, align=align, owners=owners)
+        merged["order"] += plan.order
+        merged["param_range"].update({n: (s + offset, e + offset)
+                                      for n, (s, e) in plan.param_range.items()})
+        merged["owner"].update(plan.owner)
+        merged["costs"].update(plan.costs)
+        merged["shapes"].update(plan.shapes)
+        merged["bucket_bounds"].append([(s + offset, e + offset) for s, e in plan.shard_bounds])
+        ns = [a + b for a, b in zip(ns, plan.ns_load)]
+        loads = plan.loads
+        offset += plan.numel
+        padding += plan.padding
+        zero1 += plan.zero1_numel
+    return BufferPlan(dp=dp, align=align, shard_bounds=[], ns_load=ns, start_loads=first,
+                      numel=offset, padding=padding, zero1_numel=zero1, **merged)
 
 
 def _arrange(blocks: list, adamw: list, slot: list, fills: list, level: Fraction) -> list:
@@ -495,11 +577,13 @@ class StagePlan:
 
 
 def plan_stage(chunks: Sequence[StageChunk], world: World, *, pp_rank: int = 0,
-               align: int = ALIGN) -> StagePlan:
+               align: int = ALIGN, bucket_size: Optional[int] = None) -> StagePlan:
     """Plan every buffer of pipeline stage `pp_rank`: chunk by chunk, the dense buffer over the
     DP-CP group (start loads per group rank: the most any TP rank at that index carries), then
     each EP rank's expert buffer over its expert-DP group (start loads likewise over ETP),
-    adding each plan's NS to all TP/ETP ranks at the owner's index."""
+    adding each plan's NS to all TP/ETP ranks at the owner's index. `bucket_size`: cut the first
+    stage's first chunk's buffers into buckets of about that many elements (megatron's rule for
+    overlapped gradient reduction; every other chunk keeps one bucket per buffer)."""
     if not isinstance(pp_rank, int) or not 0 <= pp_rank < world.pp:
         raise ValueError(f"plan_stage: pp_rank must be in [0, {world.pp}), got {pp_rank!r}")
     stage = StagePlan(world=world, pp_rank=pp_rank, chunks=[], loads={})
@@ -511,14 +595,19 @@ def plan_stage(chunks: Sequence[StageChunk], world: World, *, pp_rank: int = 0,
         if chunk.experts and len(chunk.experts) != world.ep:
             raise ValueError(f"plan_stage: chunk {v} lists experts for {len(chunk.experts)} EP "
                              f"ranks, the world has ep={world.ep}")
-        dense = plan_buffer(chunk.dense, world.dense_dp, align=align,
-                            start_loads=[max(stage.loads[r] for r in idx) for idx in dense_idx])
+        def cut(specs: Sequence[ParamSpec]) -> list:
+            if bucket_size is None or v > 0 or pp_rank > 0 or not specs:
+                return [list(specs)]
+            return bucket_split(specs, bucket_size, align=align)
+
+        dense = plan_buckets(cut(chunk.dense), world.dense_dp, align=align,
+                             start_loads=[max(stage.loads[r] for r in idx) for idx in dense_idx])
         _charge(stage.loads, dense_idx, dense.ns_load)
         experts = []
         for e, specs in enumerate(chunk.experts):
             idxs = stage.expert_index(e)
-            plan = plan_buffer(specs, world.expert_dp, align=align,
-                               start_loads=[max(stage.loads[r] for r in idx) for idx in idxs])
+            plan = plan_buckets(cut(specs), world.expert_dp, align=align,
+                                start_loads=[max(stage.loads[r] for r in idx) for idx in idxs])
             _charge(stage.loads, idxs, plan.ns_load)
             experts.append(plan)
         stage.chunks.append(ChunkPlan(dense=dense, experts=experts))
@@ -596,7 +685,7 @@ NamedParams = Union[Mapping[str, Any], Iterable[tuple]]
 def to_megatron_layout(plan: BufferPlan, params: NamedParams, *,
                        param_indices: Optional[list] = None):
     """A megatron PerBufferParamLayout for `plan` and the real parameters (name -> Parameter):
-    one bucket covering the buffer, num_optimizer_shards = plan.dp. The uneven shard bounds are
+    the plan's buckets, num_optimizer_shards = plan.dp. The uneven shard bounds are
     plan.bucket_shard_bounds."""
     from megatron.core.optimizer.param_layout import PerBufferParamLayout
 
@@ -606,16 +695,18 @@ def to_megatron_layout(plan: BufferPlan, params: NamedParams, *,
     if missing or extra:
         raise ValueError(f"to_megatron_layout: parameters missing {missing[:3]} / not in the plan "
                          f"{extra[:3]}")
-    index_map = {}
+    ranges = plan.bucket_ranges
+    index_map, last = {}, [0] * len(ranges)
     for name in plan.order:
         s, e = plan.param_range[name]
         if named[name].numel() != e - s:
             raise ValueError(f"to_megatron_layout: {name} has {named[name].numel()} elements, "
                              f"the plan {e - s}")
-        index_map[named[name]] = (s, e, 0)
-    last = max((e for _, e in plan.param_range.values()), default=0)
-    return PerBufferParamLayout(param_index_map=index_map, bucket_indices=[(0, plan.numel)],
-                                per_bucket_numel_unpadded=[last],
+        bucket = next(i for i, (a, b) in enumerate(ranges) if a <= s and e <= b)
+        index_map[named[name]] = (s, e, bucket)
+        last[bucket] = max(last[bucket], e - ranges[bucket][0])
+    return PerBufferParamLayout(param_index_map=index_map, bucket_indices=list(ranges),
+                                per_bucket_numel_unpadded=last,
                                 param_indices=list(param_indices or []),
                                 num_optimizer_shards=plan.dp)
 

@@ -17,6 +17,8 @@ from k2mcore.optim.muonclip.ns_offload import plan_offload
 from k2mcore.optim.muonclip.shard_plan import (
     ParamSpec,
     World,
+    bucket_split,
+    plan_buckets,
     plan_buffer,
     plan_stage,
     spec_for,
@@ -40,9 +42,12 @@ def assert_valid(plan, specs):
     assert plan.numel % plan.dp == 0 and plan.numel % 128 == 0
     assert plan.padding == plan.numel - sum(s.numel for s in specs)
     cursor = 0
-    for s, e in plan.shard_bounds:  # contiguous, no gap, no overlap
-        assert s == cursor and e >= s
-        cursor = e
+    for bucket in plan.bucket_shard_bounds:  # contiguous, no gap, no overlap
+        start = cursor
+        for s, e in bucket:
+            assert start + s == cursor and e >= s
+            cursor = start + e
+        assert (cursor - start) % plan.dp == 0 and (cursor - start) % 128 == 0
     assert cursor == plan.numel
     spans = sorted(plan.param_range[s.name] for s in specs)
     assert all(e0 <= s1 for (_, e0), (s1, _) in zip(spans, spans[1:]))
@@ -50,12 +55,11 @@ def assert_valid(plan, specs):
         start, end = plan.param_range[s.name]
         assert end - start == s.numel and start % plan.align == 0 and 0 <= start <= end <= plan.numel
         if s.muon:
-            a, b = plan.shard_bounds[plan.owner[s.name]]
-            assert a <= start and end <= b
+            assert any(a <= start and end <= b for a, b in plan.pieces(plan.owner[s.name]))
             if s.numel:
                 assert plan.ranks_of(s.name) == [plan.owner[s.name]]
     assert set(plan.owner) == {s.name for s in specs if s.muon}
-    assert all(b % plan.align == 0 for b, _ in plan.shard_bounds)
+    assert all(b % plan.align == 0 for r in range(plan.dp) for b, _ in plan.pieces(r))
     assert sum(plan.ns_load) == sum(s.cost for s in specs)
 
 
@@ -91,6 +95,36 @@ def test_three_equal_matrices_on_two_ranks_by_hand():
     assert (plan.numel, plan.padding) == (640, 0)
     assert plan.ranks_of("a") == [0, 1] and plan.ns_load == [2 * specs[0].cost, specs[0].cost]
     assert_valid(plan, specs)
+
+
+def test_bucket_split_follows_megatrons_reverse_order_by_hand():
+    # reversed: d (10), then c at 64 (aligned) ends at 164 >= 150: bucket [c, d]; b (100), then
+    # a at 128 ends at 228: bucket [a, b]. Bucket 0 holds the last parameters, as megatron's.
+    a, b, c, d = (ParamSpec(n, k) for n, k in (("a", 100), ("b", 100), ("c", 100), ("d", 10)))
+    assert bucket_split([a, b, c, d], 150) == [[c, d], [a, b]]
+    assert bucket_split([a, b, c, d], 10**9) == [[a, b, c, d]]
+    with pytest.raises(ValueError, match=r"^bucket_split: bucket_size must be an integer >= 1"):
+        bucket_split([a], 0)
+
+
+def test_buckets_are_planned_one_after_the_other_each_owner_aligned():
+    rng = random.Random(7)
+    specs = [mat(f"m{i}", rng.choice((64, 96, 128)), rng.choice((64, 128))) if i % 3 else
+             ParamSpec(f"a{i}", rng.randrange(1, 3000)) for i in range(30)]
+    buckets = bucket_split(specs, 20_000)
+    assert len(buckets) >= 3
+    plan = plan_buckets(buckets, 4, start_loads=[5, 0, 0, 0])
+    assert_valid(plan, specs)
+    assert len(plan.bucket_ranges) == len(buckets)
+    for bucket, (s, e) in zip(buckets, plan.bucket_ranges):  # each bucket's params inside it
+        assert all(s <= plan.param_range[p.name][0] < plan.param_range[p.name][1] <= e
+                   for p in bucket)
+    # owners are chosen over the whole buffer: the Newton-Schulz loads of one bucket's plan
+    # (equal-cost matrices may swap owners: ties go by job order, which buckets change)
+    assert plan.loads == plan_buffer(specs, 4, start_loads=[5, 0, 0, 0]).loads
+    assert plan.loads == [x + y for x, y in zip([5, 0, 0, 0], plan.ns_load)]
+    assert plan.shard_numel == [sum(e - s for s, e in plan.pieces(r)) for r in range(4)]
+    assert sum(plan.shard_numel) == plan.numel
 
 
 def test_alignment_padding_by_hand():
@@ -329,6 +363,26 @@ def _k2_stage(shapes, dp, ep, pp_rank):
     layout = resolve_layout(cfg, 16 * dp)
     return plan_stage(stage_chunks_from_shapes(shapes, layout, pp_rank), World.from_layout(layout),
                       pp_rank=pp_rank), layout
+
+
+def test_k2_first_stage_in_megatrons_default_buckets_keeps_the_balance_targets(k2_shapes):
+    """Overlapped gradient reduction cuts the first stage's first chunk into buckets of
+    megatron's default size; the balance and padding targets hold as with one bucket."""
+    for dp, ep in ((16, 16), (64, 64)):
+        cfg = load_config("kimi-k2")
+        cfg.parallel.ep = ep
+        layout = resolve_layout(cfg, 16 * dp)
+        chunks = stage_chunks_from_shapes(k2_shapes, layout, 0)
+        size = max(40_000_000, 1_000_000 * dp)
+        stage = plan_stage(chunks, World.from_layout(layout), pp_rank=0, bucket_size=size)
+        plans = [stage.chunks[0].dense, *stage.chunks[0].experts]
+        assert len(plans[0].bucket_ranges) > 1  # the embedding and the dense layer 0
+        for specs, plan in zip([chunks[0].dense, *chunks[0].experts], plans):
+            assert_valid(plan, specs)
+        held = sum(p.numel - p.padding for p in plans)
+        assert sum(p.padding for p in plans) <= 0.02 * held
+        b = stage.balance()
+        assert b["max"] <= max(1.10 * b["mean"], 1.05 * b["group_lower_bound"]), (dp, ep, b)
 
 
 @pytest.mark.parametrize("dp,ep", LAYOUTS)
