@@ -159,6 +159,8 @@ def _steps(run: _Run, stop: StopRequest) -> list[dict]:
         run.checkpoints.wait()
         if stopped:
             _save(run)
+            if run.groups.rank == 0 and stop.consume_file():
+                print(f"removed {stop.stop_file}: the next start trains on", flush=True)
     finally:
         run.logger.close()
         run.checkpoints.close()  # the pruned checkpoints' deletion, if still under way

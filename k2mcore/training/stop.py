@@ -28,6 +28,17 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.signum = signum
 
+    def consume_file(self) -> bool:
+        """Remove the stop file once the stop it asked for is done (saved), so that the next
+        start of the run does not stop again after one step; True if there was one."""
+        if not self.stop_file:
+            return False
+        try:
+            os.remove(self.stop_file)
+            return True
+        except FileNotFoundError:
+            return False
+
     def requested(self) -> bool:
         local = self.signum is not None or bool(self.stop_file and os.path.exists(self.stop_file))
         flag = torch.tensor([1.0 if local else 0.0], device=platform.device())

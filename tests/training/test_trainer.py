@@ -250,6 +250,23 @@ def test_sigterm_saves_and_exits_zero_then_resume(reference, tmp_path):
     _close(_losses(reference), {r["step"]: r["loss"] for r in rows}, range(1, 7), 1e-5)
 
 
+def test_a_stop_file_saves_and_is_consumed_so_the_next_start_trains_on(reference, tmp_path):
+    """<run.dir>/STOP (what slurm/train.sbatch writes on Slurm's notice) stops the run after the
+    step under way, with a save; the trainer then removes it, and a plain rerun resumes and
+    trains to the end with the uninterrupted losses."""
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    open(os.path.join(run, "STOP"), "w").close()
+    first = _run(1, [], run, 6)
+    assert [r["step"] for r in _rows(run)] == [1]
+    assert os.path.isdir(os.path.join(run, "checkpoints", "step_00000001"))
+    assert not os.path.exists(os.path.join(run, "STOP")) and "removed" in first.stdout
+    _run(1, [], run, 6)
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    _close(_losses(reference), {r["step"]: r["loss"] for r in rows}, range(1, 7), 1e-5)
+
+
 def test_kill_during_an_async_save_leaves_the_previous_checkpoint_newest(reference, tmp_path):
     """kill -9 while the step-4 checkpoint is half written in the background (its writer
     stalls mid-file; training goes on meanwhile): step 2 stays the newest, and the rerun resumes
