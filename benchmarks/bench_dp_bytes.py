@@ -33,6 +33,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "tests")]
 
 from bench_muonclip import GLOBAL_BATCH, SEQ, WIDE, _batches  # noqa: E402
+from harness.comm_bytes import STEP_PARTS as KINDS  # noqa: E402
+from harness.comm_bytes import step_part  # noqa: E402
 
 LAYOUTS = {
     4: {"dp4": {}, "ep2": {"parallel.ep": 2}},
@@ -40,19 +42,6 @@ LAYOUTS = {
                             "parallel.ep": 2, "parallel.etp": 1}},
 }
 OPTIMIZERS = ("adamw", "muonclip")
-KINDS = ("grad-RS", "param-AG", "muon-x", "ep-a2a", "rest")
-
-
-def _kind(label: str, op: str) -> str:
-    if label == "dp" and op.startswith(("reduce_scatter", "_reduce_scatter")):
-        return "grad-RS"
-    if label == "dp" and op.startswith(("all_gather", "_all_gather")):
-        return "param-AG"
-    if label == "optimizer" and op.startswith("all_to_all"):
-        return "muon-x"
-    if label == "ep" and op.startswith("all_to_all"):
-        return "ep-a2a"
-    return "rest"
 
 
 def _build(overrides: dict, optimizer: str):
@@ -110,8 +99,8 @@ def _count(overrides: dict, optimizer: str) -> dict:
             attention_report(cfg, opt, model, groups, stepped=True)
     handed, bus = Counter(), Counter()
     for label, op, nbytes, _shape, _site, bus_bytes in log:
-        handed[_kind(label, op)] += nbytes
-        bus[_kind(label, op)] += bus_bytes
+        handed[step_part(label, op)] += nbytes
+        bus[step_part(label, op)] += bus_bytes
     return {"handed": dict(handed), "bus": dict(bus), "zero1": _zero1(model)}
 
 

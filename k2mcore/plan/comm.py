@@ -250,8 +250,7 @@ def _pp_bytes(cfg: Any, layout: Any, me: _Rank, a: int, t: _Tally) -> None:
     for v in range(chunks):
         sends += 0 if (me.pp == layout.pp - 1 and v == chunks - 1) else 1  # activations
         sends += 0 if (me.pp == 0 and v == 0) else 1  # gradients
-    for _ in range(sends * layout.num_microbatches):
-        t.send(tensor)
+    t.send(sends * layout.num_microbatches * tensor)
     t.all_reduce(2 * FP64, layout.pp)  # loss total over PP
     # the schedule broadcasts the token count from the last stage
     t.broadcast(INT32, layout.pp, source=me.pp == layout.pp - 1)
@@ -381,11 +380,11 @@ def _muon_exchange(cfg: Any, layout: Any, me: _Rank, a: int, t: _Tally) -> None:
             if sharded:
                 send += numel // tp
                 back += numel if o == rank else 0
-                kept += (numel // tp if o == rank else 0) + (numel // tp if o == rank else 0)
+                kept += 2 * (numel // tp) if o == rank else 0  # its own piece, both ways
             else:
                 send += numel if rank == 0 else 0
                 back += tp * numel if o == rank else 0
-                kept += (numel if rank == 0 == o else 0) + (numel if o == rank else 0)
+                kept += (numel if rank == 0 == o else 0) + (numel if o == rank else 0)  # to, back
         # DP > 1: an even spread assumed (not exact); the a2a size must stay positive
         t.all_to_all(wire * (send + back) // dp, tp, kept=wire * kept // dp)
 

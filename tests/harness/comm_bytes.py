@@ -279,6 +279,24 @@ def count_collective_bytes(by_kind: bool = False, log: Optional[list] = None,
             setattr(owner, attr, fn)
 
 
+STEP_PARTS = ("grad-RS", "param-AG", "muon-x", "ep-a2a", "rest")
+
+
+def step_part(label: str, op: str) -> str:
+    """Which part of a training step a by-kind log entry (label, op) is: the DDP buffers'
+    gradient reduce-scatter ("grad-RS") or parameter all-gather ("param-AG"), MuonClip's
+    exchange ("muon-x"), the MoE dispatcher's all-to-alls ("ep-a2a"), or the rest."""
+    if label == "dp" and op.startswith(("reduce_scatter", "_reduce_scatter")):
+        return "grad-RS"
+    if label == "dp" and op.startswith(("all_gather", "_all_gather")):
+        return "param-AG"
+    if label == "optimizer" and op.startswith("all_to_all"):
+        return "muon-x"
+    if label == "ep" and op.startswith("all_to_all"):
+        return "ep-a2a"
+    return "rest"
+
+
 def total_over_ranks(counts: Counter) -> int:
     """Sum of every rank's counted bytes (collective; call outside the counted block)."""
     box = torch.tensor([float(sum(counts.values()))], dtype=torch.float64)

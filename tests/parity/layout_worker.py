@@ -290,7 +290,7 @@ def count_step_bytes(name: str, out: str, init_path: str) -> None:
     step's parameter all-gather, the optimizer step, the attention report), after a first
     uncounted step, MuonClip against AdamW on the same model."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from harness.comm_bytes import count_collective_bytes, total_over_ranks
+    from harness.comm_bytes import count_collective_bytes, step_part, total_over_ranks
     from k2mcore.optim.build import build_optimizer
     from k2mcore.parallel.ddp import ddp_param_layout
     from k2mcore.training.metrics import attention_report
@@ -328,12 +328,10 @@ def count_step_bytes(name: str, out: str, init_path: str) -> None:
                                                for b in buffers)}
         # the DDP buffers' collectives (data parallelism's reduce-scatters and all-gathers), as
         # handed over and in bus bytes
-        ops = {"reduce_scatter_tensor": ("reduce_scatter", "_reduce_scatter"),
-               "all_gather_into_tensor": ("all_gather", "_all_gather")}
-        ddp = {op: sum(e[2] for e in log if e[0] == "dp" and e[1].startswith(p))
-               for op, p in ops.items()}
-        ddp_bus = {op: sum(e[5] for e in log if e[0] == "dp" and e[1].startswith(p))
-                   for op, p in ops.items()}
+        ops = {"reduce_scatter_tensor": "grad-RS", "all_gather_into_tensor": "param-AG"}
+        ddp = {op: sum(e[2] for e in log if step_part(*e[:2]) == part) for op, part in ops.items()}
+        ddp_bus = {op: sum(e[5] for e in log if step_part(*e[:2]) == part)
+                   for op, part in ops.items()}
         by_op: Counter = Counter()
         for e in log:
             by_op[e[1]] += e[2]
