@@ -4,7 +4,8 @@ megatron-core assumes CUDA throughout. Rather than fork it, this module adapts t
 block it on a CPU-only run (docs/reference.md, 'megatron-core on CPU', tells how each was found):
 
 1. `torch.cuda` calls (device, RNG, streams, events, synchronize) get CPU stand-ins;
-2. a TorchFunctionMode rewrites CUDA device arguments and `.cuda()` to CPU, and makes
+2. a TorchFunctionMode rewrites CUDA device arguments and `.cuda()` to CPU, drops
+   `pin_memory=True` (no driver to pin with), and makes
    `Tensor.type()` report the CUDA type name megatron's optimizers compare against;
 3. the model-parallel RNG tracker forks the CPU generator (its CUDA-vs-CPU drift check would
    otherwise fire on every fork);
@@ -190,6 +191,10 @@ class _CudaToCpuMode(TorchFunctionMode):
             dev = kwargs.get("device")
             if dev is not None and _is_cuda_device(dev):
                 kwargs = {**kwargs, "device": "cpu"}
+            if kwargs.get("pin_memory"):
+                # pinning asks the CUDA driver for host memory (megatron's CP rope slicing pins
+                # its index tensor); without a GPU there is nothing to pin for
+                kwargs = {**kwargs, "pin_memory": False}
         elif func not in _SPECIAL:
             return func(*args)
         else:

@@ -55,6 +55,9 @@ class ModelConfig:
     moe_router_bias_update_rate: float = 1e-3  # aux-loss-free expert-bias step
     moe_aux_loss_coeff: float = 0.0  # K2 uses the bias update, not an aux loss
     measure_max_attn_logit: bool = False  # per-head running max of the logits, for QK-Clip
+    # local spec: sequences longer than this (tokens), and every context-parallel one, attend
+    # block by block from MLA's latent, one block's K/V up-projected at a time
+    attention_block_size: int = 4096
 
 
 @dataclass

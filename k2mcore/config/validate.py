@@ -39,6 +39,7 @@ POSITIVE_INTS = (
     "train.iters", "train.global_batch_size", "train.micro_batch_size", "train.seq_length",
     "train.max_consecutive_skips", "optimizer.muon.ns_steps",
     "checkpoint.keep", "logging.interval", "train.eval_iters", "data.prefetch",
+    "model.attention_block_size",
 )
 OPTIONAL_POSITIVE_INTS = (
     "model.q_lora_rank", "parallel.vpp", "optimizer.wsd_decay_iters", "optimizer.decay_iters",

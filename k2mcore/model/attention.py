@@ -40,8 +40,8 @@ class MLACoreAttention(MegatronModule):
         measure_max_logit: bool = False,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("MLACoreAttention (local spec) does not support context parallelism")
+        # context parallelism never reaches it: k2mcore.model.mla attends blockwise from the
+        # gathered latent instead, and reports its max logit through record_max_logit
         self.attn_mask_type = attn_mask_type
         k_channels = k_channels or config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else k_channels**-0.5
@@ -121,6 +121,10 @@ class MLACoreAttention(MegatronModule):
         )
 
     def _update_max_logit(self, logits: torch.Tensor) -> None:
-        per_head = logits.float().amax(dim=(0, 2, 3))  # [b, n, sq, sk] -> [n]
+        self.record_max_logit(logits.float().amax(dim=(0, 2, 3)))  # [b, n, sq, sk] -> [n]
+
+    def record_max_logit(self, per_head: torch.Tensor) -> None:
+        """Fold a per-head max logit ([local heads]) into the running max."""
+        per_head = per_head.detach().float()
         prev = self.current_max_attn_logits
         self.current_max_attn_logits = per_head if prev is None else torch.maximum(prev, per_head)

@@ -33,6 +33,7 @@ def build_gpt_chunk(
         transformer_layer_spec=k2_block_spec(
             config, use_te=use_te, vp_stage=vp_stage,
             measure_max_logit=model.measure_max_attn_logit,
+            attention_block_size=model.attention_block_size,
         ),
         vocab_size=model.vocab_size,
         max_sequence_length=max_seq_length or model.max_position_embeddings,

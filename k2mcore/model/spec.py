@@ -2,7 +2,8 @@
 
 On a GPU with Transformer-Engine the block spec is megatron-core's own TE spec. Otherwise the
 local spec is composed from megatron-core's local layers through a spec provider that swaps in
-the two modules megatron lacks there: an MLA-capable core attention and an SP-capable RMSNorm.
+the two modules megatron lacks there: an MLA-capable core attention and an SP-capable RMSNorm;
+its MLA is k2mcore's (k2mcore.model.mla: context parallelism, blockwise attention).
 """
 from __future__ import annotations
 
@@ -28,17 +29,20 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from k2mcore.compat.mla import K2MLASelfAttention, with_spec_norms
+from k2mcore.compat.mla import with_spec_norms
 
 from .attention import MLACoreAttention
+from .mla import DEFAULT_BLOCK, LatentMLASelfAttention
 from .norm import LatentRMSNorm, RMSNorm
 
 
 class K2LocalSpecProvider(LocalSpecProvider):
     """megatron's local layers, with k2mcore's norm and MLA core attention."""
 
-    def __init__(self, measure_max_logit: bool = False) -> None:
+    def __init__(self, measure_max_logit: bool = False,
+                 attention_block_size: int = DEFAULT_BLOCK) -> None:
         self.measure_max_logit = measure_max_logit
+        self.attention_block_size = attention_block_size
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False,
                    has_residual: bool = False) -> type:
@@ -59,8 +63,9 @@ def k2_layer_spec(backend: K2LocalSpecProvider, moe: bool) -> ModuleSpec:
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=K2MLASelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
+                module=LatentMLASelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal,
+                        "attention_block_size": backend.attention_block_size},
                 submodules=MLASelfAttentionSubmodules(
                     linear_q_proj=backend.column_parallel_linear(),
                     linear_q_down_proj=backend.column_parallel_linear(),
@@ -87,6 +92,7 @@ def k2_block_spec(
     use_te: bool,
     vp_stage: Optional[int] = None,
     measure_max_logit: bool = False,
+    attention_block_size: int = DEFAULT_BLOCK,
 ) -> TransformerBlockSubmodules:
     """The layers of this pipeline rank's (virtual) stage, dense first, then MoE."""
     if use_te:
@@ -95,7 +101,7 @@ def k2_block_spec(
         )
         block.layer_specs = [with_spec_norms(spec) for spec in block.layer_specs]
         return block
-    backend = K2LocalSpecProvider(measure_max_logit)
+    backend = K2LocalSpecProvider(measure_max_logit, attention_block_size)
     dense, moe = k2_layer_spec(backend, moe=False), k2_layer_spec(backend, moe=True)
     specs = [moe if is_moe else dense for is_moe in config.moe_layer_freq]
     layout = config.pipeline_model_parallel_layout

@@ -30,10 +30,12 @@ class ProcessGroups:
     etp_rank: int
     dp_rank: int  # data parallel, without context parallelism (what the data loader splits)
     dp_cp_rank: int  # data x context parallel (what the distributed optimizer shards over)
+    cp_rank: int  # context parallel: which load-balanced chunks of each sequence it holds
     tp_group: Any
     pp_group: Any
     dp_group: Any
     dp_cp_group: Any
+    cp_group: Any
     expert_dp_group: Any
 
     @property
@@ -102,10 +104,12 @@ def init_distributed(layout: Layout, seed: int, timeout_minutes: int = 30) -> Pr
         etp_rank=ps.get_expert_tensor_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
         dp_cp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
+        cp_rank=ps.get_context_parallel_rank(),
         tp_group=ps.get_tensor_model_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
         dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+        cp_group=ps.get_context_parallel_group(),
         expert_dp_group=ps.get_expert_data_parallel_group(),
     )
 

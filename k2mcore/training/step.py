@@ -48,8 +48,15 @@ def pack_micro_batch(batch: dict, multiple: int = 1) -> dict:
     return {**flat, "packed_seq_params": packed_seq_params(cu, n + pad)}
 
 
-def _forward_step(data_iterator, model, *, packed: bool = False, multiple: int = 1):
+def _forward_step(data_iterator, model, *, packed: bool = False, multiple: int = 1,
+                  cp_group=None):
     batch = next(data_iterator)
+    if cp_group is not None:
+        # megatron's load-balanced split (chunks r and 2cp-1-r of every sequence); the model
+        # (rope, k2mcore's MLA or TE's CP attention) knows the positions from the CP rank
+        from k2mcore.parallel.context import split_batch
+
+        batch = split_batch(batch, cp_group)
     if packed:
         batch = pack_micro_batch(batch, multiple)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
@@ -93,11 +100,12 @@ def loss_totals(
     (k2mcore.data.chat.packing); a micro-batch runs as one THD sequence of its rows end to end.
     """
     micro_batches = list(micro_batches)
-    step = _forward_step
+    cp_group = groups.cp_group if groups.layout.cp > 1 else None
+    step = partial(_forward_step, cp_group=cp_group)
     if packed:
         # THD is [t, 1, hidden]: the pipeline's p2p shape is one sequence of the packed length
         multiple = groups.layout.tp if groups.layout.sp else 1
-        step = partial(_forward_step, packed=True, multiple=multiple)
+        step = partial(_forward_step, packed=True, multiple=multiple, cp_group=cp_group)
         seq_length = packed_length(seq_length, micro_batch_size, multiple)
         micro_batch_size = 1
     if not forward_only:
@@ -114,7 +122,8 @@ def loss_totals(
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
-    # The last pipeline stage holds the loss; sum over pipeline and data parallel ranks.
+    # The last pipeline stage holds the loss; sum over pipeline, data and context parallel
+    # ranks (CP ranks hold different tokens of the same sequences).
     device = platform.device()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     if groups.is_last_stage:
@@ -122,6 +131,6 @@ def loss_totals(
             totals += report["lm loss"].double().to(device)
     if groups.tp_rank != 0:
         totals.zero_()  # TP ranks hold copies
-    for group in (groups.pp_group, groups.tp_group, groups.dp_group):
+    for group in (groups.pp_group, groups.tp_group, groups.dp_cp_group):
         dist.all_reduce(totals, group=group)
     return float(totals[0]), float(totals[1])

@@ -41,6 +41,18 @@ LAYOUTS: dict[str, dict] = {
     "dp4": {},
     "ep2-dp4": {"parallel.ep": 2},  # on 4 ranks: dense DP4, expert DP2
     "pp2-vpp2-dp2": {"parallel.pp": 2, "parallel.vpp": 2},  # on 4 ranks
+    # context parallelism: blockwise attention from the gathered latent, with key blocks that
+    # do (8) and do not (5, 12) divide the sequence's 32 tokens
+    "cp2": {"parallel.cp": 2, "model.attention_block_size": 5},
+    "cp2-ep2": {"parallel.cp": 2, "parallel.ep": 2, "model.attention_block_size": 8},
+    "cp4": {"parallel.cp": 4, "model.attention_block_size": 5},
+    "cp2-tp2-sp": {"parallel.cp": 2, "parallel.tp": 2, "parallel.sp": True,
+                   "model.attention_block_size": 12},
+    "cp2-pp2-vpp2": {"parallel.cp": 2, "parallel.pp": 2, "parallel.vpp": 2,
+                     "model.attention_block_size": 8},
+    "cp2-dp2": {"parallel.cp": 2, "model.attention_block_size": 5},  # on 4 ranks
+    "tp2-cp2-ep2": {"parallel.tp": 2, "parallel.sp": True, "parallel.cp": 2, "parallel.ep": 2,
+                    "model.attention_block_size": 5},  # on 8 ranks: DP2
 }
 TWO_RANK = ["tp2-sp", "pp2", "pp2-vpp2", "pp2-uneven", "ep2", "dp2", "tp2-ep2"]
 EIGHT_RANK = ["tp2-pp2-ep2"]
