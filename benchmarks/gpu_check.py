@@ -3,9 +3,10 @@
     bash benchmarks/gpu_check.sh [--cpu] [--out DIR]     # installs .whl/ first, then runs this
 
 1. correctness: k2-tiny, 5 MuonClip steps with QK-Clip forced on, torch loader, on CUDA in fp32
-   (TF32 off) and in bf16, against the same run on this machine's CPU (CUDA_VISIBLE_DEVICES="",
-   same seed, so the same weights and batches): losses within 1e-4 (fp32) and 2e-2 (bf16)
-   relative, and the same clipped heads per step;
+   (TF32 off), in bf16, and in fp32 with the blockwise latent attention (16-token key blocks,
+   the path long and context-parallel sequences take), against the same run on this machine's
+   CPU (CUDA_VISIBLE_DEVICES="", same seed, so the same weights and batches; plain attention):
+   losses within 1e-4 (fp32) and 2e-2 (bf16) relative, and the same clipped heads per step;
 2. a K2-shaped proxy on one device: K2's widths (hidden 7168, MLA ranks 1536/512, 64 heads,
    expert width 2048) with few layers and experts, bf16, selective recompute (the TE spec where
    Transformer-Engine imports, else the local spec);
@@ -106,7 +107,12 @@ def correctness(cpu: bool, work: str) -> dict:
     ref = _train(os.path.join(work, "cpu-fp32"), ["train.dtype=fp32"], on_cpu)
     runs = {"fp32": (_train(os.path.join(work, "dev-fp32"), ["train.dtype=fp32"],
                             dict(device, NVIDIA_TF32_OVERRIDE="0")), 1e-4),
-            "bf16": (_train(os.path.join(work, "dev-bf16"), ["train.dtype=bf16"], device), 2e-2)}
+            "bf16": (_train(os.path.join(work, "dev-bf16"), ["train.dtype=bf16"], device), 2e-2),
+            # the long-sequence path: 16-token key blocks up-projected from MLA's latent
+            # (k2mcore.model.blockwise), against the CPU's plain attention
+            "blockwise": (_train(os.path.join(work, "dev-blockwise"),
+                                 ["train.dtype=fp32", "model.attention_block_size=16"],
+                                 dict(device, NVIDIA_TF32_OVERRIDE="0")), 1e-4)}
     out = {"cpu_losses": [r["loss"] for r in ref],
            "cpu_clipped_heads": [r.get("clipped_heads") for r in ref]}
     for name, (rows, tol) in runs.items():
@@ -229,9 +235,10 @@ def table(r: dict) -> str:
              "| check | figure | bound | ok |", "|---|---|---|---|"]
     if "error" in c:
         lines.append(f"| k2-tiny on the device vs CPU | {c['error']} | | NO |")
-    for name in ("fp32", "bf16") if "error" not in c else ():
+    for name in ("fp32", "bf16", "blockwise") if "error" not in c else ():
         x = c[name]
-        lines.append(f"| k2-tiny {name} vs CPU, 5 MuonClip steps | max rel loss diff "
+        label = "fp32 blockwise attention (16-token blocks)" if name == "blockwise" else name
+        lines.append(f"| k2-tiny {label} vs CPU, 5 MuonClip steps | max rel loss diff "
                      f"{x['max_rel_diff']:.2e}, clipped heads {x['clipped_heads']} | "
                      f"{x['tol']:.0e}, CPU heads {c['cpu_clipped_heads']} | "
                      f"{'yes' if x['ok'] else 'NO'} |")

@@ -124,7 +124,7 @@ def _resume(run: _Run, resume_from: Optional[str]) -> None:
         dump_yaml(cfg, os.path.join(cfg.run.dir, "config.yaml"))
         vpp = f" VPP{layout.vpp}" if layout.vpp else ""
         print(f"k2m-train: {cfg.model.name} on {layout.world_size} ranks: TP{layout.tp} "
-              f"PP{layout.pp}{vpp} EP{layout.ep} ETP{layout.etp} DP{layout.dp}, "
+              f"PP{layout.pp}{vpp} EP{layout.ep} ETP{layout.etp} CP{layout.cp} DP{layout.dp}, "
               f"{t.global_batch_size} x {t.seq_length} tokens per step, run dir "
               f"{cfg.run.dir}{note}", flush=True)
 

@@ -23,6 +23,9 @@ def test_dry_mode_runs_every_part_and_writes_the_table(tmp_path):
     assert c["fp32"]["max_rel_diff"] == 0.0 and c["fp32"]["ok"]
     assert c["fp32"]["clipped_heads"] == c["cpu_clipped_heads"] and c["cpu_clipped_heads"][0] > 0
     assert c["bf16"]["ok"] and c["bf16"]["max_rel_diff"] <= 2e-2
+    # blockwise attention on the "device" against the plain attention of the reference run
+    assert c["blockwise"]["ok"] and c["blockwise"]["max_rel_diff"] <= 1e-5
+    assert c["blockwise"]["clipped_heads"] == c["cpu_clipped_heads"]
     assert len(c["cpu_losses"]) == 5
     runs = r["proxy"]["runs"]
     assert [(x["optimizer"], x["probe"]) for x in runs] == [

@@ -44,6 +44,8 @@ LAYOUTS: dict[str, dict] = {
     "pp2-vpp2-ep2": {"parallel.pp": 2, "parallel.vpp": 2, "parallel.ep": 2},
     "1rank": {},
     "1rank-plain-adam": {"parallel.distributed_optimizer": False},
+    # context parallelism (blockwise attention from the gathered latent), 4 ranks: DP2
+    "cp2-ep2": {"parallel.cp": 2, "parallel.ep": 2, "model.attention_block_size": 8},
 }
 GLOBAL_BATCH, SEQ, SEED = 4, 32, 1234
 PAYLOAD_MARK = "pickle_payload_ran"
@@ -142,8 +144,9 @@ def snapshot(model, optimizer) -> dict:
     return {"params": gather_full(model), "optim": gather_optimizer(model, optimizer)}
 
 
-def resume_at(path: str, layout: str) -> dict:
-    """Build at `layout`, load `path`, record what was loaded and two more steps."""
+def resume_at(path: str, layout: str, steps: tuple = (3, 4), save_to: str = "") -> dict:
+    """Build at `layout`, load `path`, record what was loaded and two more steps. `save_to`:
+    then save there (a root) and record that state and two steps more."""
     cfg, model, optimizer, scheduler, groups = build(layout)
     log(f"built {layout}")
     start = time.perf_counter()
@@ -155,10 +158,21 @@ def resume_at(path: str, layout: str) -> dict:
     loaded = snapshot(model, optimizer)
     log("snapshot")
     lr = optimizer.param_groups[0]["lr"]
-    losses = [train_step(model, optimizer, scheduler, s, groups) for s in (3, 4)]
-    return {"meta": {k: meta[k] for k in ("step", "consumed_samples", "rng_restored", "path")},
-            "load_s": load_s, "loaded": loaded, "losses": losses, "lr": lr,
-            "after": gather_full(model), "rng_after_load": rng_after_load}
+    losses = [train_step(model, optimizer, scheduler, s, groups) for s in steps]
+    out = {"meta": {k: meta[k] for k in ("step", "consumed_samples", "rng_restored", "path")},
+           "load_s": load_s, "loaded": loaded, "losses": losses, "lr": lr,
+           "after": gather_full(model), "rng_after_load": rng_after_load}
+    if save_to:
+        saver = ck.CheckpointManager(save_to, cfg, groups)
+        saver.save(steps[-1], model, optimizer, scheduler,
+                   consumed_samples=steps[-1] * GLOBAL_BATCH)
+        saver.close()
+        out["saved"] = snapshot(model, optimizer)
+        out["lr_next"] = optimizer.param_groups[0]["lr"]
+        later = (steps[-1] + 1, steps[-1] + 2)
+        out["later_losses"] = [train_step(model, optimizer, scheduler, s, groups) for s in later]
+        out["later_after"] = gather_full(model)
+    return out
 
 
 def phase_save(out: str) -> None:
@@ -220,6 +234,10 @@ def phase_save(out: str) -> None:
     result["same_layout"] = same
     result["other_layout"] = resume_at(step2, "pp2-vpp2-ep2")
     log("resumed at pp2-vpp2-ep2")
+    # saved at CP1, resumed at CP2; that run saves at step 4, which the load phase resumes at
+    # CP1 (1 rank)
+    result["cp_layout"] = resume_at(step2, "cp2-ep2", save_to=os.path.join(out, "ckpt-cp2"))
+    log("resumed at cp2-ep2")
     result["save_s"] = times
     if rank0:
         torch.save(result, os.path.join(out, "save_phase.pt"))
@@ -231,6 +249,10 @@ def phase_load(out: str) -> None:
     log("imported")
     result = resume_at(step2, "1rank")
     result.pop("rng_after_load")
+    from_cp = resume_at(ck.step_dir(os.path.join(out, "ckpt-cp2"), 4), "1rank", steps=(5, 6))
+    from_cp.pop("rng_after_load")
+    result["from_cp2"] = from_cp
+    log("resumed the CP2 checkpoint")
     cfg, model, optimizer, scheduler, groups = build("1rank")
     checkpoints = ck.CheckpointManager(root, cfg, groups)
     result["errors"] = error_scenarios(out, step2, checkpoints, model, optimizer, scheduler)

@@ -1,8 +1,8 @@
 """Checkpoints: resharding, exact resume, atomic saves, keep-K, clear errors, no pickle.
 
 Two launches of ckpt_worker.py: 4 ranks (train and save at TP2 x EP2, interrupt a save, resume
-at the same layout and at PP2 x VPP2 x EP2) and 1 rank (resume at 1 rank, damaged copies, the
-non-distributed optimizer). Filesystem-only behaviour is unit-tested without launching anything.
+at the same layout, at PP2 x VPP2 x EP2 and at CP2 x EP2, which saves again) and 1 rank (resume
+at 1 rank, also the CP2 run's checkpoint, damaged copies, the non-distributed optimizer). Filesystem-only behaviour is unit-tested without launching anything.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from k2mcore import checkpoint as ck
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "ckpt_worker.py")
-RESHARDED = ["1rank", "pp2-vpp2-ep2"]
+RESHARDED = ["1rank", "pp2-vpp2-ep2", "cp2-ep2"]
 LOSS_RTOL = 1e-6  # fp32 reductions in another order
 PARAM_ATOL = 1e-6  # after two AdamW steps of ~2e-4 each; a wrong optimizer state is ~1e-4 off
 
@@ -36,7 +36,8 @@ def results(tmp_path_factory):
     saved = torch.load(os.path.join(out, "save_phase.pt"), weights_only=True)
     loaded = torch.load(os.path.join(out, "load_phase.pt"), weights_only=True)
     return {"out": out, "log": log, "save": saved, "same": saved["same_layout"],
-            "pp2-vpp2-ep2": saved["other_layout"], "1rank": loaded}
+            "pp2-vpp2-ep2": saved["other_layout"], "cp2-ep2": saved["cp_layout"],
+            "1rank": loaded}
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -87,6 +88,19 @@ def test_resharded_training_continues_with_the_same_losses(results, layout):
           f"weights after 2 more steps within {diff:.1e} (they moved {moved:.1e})")
     assert moved > 100 * PARAM_ATOL  # the comparison can tell a wrong optimizer state apart
     assert diff <= PARAM_ATOL
+
+
+def test_checkpoint_saved_at_cp2_resumes_at_cp1(results):
+    """The reverse of the cp2-ep2 resume above: what the CP2 run saved at step 4 loads on 1 rank
+    exactly, and two more steps give the CP2 run's losses and weights."""
+    cp2, got = results["cp2-ep2"], results["1rank"]["from_cp2"]
+    assert got["meta"]["step"] == 4 and got["meta"]["consumed_samples"] == 16
+    _assert_exact(got["loaded"]["params"], cp2["saved"]["params"], "params")
+    _assert_exact(got["loaded"]["optim"], cp2["saved"]["optim"], "optimizer")
+    assert got["lr"] == cp2["lr_next"]
+    for have, want in zip(got["losses"], cp2["later_losses"]):
+        assert abs(have - want) <= LOSS_RTOL * abs(want), (got["losses"], cp2["later_losses"])
+    assert _max_diff(got["after"], cp2["later_after"]) <= PARAM_ATOL
 
 
 def test_save_hands_no_optimizer_state_to_collectives(results):

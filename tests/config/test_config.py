@@ -290,6 +290,9 @@ INVALID = [
     (["model.topk_group=2"], 1, "model.topk_group=2 exceeds model.n_group=1"),
     (["model.first_k_dense=5"], 1, "model.first_k_dense=5 exceeds model.num_layers=4"),
     (["model.q_lora_rank=0"], 1, "model.q_lora_rank: must be >= 1 or null, got 0"),
+    (["model.attention_block_size=0"], 1, "model.attention_block_size: must be >= 1, got 0"),
+    (["parallel.cp=2", "model.attention_block_size=-512"], 2,
+     "model.attention_block_size: must be >= 1, got -512"),
     (["optimizer.name=sgd"], 1, "optimizer.name: 'sgd' is not one of adamw, muonclip"),
     (["train.dtype=fp16"], 1, "train.dtype: 'fp16' is not one of auto, fp32, bf16"),
     (["train.recompute=all"], 1, "train.recompute: 'all' is not one of none, selective, full"),
@@ -378,6 +381,7 @@ def test_cli_check_default_is_k2_tiny_and_reads_world_size_env():
     ["--set", "parallel.tp=3"], ["--set", "parallel.ep=5"], ["--set", "parallel.pp=7"],
     ["--set", "train.micro_batch_size=0"], ["--set", "parallel.nonsense=1"],
     ["--set", "parallel.tp"], ["--world-size", "255"],
+    ["--set", "model.attention_block_size=0"],
 ])
 def test_cli_config_errors_are_one_line(args):
     r = _cli("--config", "kimi-k2", "--check", "--world-size", "256", *args)

@@ -17,7 +17,7 @@ its tensor-parallel layers and mappings call the collectives through names they 
 calls another (an adapter, e.g. the CPU backend's uneven all_gather) is counted once, at the
 outermost call, as the collective the caller asked for.
 
-`count_collective_bytes(by_kind=True)` counts by kind instead ("tp", "ep", "pp", "dp",
+`count_collective_bytes(by_kind=True)` counts by kind instead ("tp", "ep", "pp", "dp", "cp",
 "optimizer", the planner's k2mcore.plan.comm breakdown): each collective by the megatron
 parallel_state group it runs on (`GROUP_KINDS`), point-to-point sends (isend/send, also inside
 batch_isend_irecv) as the bytes sent, and everything inside `scope(kind)` (MuonClip's inner
@@ -108,6 +108,9 @@ GROUP_KINDS: list[tuple[str, dict, str]] = [
     # the router's expert-bias token counts (megatron moe_utils.get_updated_expert_bias)
     ("get_tensor_and_data_parallel_group", {"with_context_parallel": True}, "dp"),
     ("get_model_parallel_group", {}, "dp"),  # megatron's grad-norm / found-inf reductions
+    # MLA's latent all-gather over CP (and its reduce-scatter in backward); last, so a group
+    # built elsewhere with the same ranks as the CP group (DDP's DP x CP at dp 1) stays "dp"
+    ("get_context_parallel_group", {}, "cp"),
 ]
 
 _SCOPE: list = []  # innermost attribution last

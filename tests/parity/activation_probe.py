@@ -48,7 +48,7 @@ MODELS = {"tiny": [], "wide": WIDE}
 
 def _run_one(layout_name: str, model_name: str, recompute: str, probe: bool,
              attribute: bool = False) -> dict:
-    from layout_worker import LAYOUTS, SEED, SEQ, micro_batches
+    from layout_worker import SEED, SEQ, layout_overrides, micro_batches
 
     from k2mcore.config.loader import load_config
     from k2mcore.model.build import build_model
@@ -57,7 +57,7 @@ def _run_one(layout_name: str, model_name: str, recompute: str, probe: bool,
     from k2mcore.parallel.layout import resolve_layout
     from k2mcore.plan.activations import activation_bytes
 
-    overrides = [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[layout_name].items()]
+    overrides = layout_overrides(layout_name)
     cfg = load_config("k2-tiny", overrides + MODELS[model_name] + [
         f"train.seq_length={SEQ}", "train.dtype=fp32", "train.global_batch_size=4",
         f"train.recompute={recompute}", f"model.measure_max_attn_logit={str(probe).lower()}"])

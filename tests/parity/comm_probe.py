@@ -66,7 +66,7 @@ def dp_buffers(model, groups) -> list[tuple[int, int, int]]:
 
 
 def _build(name: str, optimizer_name: str, world: int):
-    from layout_worker import LAYOUTS, SEED, SEQ
+    from layout_worker import SEED, SEQ, layout_overrides
 
     from k2mcore.config.loader import load_config
     from k2mcore.model.build import build_model
@@ -75,7 +75,7 @@ def _build(name: str, optimizer_name: str, world: int):
     from k2mcore.parallel.groups import init_distributed
     from k2mcore.parallel.layout import resolve_layout
 
-    overrides = [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[name].items()]
+    overrides = layout_overrides(name)
     cfg = load_config("k2-tiny", overrides + [
         f"train.seq_length={SEQ}", "train.dtype=fp32", f"optimizer.name={optimizer_name}",
         "model.measure_max_attn_logit=true", "train.global_batch_size=4",

@@ -1,11 +1,13 @@
 """The layout-parity launches, shared by the gradient and the MuonClip parity tests.
 
 Four launches: the 1-rank reference (which also fixes the initial weights), one 2-rank launch
-running seven layouts in turn, one 8-rank launch (TP2 x PP2 x EP2 with DP2) and one 4-rank
-launch (DP4). For each layout the worker runs one forward/backward (1 rank, TP2+SP and PP2 also
-the same conversations unpacked and packed), then 5 MuonClip steps, then
-(TP layouts) a QK-Clip-only step, then (layouts without TP) one counted step of MuonClip and of
-AdamW, then (PLAN_LAYOUTS) the planner's measurements (plan_worker.py); see layout_worker.py.
+running nine layouts in turn, one 8-rank launch (TP2 x PP2 x EP2 with DP2, TP2 x CP2 x EP2) and
+one 4-rank launch (DP4 and four CP layouts). For each layout the worker runs one
+forward/backward (1 rank, TP2+SP and PP2 also the same conversations unpacked and packed), then
+(all but GRADS_ONLY) 5 MuonClip steps, then (CLIP_LAYOUTS) a QK-Clip-only step, then (layouts
+without TP) one counted step of MuonClip and of AdamW, then (PLAN_LAYOUTS) the planner's
+measurements (plan_worker.py), then (1 rank, CP4) a 4,096-token pass (cp_probe.py); see
+layout_worker.py.
 """
 from __future__ import annotations
 
@@ -13,13 +15,15 @@ import os
 
 import pytest
 import torch
+from cp_probe import RUNS as CP_PROBE_RUNS
 from layout_worker import (
     ALL,
     BYTE_LAYOUTS,
-    EXTRA_FOUR_RANK,
     CLIP_LAYOUTS,
     EIGHT_RANK,
+    EXTRA_FOUR_RANK,
     FOUR_RANK,
+    MUONCLIP,
     TWO_RANK,
 )
 
@@ -55,12 +59,17 @@ def results(parity_dir) -> dict:
 
 @pytest.fixture(scope="session")
 def muonclip_results(parity_dir) -> dict:
-    return {name: _load(parity_dir, f"{name}.muonclip.pt") for name in ALL}
+    return {name: _load(parity_dir, f"{name}.muonclip.pt") for name in MUONCLIP}
 
 
 @pytest.fixture(scope="session")
 def byte_results(parity_dir) -> dict:
     return {name: _load(parity_dir, f"{name}.bytes.pt") for name in BYTE_LAYOUTS}
+
+
+@pytest.fixture(scope="session")
+def cp_probe_results(parity_dir) -> dict:
+    return {name: _load(parity_dir, f"{name}.cp_saved.pt") for name in CP_PROBE_RUNS}
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import os
 import sys
 from collections import Counter
 
+import cp_probe
 import torch
 import torch.distributed as dist
 from plan_worker import PLAN_LAYOUTS, run_plan
@@ -42,22 +43,30 @@ LAYOUTS: dict[str, dict] = {
     "ep2-dp4": {"parallel.ep": 2},  # on 4 ranks: dense DP4, expert DP2
     "pp2-vpp2-dp2": {"parallel.pp": 2, "parallel.vpp": 2},  # on 4 ranks
     # context parallelism: blockwise attention from the gathered latent, with key blocks that
-    # do (8) and do not (5, 12) divide the sequence's 32 tokens
+    # do (8) and do not (5, 12) divide the sequence's 32 tokens, and with K2's selective and
+    # full recompute
     "cp2": {"parallel.cp": 2, "model.attention_block_size": 5},
-    "cp2-ep2": {"parallel.cp": 2, "parallel.ep": 2, "model.attention_block_size": 8},
+    "cp2-ep2": {"parallel.cp": 2, "parallel.ep": 2, "model.attention_block_size": 8,
+                "train.recompute": "selective"},
     "cp4": {"parallel.cp": 4, "model.attention_block_size": 5},
     "cp2-tp2-sp": {"parallel.cp": 2, "parallel.tp": 2, "parallel.sp": True,
                    "model.attention_block_size": 12},
     "cp2-pp2-vpp2": {"parallel.cp": 2, "parallel.pp": 2, "parallel.vpp": 2,
                      "model.attention_block_size": 8},
-    "cp2-dp2": {"parallel.cp": 2, "model.attention_block_size": 5},  # on 4 ranks
+    "cp2-dp2": {"parallel.cp": 2, "model.attention_block_size": 5,  # on 4 ranks
+                "train.recompute": "full"},
     "tp2-cp2-ep2": {"parallel.tp": 2, "parallel.sp": True, "parallel.cp": 2, "parallel.ep": 2,
                     "model.attention_block_size": 5},  # on 8 ranks: DP2
 }
-TWO_RANK = ["tp2-sp", "pp2", "pp2-vpp2", "pp2-uneven", "ep2", "dp2", "tp2-ep2"]
-EIGHT_RANK = ["tp2-pp2-ep2"]
-FOUR_RANK = ["dp4"]
+TWO_RANK = ["tp2-sp", "pp2", "pp2-vpp2", "pp2-uneven", "ep2", "dp2", "tp2-ep2", "cp2", "cp2-ep2"]
+EIGHT_RANK = ["tp2-pp2-ep2", "tp2-cp2-ep2"]
+FOUR_RANK = ["dp4", "cp4", "cp2-tp2-sp", "cp2-pp2-vpp2", "cp2-dp2"]
 ALL = ["1rank", *TWO_RANK, *EIGHT_RANK, *FOUR_RANK]
+CP_LAYOUTS = [n for n in ALL if LAYOUTS[n].get("parallel.cp", 1) > 1]
+# context-parallel layouts checked on the loss and gradients only (the suite's time budget);
+# MuonClip's parity at CP runs at CP2 and CP2 x EP2
+GRADS_ONLY = ("cp4", "cp2-tp2-sp", "cp2-pp2-vpp2", "cp2-dp2", "tp2-cp2-ep2")
+MUONCLIP = [n for n in ALL if n not in GRADS_ONLY]
 # layouts without TP whose collective bytes per training step are counted, MuonClip and AdamW;
 # BYTES_ONLY run nothing else (in the 4-rank launch)
 BYTES_ONLY = ["ep2-dp4"]
@@ -82,10 +91,15 @@ MUON_STEPS, MUON_TAU = 5, 0.05
 # QK-Clip phase (TP layouts): lr 0, so the clip is the only change to the weights; a threshold
 # inside the initial logits' range (about 0.08 to 0.13), so some heads clip and some do not
 CLIP_TAU = 0.11
-CLIP_LAYOUTS = ("1rank", "tp2-sp", "tp2-ep2", "tp2-pp2-ep2")
+CLIP_LAYOUTS = ("1rank", "tp2-sp", "tp2-ep2", "tp2-pp2-ep2", "cp2", "cp2-ep2")
 # the toy is balanced without Newton-Schulz offloads; this layout's MuonClip run forces some
 # (both ways, dense SwiGLU halves and expert matrices) so the offload exchange is proved exact
 FORCED_OFFLOAD_LAYOUT = "ep2"
+
+
+def layout_overrides(name: str) -> list[str]:
+    """LAYOUTS[name] as config overrides (string fields verbatim, the rest as JSON)."""
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in LAYOUTS[name].items()]
 
 
 def force_offloads(param_layout) -> None:
@@ -201,7 +215,7 @@ def _packed_pass(model, groups, vocab: int) -> dict:
 
 
 def run(name: str, out: str, init_path: str, write_init: bool) -> None:
-    overrides = [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[name].items()]
+    overrides = layout_overrides(name)
     # no router-bias update (it runs in finalize_model_grads): the passes below then all see
     # the initial routing (run_muonclip's steps check the update itself)
     cfg = load_config("k2-tiny", overrides + [f"train.seq_length={SEQ}", "train.dtype=fp32",
@@ -244,7 +258,7 @@ def run_muonclip(name: str, out: str, init_path: str, *, lr: float, steps: int, 
     from k2mcore.parallel.ddp import ddp_param_layout
     from k2mcore.training.metrics import attention_report
 
-    overrides = [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[name].items()]
+    overrides = layout_overrides(name)
     cfg = load_config("k2-tiny", overrides + [
         f"train.seq_length={SEQ}", "train.dtype=fp32", "optimizer.name=muonclip",
         f"optimizer.lr={lr}", "optimizer.min_lr=0", "optimizer.warmup_iters=0",
@@ -309,7 +323,7 @@ def count_step_bytes(name: str, out: str, init_path: str) -> None:
 
     result = {}
     for optimizer_name in ("muonclip", "adamw"):
-        overrides = [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[name].items()]
+        overrides = layout_overrides(name)
         cfg = load_config("k2-tiny", overrides + [
             f"train.seq_length={SEQ}", "train.dtype=fp32", f"optimizer.name={optimizer_name}",
             "model.measure_max_attn_logit=true"])
@@ -373,7 +387,7 @@ def record_overlap(name: str, out: str, init_path: str) -> None:
 
     from k2mcore.optim.build import build_optimizer
 
-    cfg = load_config("k2-tiny", [f"{k}={json.dumps(v)}" for k, v in LAYOUTS[name].items()] + [
+    cfg = load_config("k2-tiny", layout_overrides(name) + [
         f"train.seq_length={SEQ}", "train.dtype=fp32", "optimizer.name=adamw"])
     groups = init_distributed(resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1"))),
                               seed=SEED)
@@ -445,7 +459,8 @@ def _per_head_logits(model) -> dict:
     for a in mla_attentions([c.module for c in model]):
         probe = a.core_attention.current_max_attn_logits
         a.core_attention.current_max_attn_logits = None
-        dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        dist.all_reduce(probe, op=dist.ReduceOp.MAX,
+                        group=ps.get_data_parallel_group(with_context_parallel=True))
         parts = [torch.zeros_like(probe) for _ in range(ps.get_tensor_model_parallel_world_size())]
         dist.all_gather(parts, probe, group=ps.get_tensor_model_parallel_group())
         local[a.layer_number] = torch.cat(parts)
@@ -469,6 +484,10 @@ def main() -> None:
         if name in EXTRA_FOUR_RANK:
             continue
         run(name, args.out, init_path, args.write_init)
+        if name in cp_probe.RUNS:
+            cp_probe.measure(name, args.out)
+        if name in GRADS_ONLY:
+            continue
         run_muonclip(name, args.out, init_path, lr=3e-3, steps=MUON_STEPS, tau=MUON_TAU,
                      tag="muonclip")
         if name in CLIP_LAYOUTS:

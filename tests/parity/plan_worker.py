@@ -14,7 +14,6 @@ Per rank and run it records:
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections import Counter
@@ -45,9 +44,9 @@ RUNS = {
 def plan_overrides(layout_name: str, model: str, optimizer: str, recompute: str,
                    probe: bool, dtype: str = "fp32") -> list[str]:
     """The k2-tiny overrides of one run (test_plan_parity.py plans the same config)."""
-    from layout_worker import GLOBAL_BATCH, LAYOUTS, SEQ
+    from layout_worker import GLOBAL_BATCH, SEQ, layout_overrides
 
-    return ([f"{k}={json.dumps(v)}" for k, v in LAYOUTS[layout_name].items()] + MODELS[model]
+    return (layout_overrides(layout_name) + MODELS[model]
             + [f"train.seq_length={SEQ}", f"train.global_batch_size={GLOBAL_BATCH}",
                "train.micro_batch_size=1", f"train.dtype={dtype}", f"optimizer.name={optimizer}",
                f"train.recompute={recompute}",
