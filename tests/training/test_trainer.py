@@ -29,7 +29,10 @@ COMMON = ["--config", "k2-tiny", "--set", "train.global_batch_size=4", "--set",
           "--set", "train.ddp_bucket_size=20000"]
 LAYOUTS = {
     "dp2-zero1": (2, []),
-    "dp2-zero1-no-overlap": (2, ["train.overlap_grad_reduce=false",
+    # ZeRO-1 over DP x CP without overlap; CP ranks read the same samples and split each
+    # sequence (blockwise attention, 16-token key blocks)
+    "cp2-zero1-no-overlap": (2, ["parallel.cp=2", "model.attention_block_size=16",
+                                 "train.overlap_grad_reduce=false",
                                  "train.overlap_param_gather=false"]),
     "pp2-vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
     "tp2-ep2": (2, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.etp=1"]),
@@ -145,7 +148,7 @@ def test_adamw_losses_match_one_rank(reference, layout, tmp_path):
     worst = _close(_losses(reference), _losses(str(tmp_path)), range(1, 6), 1e-5)
     print(f"{layout}: 5 AdamW steps, worst relative loss difference {worst:.1e}")
     # the logged max attention logit is the max over all heads, layers and tokens: the same
-    # whichever ranks hold which heads (TP), layers (PP) or tokens (DP)
+    # whichever ranks hold which heads (TP), layers (PP) or tokens (DP, CP)
     logits = {r["step"]: r["max_attn_logit"] for r in _rows(reference)}
     _close(logits, {r["step"]: r["max_attn_logit"] for r in _rows(str(tmp_path))},
            range(1, 6), 1e-5)
