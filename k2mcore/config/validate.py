@@ -190,9 +190,6 @@ def _check_data(cfg: K2Config) -> None:
     if not d.truncate and d.format != "chat":
         raise ConfigError(f"data.truncate: false applies to data.format=chat only, got "
                           f"{d.format!r} (text documents are always cut into sequences)")
-    if d.packing and cfg.parallel.cp > 1:
-        raise ConfigError(f"data.packing: true with parallel.cp={cfg.parallel.cp} is not "
-                          f"supported (context parallelism would split every packed document)")
 
 
 def _check_model(cfg: K2Config) -> None:

@@ -30,6 +30,12 @@ ASSETS_SCHEME = "assets:"  # "assets:sample/x" = <package>/data/assets/sample/x
 SPLITS = ("train", "valid", "test")  # megatron's Split order
 
 
+
+def cp_pad_multiple(cfg: K2Config) -> int:
+    """What packed conversations are padded to: 2·cp with context parallelism (each CP rank
+    holds two equal chunks of every document), else 1."""
+    return 2 * cfg.parallel.cp if cfg.data.packing and cfg.parallel.cp > 1 else 1
+
 def resolve_path(path: str) -> str:
     """Expand the `assets:` scheme (bundled sample data) and `~`; other paths stay as given."""
     if path.startswith(ASSETS_SCHEME):
@@ -159,7 +165,8 @@ def _check_chat(cfg: K2Config, tok: Tokenizer, prefixes: list, weights) -> DataS
     info = check_chat_dataset(prefixes[0], vocab_size=cfg.model.vocab_size,
                               cache_dir=cache_dir(cfg), tokenizer_fingerprint=tok.fingerprint(),
                               tokenizer_path=cfg.data.tokenizer, split=cfg.data.split,
-                              max_seq_length=None if cfg.data.truncate else cfg.train.seq_length)
+                              max_seq_length=None if cfg.data.truncate else cfg.train.seq_length,
+                              pad_multiple=cp_pad_multiple(cfg))
     return DataSummary(tok, prefixes, weights, [info])
 
 
@@ -212,7 +219,8 @@ def build_datasets(cfg: K2Config, summary: Optional[DataSummary] = None) -> dict
         t = cfg.train
         return build_chat_datasets(summary.prefixes[0], t.seq_length, cfg.data.split, t.seed,
                                    dataset_sizes(cfg), pad_id=summary.tokenizer.pad,
-                                   packing=cfg.data.packing, truncate=cfg.data.truncate)
+                                   packing=cfg.data.packing, truncate=cfg.data.truncate,
+                                   pad_multiple=cp_pad_multiple(cfg))
     config = gpt_dataset_config(cfg, summary)
     cls = GPTDataset if summary.tokenizer is not None else MockGPTDataset
     if summary.tokenizer is None:

@@ -11,8 +11,9 @@ whole sequence's K/V: what makes context parallelism (k2mcore.parallel.context) 
 lets one rank hold a sequence longer than its K/V would allow.
 
 Queries come as chunks, each contiguous in the global sequence (context parallelism's two
-load-balanced chunks per rank, or the whole sequence); a chunk's queries attend causally to the
-keys at global positions up to their own. Blocks wholly in a chunk's future are skipped, blocks
+load-balanced chunks per rank, or the whole sequence; with packed sequences, two per document); a
+chunk's queries attend causally to the keys from its document's first token up to their own
+position, so documents never see each other. Blocks wholly in a chunk's future are skipped, blocks
 wholly in its past need no mask.
 
 Why not torch's scaled_dot_product_attention per block: it does not return the log-sum-exp that
@@ -31,11 +32,13 @@ import torch
 @dataclass(frozen=True)
 class QueryChunk:
     """`length` queries at local rows [local_start, local_start + length) and global positions
-    [global_start, global_start + length)."""
+    [global_start, global_start + length), attending to the keys from `key_start` (their
+    document's first token; 0 for one sequence per row) up to their own position."""
 
     local_start: int
     length: int
     global_start: int
+    key_start: int = 0
 
     @property
     def global_end(self) -> int:
@@ -53,10 +56,17 @@ class _Shapes:
     acc: torch.dtype  # softmax statistics and accumulators: fp32, or fp64 for fp64 inputs
 
 
-def _blocks(chunks: Sequence[QueryChunk], block: int) -> list[tuple[int, int]]:
-    """Key blocks [k0, k1) from 0 to the last query's position."""
-    end = max(c.global_end for c in chunks)
-    return [(k0, min(k0 + block, end)) for k0 in range(0, end, block)]
+def _blocks(chunks: Sequence[QueryChunk], block: int) -> list[tuple[int, int, list[int]]]:
+    """Key blocks (k0, k1, the chunks that attend to it): for each document (the chunks sharing
+    a key_start), blocks from its first token to its chunks' last query."""
+    out = []
+    for start in sorted({c.key_start for c in chunks}):
+        members = [i for i, c in enumerate(chunks) if c.key_start == start]
+        end = max(chunks[i].global_end for i in members)
+        for k0 in range(start, end, block):
+            out.append((k0, min(k0 + block, end),
+                        [i for i in members if k0 < chunks[i].global_end]))
+    return out
 
 
 def _keys(latent: torch.Tensor, weight: torch.Tensor, k0: int, k1: int, sh: _Shapes):
@@ -98,12 +108,11 @@ class _BlockwiseLatentAttention(torch.autograd.Function):
                 "acc": query.new_zeros((b, n, c.length, sh.v), dtype=sh.acc),
             })
         head_max = query.new_full((n,), float("-inf"), dtype=sh.acc)
-        for k0, k1 in _blocks(chunks, sh.block):
+        for k0, k1, members in _blocks(chunks, sh.block):
             _, k_nope, value = _keys(latent, weight, k0, k1, sh)
             kr = k_rope[:, k0:k1]
-            for c, st in zip(chunks, state):
-                if k0 >= c.global_end:
-                    continue
+            for i in members:
+                c, st = chunks[i], state[i]
                 logits = _logits(*st["q"], k_nope, kr, c, k0, k1, sh)
                 head_max = torch.maximum(head_max, logits.amax(dim=(0, 2, 3)))
                 m_new = torch.maximum(st["m"], logits.amax(dim=-1))
@@ -137,14 +146,13 @@ class _BlockwiseLatentAttention(torch.autograd.Function):
         d_k_rope = torch.zeros_like(k_rope, dtype=sh.acc)
         d_weight = torch.zeros_like(weight, dtype=sh.acc)
         b, n = query.shape[:2]
-        for k0, k1 in _blocks(chunks, sh.block):
+        for k0, k1, members in _blocks(chunks, sh.block):
             lat, k_nope, value = _keys(latent, weight, k0, k1, sh)  # recomputed, not stored
             kr = k_rope[:, k0:k1]
             d_k_nope = torch.zeros_like(k_nope, dtype=sh.acc)
             d_value = torch.zeros_like(value, dtype=sh.acc)
-            for c in chunks:
-                if k0 >= c.global_end:
-                    continue
+            for i in members:
+                c = chunks[i]
                 rows = slice(c.local_start, c.local_start + c.length)
                 qn, qr = q_nope[:, :, rows], q_rope[:, :, rows]
                 logits = _logits(qn, qr, k_nope, kr, c, k0, k1, sh)
@@ -187,7 +195,7 @@ def blockwise_latent_attention(
     k_rope: [b, S, rope], their rotated shared rope key;
     kv_up_weight: [n * (nope + v), r], the up projection of this rank's n heads (K's nope rows
     then V's, per head: megatron's linear_kv_up_proj);
-    chunks: the query rows and their global positions.
+    chunks: the query rows, their global positions and their documents' first keys.
     Returns [b, n, s, v]. `probe`, if given, gets the per-head max logit appended ([n], fp32,
     over unmasked logits): QK-Clip's measurement.
     """
@@ -205,6 +213,8 @@ def blockwise_latent_attention(
         raise ValueError(f"chunks: {covered} do not tile the {query.shape[2]} query rows")
     if max(c.global_end for c in chunks) > latent.shape[1]:
         raise ValueError("chunks: a query lies beyond the last key token")
+    if any(not 0 <= c.key_start <= c.global_start for c in chunks):
+        raise ValueError("chunks: a chunk's keys start after its first query")
     sh = _Shapes(heads=n, nope=nope, rope=rope, v=v_head_dim, scale=float(softmax_scale),
                  block=int(block_size), acc=torch.promote_types(query.dtype, torch.float32))
     return _BlockwiseLatentAttention.apply(query, latent, k_rope, kv_up_weight, tuple(chunks),

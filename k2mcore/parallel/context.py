@@ -9,10 +9,14 @@ In attention a rank needs every token's key up to its queries' positions. k2mcor
 (k2mcore.model.mla) all-gathers the compressed latent and the rotated rope key (576 values per
 token at K2's shapes) rather than the up-projected K and V, and `global_order` puts the gathered
 tokens back in sequence order.
+
+Packed sequences (THD) split per document: each document, padded with masked tokens to a multiple
+of 2·cp (megatron's `cu_seqlens_padded` convention), in 2·cp chunks, rank r keeping chunks r and
+2cp−1−r of every document, so that every rank does the same work on every document.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -50,6 +54,51 @@ def global_order(local_tokens: int, cp: int) -> torch.Tensor:
     return torch.cat([torch.arange(owner[j], owner[j] + c) for j in range(2 * cp)])
 
 
+def packed_query_chunks(bounds: Sequence[int], cp: int, cp_rank: int) -> list[QueryChunk]:
+    """A packed rank's rows as chunks: for each document [a, b) of the packed sequence (padded
+    boundaries `bounds`, each length a multiple of 2·cp), its chunks r and 2cp−1−r, laid end
+    to end locally, attending to keys from a."""
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        c = (b - a) // (2 * cp)
+        for half, j in enumerate(chunk_ids(cp, cp_rank)):
+            out.append(QueryChunk(a // cp + half * c, c, a + j * c, key_start=a))
+    return out
+
+
+def packed_local_indices(bounds: Sequence[int], cp: int, cp_rank: int) -> torch.Tensor:
+    """Which tokens of the packed sequence a CP rank holds, in its order: per document, chunk r
+    then chunk 2cp−1−r of that document (megatron's THD split, which it takes from TE's
+    `thd_get_partitioned_indices`)."""
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if (b - a) % (2 * cp):
+            raise ValueError(f"packed sequence: a document of {b - a} tokens (at {a}) is not a "
+                             f"multiple of 2*cp={2 * cp}; pad documents for context parallelism")
+        c = (b - a) // (2 * cp)
+        parts += [torch.arange(a + j * c, a + (j + 1) * c) for j in chunk_ids(cp, cp_rank)]
+    return torch.cat(parts)
+
+
+def packed_global_order(bounds: Sequence[int], cp: int) -> torch.Tensor:
+    """Indices that reorder a CP all-gather of packed ranks' tokens into the packed order."""
+    local = bounds[-1] // cp
+    where = torch.empty(bounds[-1], dtype=torch.int64)
+    for r in range(cp):
+        where[packed_local_indices(bounds, cp, r)] = torch.arange(r * local, (r + 1) * local)
+    return where
+
+
+def split_packed_batch(batch: dict, bounds: Sequence[int], cp_group: Any) -> dict:
+    """This CP rank's part of a packed micro-batch (fields [1, t], documents at `bounds`)."""
+    if cp_group is None or cp_group.size() == 1:
+        return batch
+    index = packed_local_indices(bounds, cp_group.size(), cp_group.rank())
+    parts = {k: batch[k].index_select(1, index.to(batch[k].device))
+             for k in SEQUENCE_FIELDS if batch.get(k) is not None}
+    return {**batch, **parts}
+
+
 def split_batch(batch: dict, cp_group: Any) -> dict:
     """This CP rank's part of a micro-batch ([mbs, s] fields): megatron's own split, so the
     tokens are the ones megatron's rotary embedding (and TE's CP attention) expect."""
@@ -61,10 +110,12 @@ def split_batch(batch: dict, cp_group: Any) -> dict:
     return {**batch, **get_batch_on_this_cp_rank(parts, is_hybrid_cp=False, cp_group=cp_group)}
 
 
-def gather_tokens(local: torch.Tensor, cp_group: Any) -> torch.Tensor:
+def gather_tokens(local: torch.Tensor, cp_group: Any,
+                  bounds: Optional[Sequence[int]] = None) -> torch.Tensor:
     """[s_local, b, d] on every CP rank -> [cp * s_local, b, d], every token of the sequence in
-    order. Autograd: the backward reduce-scatters (each rank's queries contribute to every
-    token's gradient), megatron's sequence-parallel gather run over the CP group."""
+    order (packed: `bounds`, the documents' padded boundaries). Autograd: the backward
+    reduce-scatters (each rank's queries contribute to every token's gradient), megatron's
+    sequence-parallel gather run over the CP group."""
     from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
     cp = cp_group.size()
@@ -72,4 +123,6 @@ def gather_tokens(local: torch.Tensor, cp_group: Any) -> torch.Tensor:
         return local
     gathered = gather_from_sequence_parallel_region(local, tensor_parallel_output_grad=True,
                                                     group=cp_group)
-    return gathered.index_select(0, global_order(local.shape[0], cp).to(local.device))
+    order = (global_order(local.shape[0], cp) if bounds is None
+             else packed_global_order(bounds, cp))
+    return gathered.index_select(0, order.to(local.device))

@@ -26,11 +26,15 @@ def packed_length(seq_length: int, micro_batch_size: int, multiple: int = 1) -> 
     return -(-seq_length * micro_batch_size // multiple) * multiple
 
 
-def pack_micro_batch(batch: dict, multiple: int = 1) -> dict:
+def pack_micro_batch(batch: dict, multiple: int = 1, cp: int = 1) -> dict:
     """A packed micro-batch ([mbs, s] rows whose position_ids restart at 0 at every document,
     the row-end padding included) as megatron's THD batch: fields [1, t], the rows end to end,
     padded to a multiple of `multiple` with one more masked segment (sequence parallelism
-    splits t over TP), and "packed_seq_params" with the document boundaries."""
+    splits t over TP), and "packed_seq_params" with the document boundaries.
+
+    `cp` > 1: every document must already be padded to a multiple of 2·cp (the packed chat
+    dataset does it: k2mcore.data.chat.dataset); the boundaries are also megatron's
+    `cu_seqlens_q_padded`, which its THD rope and TE's CP attention read."""
     from k2mcore.model.packing import cu_seqlens_from_positions, packed_seq_params
 
     flat = {k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask",
@@ -45,23 +49,39 @@ def pack_micro_batch(batch: dict, multiple: int = 1) -> dict:
                  "position_ids": torch.arange(pad, device=device)[None]}
         flat = {k: torch.cat([v, extra[k].to(v.dtype)], dim=1) for k, v in flat.items()}
     cu = cu_seqlens_from_positions(flat["position_ids"])
-    return {**flat, "packed_seq_params": packed_seq_params(cu, n + pad)}
+    params = packed_seq_params(cu, n + pad)
+    if cp > 1:
+        bounds = cu.tolist()
+        odd = next(((a, b) for a, b in zip(bounds[:-1], bounds[1:]) if (b - a) % (2 * cp)), None)
+        if odd is not None:
+            raise ValueError(f"packed micro-batch: a document of {odd[1] - odd[0]} tokens (at "
+                             f"{odd[0]}) is not a multiple of 2*parallel.cp={2 * cp}; context "
+                             f"parallelism needs documents padded to it")
+        params.cu_seqlens_q_padded = params.cu_seqlens_kv_padded = cu
+    return {**flat, "packed_seq_params": params}
 
 
 def _forward_step(data_iterator, model, *, packed: bool = False, multiple: int = 1,
                   cp_group=None):
     batch = next(data_iterator)
-    if cp_group is not None:
+    cp = cp_group.size() if cp_group is not None else 1
+    if packed:
+        from k2mcore.parallel.context import split_packed_batch
+
+        batch = pack_micro_batch(batch, multiple, cp)
+        # chunks r and 2cp-1-r of every document; the model gets the whole sequence's
+        # boundaries, as megatron's THD convention with CP has it
+        bounds = batch["packed_seq_params"].cu_seqlens_q.tolist()
+        batch = split_packed_batch(batch, bounds, cp_group)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                       packed_seq_params=batch["packed_seq_params"])
+        return output, partial(_loss, batch["loss_mask"])
+    if cp > 1:
         # megatron's load-balanced split (chunks r and 2cp-1-r of every sequence); the model
         # (rope, k2mcore's MLA or TE's CP attention) knows the positions from the CP rank
         from k2mcore.parallel.context import split_batch
 
         batch = split_batch(batch, cp_group)
-    if packed:
-        batch = pack_micro_batch(batch, multiple)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                       packed_seq_params=batch["packed_seq_params"])
-        return output, partial(_loss, batch["loss_mask"])
     tokens = batch["tokens"]
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     output = model(tokens, positions, None, labels=batch["labels"])
@@ -104,7 +124,10 @@ def loss_totals(
     step = partial(_forward_step, cp_group=cp_group)
     if packed:
         # THD is [t, 1, hidden]: the pipeline's p2p shape is one sequence of the packed length
-        multiple = groups.layout.tp if groups.layout.sp else 1
+        # (with CP, each of the cp ranks' t / cp tokens split over TP; documents come padded to
+        # 2·cp, so a final segment is one too)
+        multiple = (groups.layout.tp if groups.layout.sp else 1) * (
+            2 * groups.layout.cp if groups.layout.cp > 1 else 1)
         step = partial(_forward_step, packed=True, multiple=multiple, cp_group=cp_group)
         seq_length = packed_length(seq_length, micro_batch_size, multiple)
         micro_batch_size = 1

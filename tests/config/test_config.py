@@ -159,8 +159,6 @@ def test_override_errors(override, message):
     (["train.eval_interval=-1"], "train.eval_interval: must be >= 0"),
     (["data.packing=true"], "data.packing: true needs data.format=chat, got 'text'"),
     (["data.truncate=false"], "data.truncate: false applies to data.format=chat only"),
-    (["data.format=chat", "data.blend=x", "data.packing=true", "parallel.cp=2"],
-     "data.packing: true with parallel.cp=2 is not supported"),
     (["parallel.distributed_optimizer=false", "train.overlap_param_gather=true"],
      "train.overlap_param_gather=true needs parallel.distributed_optimizer=true"),
     (["train.overlap_grad_reduce=false", "train.overlap_param_gather=true"],

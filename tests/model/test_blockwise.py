@@ -113,3 +113,36 @@ def test_chunks_must_tile_the_queries():
     with pytest.raises(ValueError, match="chunks"):
         blockwise_latent_attention(query, latent, k_rope, weight, [QueryChunk(0, 4, 0)],
                                    v_head_dim=V, softmax_scale=SCALE, block_size=4)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("block", [3, 4, 64])
+def test_packed_documents_attend_only_within_themselves(rank, block):
+    """Packed at CP2: documents of 8, 4 and 12 tokens (padded to multiples of 4), each rank
+    holding two chunks of every document; against the plain attention with a causal mask
+    restricted to each query's document."""
+    from k2mcore.parallel.context import packed_query_chunks
+
+    bounds = [0, 8, 12, 24]
+    chunks = packed_query_chunks(bounds, 2, rank)
+    query, latent, k_rope, weight = _inputs(24, 12)
+    probe: list = []
+    out = blockwise_latent_attention(query, latent, k_rope, weight, chunks, v_head_dim=V,
+                                     softmax_scale=SCALE, block_size=block, probe=probe)
+    # the plain reference: full K/V, every key outside the query's document masked too
+    b, n = query.shape[:2]
+    kv = (latent @ weight.t()).view(b, 24, n, NOPE + V).transpose(1, 2)
+    k_nope, value = kv.split([NOPE, V], dim=-1)
+    key = torch.cat([k_nope, k_rope.unsqueeze(1).expand(b, n, -1, ROPE)], dim=-1)
+    q_pos = _positions(chunks)
+    doc = torch.bucketize(torch.arange(24), torch.tensor(bounds[1:]), right=True)
+    masked = (torch.arange(24)[None, :] > q_pos[:, None]) | (doc[None, :] != doc[q_pos][:, None])
+    logits = ((query @ key.transpose(-1, -2)) * SCALE).masked_fill(masked, -math.inf)
+    want = torch.softmax(logits, dim=-1) @ value
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(probe[0], logits.amax(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
+    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
+    inputs = (query, latent, k_rope, weight)
+    for g, r in zip(torch.autograd.grad(out, inputs, d_out),
+                    torch.autograd.grad(want, inputs, d_out)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)

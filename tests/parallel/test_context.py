@@ -1,12 +1,20 @@
 """The context-parallel split against megatron's rule written out by hand: the sequence in
-2·cp equal chunks, rank r keeping chunks r and 2cp−1−r (in that order)."""
+2·cp equal chunks, rank r keeping chunks r and 2cp−1−r (in that order); packed, the same per
+document (megatron's THD split, which it takes from Transformer-Engine)."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from k2mcore.parallel.context import chunk_ids, global_order, query_chunks, split_batch
+from k2mcore.parallel.context import (
+    chunk_ids,
+    global_order,
+    packed_global_order,
+    packed_query_chunks,
+    query_chunks,
+    split_batch,
+)
 
 
 class _Group:
@@ -74,3 +82,51 @@ def test_global_order_undoes_the_gather(cp):
     gathered = sum((_by_hand(list(range(seq)), cp, r) for r in range(cp)), [])
     assert torch.tensor(gathered)[global_order(seq // cp, cp)].tolist() == list(range(seq))
     assert chunk_ids(cp, 0) == (0, 2 * cp - 1)
+
+
+def _packed_by_hand(bounds: list, cp: int, rank: int) -> list:
+    """Per document [a, b): its 2·cp chunks, chunk r then chunk 2cp−1−r."""
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        out += _by_hand(list(range(a, b)), cp, rank)
+    return out
+
+
+# documents of 4 tokens at CP2 (shorter than 2·cp before padding: 1 or 3 real tokens), of 12,
+# and a row-end padding segment; two rows of 16 end to end (the second row's first document
+# starts right after the first row's padding)
+PACKED = {2: [0, 4, 16, 20, 24, 32], 4: [0, 8, 32, 40, 48, 64]}
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_packed_split_is_per_document(fake_groups, cp):
+    from k2mcore.parallel.context import packed_local_indices, split_packed_batch
+
+    bounds = PACKED[cp]
+    t = bounds[-1]
+    batch = {"tokens": torch.arange(t)[None], "labels": torch.arange(t)[None] + 100,
+             "loss_mask": torch.ones(1, t), "position_ids": torch.arange(t)[None]}
+    seen = []
+    for rank in range(cp):
+        want = _packed_by_hand(bounds, cp, rank)
+        assert packed_local_indices(bounds, cp, rank).tolist() == want
+        part = split_packed_batch(batch, bounds, _Group(cp, rank))
+        assert part["tokens"][0].tolist() == want
+        assert part["labels"][0].tolist() == [i + 100 for i in want]
+        chunks = packed_query_chunks(bounds, cp, rank)
+        rows = torch.cat([torch.arange(c.global_start, c.global_end) for c in chunks])
+        assert rows.tolist() == want  # each chunk's global positions, in local order
+        for c in chunks:  # a chunk attends from its own document's first token
+            assert max(a for a in bounds if a <= c.global_start) == c.key_start
+        seen += want
+    assert sorted(seen) == list(range(t))
+    gathered = sum((_packed_by_hand(bounds, cp, r) for r in range(cp)), [])
+    assert torch.tensor(gathered)[packed_global_order(bounds, cp)].tolist() == list(range(t))
+
+
+def test_packed_documents_must_be_padded_to_2cp():
+    from k2mcore.parallel.context import packed_local_indices
+
+    with pytest.raises(ValueError, match="a document of 6 tokens .at 4. is not a multiple of "
+                                         "2\\*cp=4"):
+        packed_local_indices([0, 4, 10, 12], 2, 0)

@@ -163,7 +163,10 @@ def _sft(model, groups, vocab: int, mbs: int = 1) -> tuple[float, dict]:
 # others ending in a padding segment), at 1 and 2 rows per micro-batch
 PACK_LENGTHS = (11, 16, 5, 20, 9, 3, 27, 14, 6, 8)
 PACK_ROWS = ((0, 1, 2), (3, 4), (5, 6), (7, 8, 9))
-PACKED_LAYOUTS = ("1rank", "tp2-sp", "pp2")
+# with context parallelism every conversation is padded to a multiple of 2·cp (4 at CP2: 132
+# positions), so they pack into five rows, and one padding-only row makes mbs 2 possible
+CP_PACK_ROWS = ((6,), (3, 4), (1, 7), (0, 2, 8), (5, 9), ())
+PACKED_LAYOUTS = ("1rank", "tp2-sp", "pp2", "cp2", "cp2-ep2", "cp2-tp2-sp")
 
 
 def _conversations(vocab: int) -> list[dict]:
@@ -179,22 +182,36 @@ def _conversations(vocab: int) -> list[dict]:
     return convs
 
 
-def _row(parts: list[dict]) -> dict:
+def _padding(n: int, start: int = 0) -> dict:
+    return {"tokens": torch.zeros(n, dtype=torch.int64), "labels": torch.zeros(n, dtype=torch.int64),
+            "loss_mask": torch.zeros(n), "position_ids": torch.arange(start, start + n)}
+
+
+def _row(parts: list[dict], pad_to: int = 1) -> dict:
     """Conversations end to end in one row of SEQ, the rest a padding segment (pad id 0,
-    positions from 0 again, no loss)."""
-    pad = SEQ - sum(p["tokens"].numel() for p in parts)
-    tail = [{"tokens": torch.zeros(pad, dtype=torch.int64),
-             "labels": torch.zeros(pad, dtype=torch.int64), "loss_mask": torch.zeros(pad),
-             "position_ids": torch.arange(pad)}] if pad else []
-    return {k: torch.cat([p[k] for p in parts + tail])[None] for k in parts[0]}
+    positions from 0 again, no loss). `pad_to`: each conversation first padded to a multiple
+    of it, its positions going on (as the packed chat dataset lays it out for CP)."""
+    padded = []
+    for p in parts:
+        n = p["tokens"].numel()
+        extra = -n % pad_to
+        padded.append({k: torch.cat([p[k], _padding(extra, n)[k]]) for k in p} if extra else p)
+    pad = SEQ - sum(p["tokens"].numel() for p in padded)
+    tail = [_padding(pad)] if pad else []
+    return {k: torch.cat([p[k] for p in padded + tail])[None] for k in _padding(0)}
 
 
 def packed_micro_batches(vocab: int, groups, *, packed: bool, mbs: int = 1) -> list[dict]:
     """The same conversations one per row or packed (PACK_ROWS); this DP rank's micro-batches
     of `mbs` rows."""
     convs = _conversations(vocab)
-    rows = ([_row([convs[i] for i in r]) for r in PACK_ROWS] if packed
-            else [_row([c]) for c in convs])
+    cp = groups.layout.cp
+    if packed and cp > 1:
+        rows = [_row([convs[i] for i in r], 2 * cp) for r in CP_PACK_ROWS]
+    elif packed:
+        rows = [_row([convs[i] for i in r]) for r in PACK_ROWS]
+    else:
+        rows = [_row([c]) for c in convs]
     micro = [{k: torch.cat([r[k] for r in rows[j:j + mbs]]) for k in rows[0]}
              for j in range(0, len(rows), mbs)]
     return micro[groups.dp_rank::groups.layout.dp]

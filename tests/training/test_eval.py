@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from harness.launching import local_command, local_env
@@ -58,12 +59,15 @@ def test_sft_val_loss_is_the_masked_mean_of_load_models_logits(tmp_path):
     assert abs(val["val_ppl"] - torch.exp(torch.tensor(want)).item()) <= 1e-4 * val["val_ppl"]
 
 
-def test_packed_sft_trains_and_validates_on_whole_documents(tmp_path):
-    """data.packing at 1 rank, two packed rows per micro-batch: the validation loss equals the
-    masked mean of load_model's logits on the same packed rows, each document on its own
-    (cu_seqlens from the rows' position_ids), so the trainer ran them as THD documents."""
+@pytest.mark.parametrize("cp", [1, 2])
+def test_packed_sft_trains_and_validates_on_whole_documents(tmp_path, cp):
+    """data.packing at 1 rank, and at CP2 (every conversation padded to a multiple of 4, two
+    chunks of each per rank, attended blockwise), two packed rows per micro-batch: the
+    validation loss equals the masked mean of load_model's logits on the same packed rows on 1
+    rank, each document on its own (cu_seqlens from the rows' position_ids), so the trainer ran
+    them as THD documents."""
     run = str(tmp_path / "run")
-    sets = ["data.format=chat", "data.blend=assets:sample/stdlib_chat",
+    sets = [f"parallel.cp={cp}", "model.attention_block_size=128", "data.format=chat", "data.blend=assets:sample/stdlib_chat",
             "data.tokenizer=assets:tokenizer/k2-tiny", "data.packing=true", "train.iters=1",
             "train.eval_interval=1", "train.eval_iters=1", "train.global_batch_size=2",
             "train.micro_batch_size=2", "train.seq_length=512", "checkpoint.interval=1",
@@ -71,7 +75,7 @@ def test_packed_sft_trains_and_validates_on_whole_documents(tmp_path):
             "data.loader=torch", "data.num_workers=0", "logging.tensorboard=false",
             f"run.dir={run}"]
     args = ["--config", "k2-tiny"] + [a for s in sets for a in ("--set", s)]
-    proc = subprocess.run(local_command(1, K2M_TRAIN, args), env=local_env(),
+    proc = subprocess.run(local_command(cp, K2M_TRAIN, args), env=local_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]

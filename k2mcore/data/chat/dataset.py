@@ -14,7 +14,9 @@ Sample i is one conversation `ids`, as megatron's GPTDataset shapes a sample:
 `PackedChatDataset` (data.packing): sample i is a row of several conversations, each laid out
 as above without its padding, end to end (k2mcore.data.chat.packing.first_fit over the shuffled
 conversation stream), then the padding; `position_ids` restart at 0 at every conversation and at
-the padding, which is how the trainer finds the documents (k2mcore.model.packing).
+the padding, which is how the trainer finds the documents (k2mcore.model.packing). With context
+parallelism each conversation is padded with masked tokens to a multiple of 2·cp (`pad_multiple`),
+positions going on through its padding, so that every CP rank holds two equal chunks of it.
 
 Splits follow megatron's GPTDataset over documents: `data.split` ("98,2,0": train, valid, test
 weights, normalized) becomes cumulative bookends, and split k gets the contiguous conversations
@@ -110,15 +112,25 @@ def shuffled_documents(documents: tuple[int, int], num_samples: Optional[int], s
     return order[:num_samples]
 
 
+def padded(positions: int, multiple: int) -> int:
+    """`positions` rounded up to a multiple of `multiple` (context parallelism's 2·cp)."""
+    return -(-positions // multiple) * multiple
+
+
 def refuse_overlong(prefix: str, lengths: np.ndarray, seq_length: int, *, start: int = 0,
-                    where: str = "it") -> None:
+                    where: str = "it", pad_multiple: int = 1) -> None:
     """data.truncate=false: DataError naming the first conversation (`lengths[i]` is
-    conversation start + i) longer than seq_length + 1 tokens."""
-    over = np.flatnonzero(lengths > seq_length + 1)
+    conversation start + i) whose positions, padded to `pad_multiple` (packing with context
+    parallelism), exceed seq_length."""
+    positions = np.maximum(lengths.astype(np.int64) - 1, 0)
+    over = np.flatnonzero(-(-positions // pad_multiple) * pad_multiple > seq_length)
     if over.size:
+        n = int(lengths[over[0]])
+        after = (f", {padded(n - 1, pad_multiple)} positions padded to a multiple of "
+                 f"2*parallel.cp={pad_multiple}" if pad_multiple > 1 else "")
         raise DataError(
             f"data.truncate: false, but conversation {start + int(over[0])} of {prefix} has "
-            f"{int(lengths[over[0]])} tokens, more than train.seq_length+1={seq_length + 1} "
+            f"{n} tokens{after}, more than train.seq_length+1={seq_length + 1} "
             f"({over.size} such in {where}; set data.truncate=true, raise train.seq_length, or "
             f"drop them with k2m-preprocess --max-length {seq_length + 1} --overlong drop)")
 
@@ -130,7 +142,7 @@ class ChatDataset:
     def __init__(self, prefix: str, seq_length: int, *, pad_id: int,
                  documents: Optional[tuple[int, int]] = None, num_samples: Optional[int] = None,
                  seed: int = 0, split_index: int = 0, shuffle: bool = True,
-                 truncate: bool = True) -> None:
+                 truncate: bool = True, pad_multiple: int = 1) -> None:
         with warnings.catch_warnings():  # megatron's import warns about absent TE/Apex
             warnings.simplefilter("ignore")
             from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -140,6 +152,10 @@ class ChatDataset:
         self.prefix = prefix
         self.seq_length = seq_length
         self.pad_id = int(pad_id)
+        if pad_multiple < 1 or seq_length % pad_multiple:
+            raise DataError(f"pad_multiple={pad_multiple} does not divide "
+                            f"train.seq_length={seq_length}")
+        self.pad_multiple = pad_multiple  # packed rows: each conversation padded to it
         ids_prefix, mask_prefix = chat_prefixes(prefix)
         for p in (ids_prefix, mask_prefix):
             read_index(p)  # missing or corrupt files: one line, before megatron asserts
@@ -158,7 +174,8 @@ class ChatDataset:
     def _refuse_overlong(self) -> None:
         start, end = self.documents
         refuse_overlong(self.prefix, self._ids.sequence_lengths[start:end], self.seq_length,
-                        start=start, where=f"the {self.split} split")
+                        start=start, where=f"the {self.split} split",
+                        pad_multiple=self.pad_multiple)
 
     def _build_index(self, num_samples: Optional[int], seed: int, split_index: int,
                      shuffle: bool) -> None:
@@ -192,6 +209,9 @@ class ChatDataset:
             tokens[at:at + n] = ids[:-1]
             labels[at:at + n] = ids[1:]
             loss_mask[at:at + n] = mask[1:]
+            # packed for context parallelism: masked padding up to a multiple of 2·cp, inside
+            # the document (its positions go on)
+            n = padded(n, self.pad_multiple) if restart_positions else n
             at += n
             if restart_positions:
                 position_ids[at:] -= n  # the next document (or the padding) starts at 0
@@ -219,7 +239,7 @@ class PackedChatDataset(ChatDataset):
         def items() -> Iterator[int]:
             for doc in stream:
                 docs.append(int(doc))
-                yield positions(int(lengths[doc]), self.seq_length)
+                yield padded(positions(int(lengths[doc]), self.seq_length), self.pad_multiple)
 
         rows = first_fit(items(), self.seq_length, rows=num_samples)
         self.row_offsets = np.cumsum([0] + [len(r) for r in rows], dtype=np.int64)
@@ -236,8 +256,8 @@ class PackedChatDataset(ChatDataset):
         """Positions of each conversation of row `index`, then of the padding if any."""
         from .packing import positions
 
-        out = [positions(int(self._ids.sequence_lengths[d]), self.seq_length)
-               for d in self.row_documents(index)]
+        out = [padded(positions(int(self._ids.sequence_lengths[d]), self.seq_length),
+                      self.pad_multiple) for d in self.row_documents(index)]
         pad = self.seq_length - sum(out)
         return out + [pad] if pad else out
 
@@ -257,12 +277,14 @@ def build_chat_datasets(
     *,
     packing: bool = False,
     truncate: bool = True,
+    pad_multiple: int = 1,
 ) -> dict[str, Optional[ChatDataset]]:
     """{"train"|"valid"|"test": ChatDataset or None (a zero-weight split)} over the documents
     `split_ranges` gives; `sizes` = samples per split (None: one epoch of its conversations),
     as `datasets.dataset_sizes(cfg)` computes them for the text path. `packing`: samples are
     PackedChatDataset rows; `truncate=False`: a conversation longer than seq_length + 1 tokens
-    is refused (DataError naming it)."""
+    is refused (DataError naming it). `pad_multiple` (packing with context parallelism, 2·cp):
+    each packed conversation is padded with masked tokens to a multiple of it."""
     cls = PackedChatDataset if packing else ChatDataset
     info = read_index(chat_prefixes(prefix)[0])
     ranges = split_ranges(split, info.num_documents)
@@ -276,7 +298,8 @@ def build_chat_datasets(
                             f"({info.num_documents} conversations) empty; use fewer splits or "
                             f"more data")
         out[name] = cls(prefix, seq_length, pad_id=pad_id, documents=docs,
-                        num_samples=sizes[k], seed=seed, split_index=k, truncate=truncate)
+                        num_samples=sizes[k], seed=seed, split_index=k, truncate=truncate,
+                        pad_multiple=pad_multiple if packing else 1)
     return out
 
 
@@ -300,14 +323,16 @@ class ChatInfo:
 
 
 def check_chat_dataset(prefix: str, *, split: Optional[Split] = None,
-                       max_seq_length: Optional[int] = None, **ids_checks: Any) -> ChatInfo:
+                       max_seq_length: Optional[int] = None, pad_multiple: int = 1,
+                       **ids_checks: Any) -> ChatInfo:
     """Every check on a chat dataset, one line naming the file: the ids as
     `check_indexed_dataset` checks text data, with its keywords `ids_checks` (vocab_size, key,
     cache_dir, tokenizer_fingerprint, tokenizer_path: files, structure, empty conversations, ids
     >= vocab_size, tokenizer fingerprint); the mask's files and structure, its dtype (uint8) and
     values (0/1), and that it has the ids' conversations and lengths; with `split`, that no
     split with a weight is left without conversations; with `max_seq_length` (data.truncate
-    false), that no conversation is longer than max_seq_length + 1 tokens."""
+    false), that no conversation is longer than max_seq_length + 1 tokens (its positions
+    padded to `pad_multiple`, packing with context parallelism, no more than max_seq_length)."""
     ids_prefix, mask_prefix = chat_prefixes(prefix)
     ids = check_indexed_dataset(ids_prefix, **ids_checks)
     key, cache_dir = ids_checks.get("key", "data.blend"), ids_checks.get("cache_dir")
@@ -336,5 +361,6 @@ def check_chat_dataset(prefix: str, *, split: Optional[Split] = None,
                                 f"({ids.num_documents} conversations) empty; use fewer splits "
                                 f"or more data")
     if max_seq_length is not None:
-        refuse_overlong(prefix, ids.sequence_lengths, max_seq_length, where="the dataset")
+        refuse_overlong(prefix, ids.sequence_lengths, max_seq_length, where="the dataset",
+                        pad_multiple=pad_multiple)
     return ChatInfo(ids, mask)

@@ -87,6 +87,35 @@ def test_packed_rows_are_the_unpacked_samples_end_to_end(convs):
     assert sum(packed[i]["loss_mask"].sum() for i in range(len(packed))) == total
 
 
+@pytest.mark.parametrize("multiple", [4, 8])
+def test_packed_rows_for_context_parallelism_pad_every_conversation(convs, multiple):
+    """pad_multiple (2·cp): each conversation is its unpacked sample, then masked padding up to
+    a multiple of 2·cp with its positions going on, so the trainer's documents split into 2·cp
+    equal chunks; every conversation once, the same loss tokens."""
+    unpacked = ChatDataset(convs, 16, pad_id=PAD, shuffle=False)
+    packed = PackedChatDataset(convs, 16, pad_id=PAD, shuffle=False, pad_multiple=multiple)
+    seen = []
+    for i in range(len(packed)):
+        row, docs, lengths = packed[i], packed.row_documents(i), packed.row_lengths(i)
+        assert sum(lengths) == 16 and all(n % multiple == 0 for n in lengths)
+        at = 0
+        for doc, n in zip(docs, lengths):
+            real = positions(int(unpacked._ids.sequence_lengths[doc]), 16)
+            assert n == -(-real // multiple) * multiple
+            for k in ("tokens", "labels", "loss_mask"):
+                assert row[k][at:at + real].tolist() == unpacked[doc][k][:real].tolist()
+            assert row["position_ids"][at:at + n].tolist() == list(range(n))  # one document
+            assert row["loss_mask"][at + real:at + n].sum() == 0
+            assert (row["tokens"][at + real:at + n] == PAD).all()
+            at += n
+        seen += docs
+    assert sorted(seen) == list(range(40))
+    total = sum(unpacked[d]["loss_mask"].sum() for d in range(40))
+    assert sum(packed[i]["loss_mask"].sum() for i in range(len(packed))) == total
+    with pytest.raises(DataError, match="pad_multiple=3 does not divide train.seq_length=16"):
+        PackedChatDataset(convs, 16, pad_id=PAD, pad_multiple=3)
+
+
 def test_packed_rows_follow_the_shuffle_and_are_stable(convs):
     a = PackedChatDataset(convs, 16, pad_id=PAD, num_samples=50, seed=5)
     b = PackedChatDataset(convs, 16, pad_id=PAD, num_samples=80, seed=5)
@@ -120,6 +149,14 @@ def test_overlong_conversations_are_cut_or_refused_in_one_line(convs):
             rf"{int(lengths[first])} tokens, more than train\.seq_length\+1=9 \(\d+ such in the "
             rf"train split", msg), msg
     ChatDataset(convs, 40, pad_id=PAD, truncate=False)  # none longer: accepted
+    # packed for CP2 (padded to 4): the message says what the padding made of it
+    with pytest.raises(DataError) as err:
+        PackedChatDataset(convs, 8, pad_id=PAD, shuffle=False, truncate=False, pad_multiple=4)
+    msg = str(err.value)
+    assert "\n" not in msg and re.match(
+        rf"data\.truncate: false, but conversation {first} of .*chat has "
+        rf"{int(lengths[first])} tokens, \d+ positions padded to a multiple of "
+        rf"2\*parallel\.cp=4, more than train\.seq_length\+1=9 \(", msg), msg
 
 
 def test_efficiency_counts_real_positions(convs):
@@ -184,3 +221,12 @@ def test_check_data_refuses_overlong_conversations_before_training():
         r"data\.truncate: false, but conversation (\d+) of .*stdlib_chat has (\d+) tokens, more "
         r"than train\.seq_length\+1=257 \(\d+ such in the dataset; set data\.truncate=true", msg)
     check_data(load_config("k2-tiny", sets + ["train.seq_length=1024", "data.truncate=false"]))
+    # packing with context parallelism: the line says what the padding to 2·cp made of it
+    with pytest.raises(DataError) as err:
+        check_data(load_config("k2-tiny", sets + ["train.seq_length=256", "data.truncate=false",
+                                                  "parallel.cp=2"]))
+    msg = str(err.value)
+    assert "\n" not in msg and re.match(
+        r"data\.truncate: false, but conversation \d+ of .*stdlib_chat has \d+ tokens, \d+ "
+        r"positions padded to a multiple of 2\*parallel\.cp=4, more than "
+        r"train\.seq_length\+1=257", msg), msg
