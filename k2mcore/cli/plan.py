@@ -41,8 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
                    help="gpu: bf16 weights (train.dtype auto), TE fused attention; cpu: fp32, "
                         "k2mcore's local attention (what the CPU proofs run)")
+    p.add_argument("--attention", choices=["auto", "fused", "local"], default="auto",
+                   help="attention priced: fused (Transformer-Engine), local (k2mcore's: plain, "
+                        "or blockwise from the gathered latent at CP > 1 and past "
+                        "model.attention_block_size tokens); auto: fused on gpu, local on cpu")
     p.add_argument("--search", action="store_true",
                    help="rank the valid layouts of N GPUs that fit by ideal step time")
+    p.add_argument("--cp-sweep", action="store_true",
+                   help="plan the layout at CP 1, 2, 4, 8 and 16 (the world grows with cp, the "
+                        "other sizes kept) and name the smallest CP that fits")
     p.add_argument("--top", type=int, default=10, help="layouts --search prints (default: 10)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return p
@@ -76,6 +83,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from k2mcore.plan.search import search
     from k2mcore.plan.timing import Links
 
+    if args.search and args.cp_sweep:
+        print(f"{PROG}: error: --search and --cp-sweep: pick one", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
         layout = None if args.search else resolve_layout(cfg, args.world_size)
@@ -86,7 +96,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                   nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps,
                   gpus_per_node=args.gpus_per_node)
     options = PlanOptions(gpu_mem_gib=args.gpu_mem_gb, headroom=args.headroom,
-                          device=args.device, links=links)
+                          device=args.device, links=links,
+                          attention_path=None if args.attention == "auto" else args.attention)
+    if args.cp_sweep:
+        from k2mcore.plan.planner import cp_sweep
+
+        rows = cp_sweep(cfg, args.world_size, options)
+        if args.json:
+            print(json.dumps([{"cp": r.cp, "world_size": r.world_size, "error": r.error,
+                               "plan": r.plan.to_json() if r.plan else None} for r in rows],
+                             indent=1))
+        else:
+            print(report.cp_sweep_table(cfg, options, rows))
+        return 0 if any(r.plan is not None and r.plan.fits for r in rows) else 1
     if args.search:
         plans, considered, screened = search(cfg, args.world_size, options, top=args.top)
         if args.json:

@@ -56,8 +56,9 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 0.0  # K2 uses the bias update, not an aux loss
     measure_max_attn_logit: bool = False  # per-head running max of the logits, for QK-Clip
     # local spec: sequences longer than this (tokens), and every context-parallel one, attend
-    # block by block from MLA's latent, one block's K/V up-projected at a time
-    attention_block_size: int = 4096
+    # block by block from MLA's latent, one block's K/V up-projected at a time (and queries
+    # tiled alike: one logits tile is heads x block x block fp32, 268 MB at K2's 64 heads)
+    attention_block_size: int = 1024
 
 
 @dataclass

@@ -5,8 +5,8 @@ plus one rotary key shared by all heads (`qk_rope_head_dim`): together 576 value
 K2's shapes, against 64 heads x (192 + 128) = 20,480 for the up-projected K and V. This function
 takes the latent of every key token and up-projects one block of keys at a time, merging the
 blocks' partial results with an online softmax (running max and sum, log-sum-exp), as
-FlashAttention does. The backward recomputes each block's K and V from the latent rather than
-storing them. So a rank holds the latent of the whole sequence and one block's K/V, never the
+FlashAttention does; queries are tiled by the same size, so one logits tile is [b, heads, block,
+block]. The backward recomputes each block's K and V from the latent rather than storing them. So a rank holds the latent of the whole sequence and one block's K/V, never the
 whole sequence's K/V: what makes context parallelism (k2mcore.parallel.context) save memory, and
 lets one rank hold a sequence longer than its K/V would allow.
 
@@ -217,6 +217,17 @@ def blockwise_latent_attention(
         raise ValueError("chunks: a chunk's keys start after its first query")
     sh = _Shapes(heads=n, nope=nope, rope=rope, v=v_head_dim, scale=float(softmax_scale),
                  block=int(block_size), acc=torch.promote_types(query.dtype, torch.float32))
-    return _BlockwiseLatentAttention.apply(query, latent, k_rope, kv_up_weight, tuple(chunks),
-                                           sh, probe)
+    return _BlockwiseLatentAttention.apply(query, latent, k_rope, kv_up_weight,
+                                           _tiles(chunks, sh.block), sh, probe)
+
+
+def _tiles(chunks: Sequence[QueryChunk], block: int) -> tuple[QueryChunk, ...]:
+    """The chunks cut into query tiles of at most `block` rows (same document), so that a
+    logits tile is [b, heads, block, block] whatever the chunk's length."""
+    out = []
+    for c in chunks:
+        for off in range(0, c.length, block):
+            out.append(QueryChunk(c.local_start + off, min(block, c.length - off),
+                                  c.global_start + off, c.key_start))
+    return tuple(out)
 

@@ -6,9 +6,12 @@ op that saves it; the model was worked out against tests/harness/saved_bytes.py 
 storages passed to autograd's saved-tensor hooks, parameters excluded) on k2-tiny and a widened
 variant, every layout of tests/parity/activation_probe.py (see its docstring for the table).
 
-Shapes: b = train.micro_batch_size, s = train.seq_length; the hidden stream holds s/tp tokens
-per rank with sequence parallelism (layout.sp), s otherwise; attention, the MLP's and experts'
-intermediates and the logits hold all s tokens and 1/tp of the heads / ffn / vocab.
+Shapes: b = train.micro_batch_size, s = train.seq_length / cp (a rank's tokens of each sequence
+under context parallelism); the hidden stream holds s/tp tokens per rank with sequence
+parallelism (layout.sp), s otherwise; attention, the MLP's and experts' intermediates and the
+logits hold all s tokens and 1/tp of the heads / ffn / vocab. k2mcore's blockwise attention (the
+local spec at CP > 1 or past model.attention_block_size tokens) also keeps the latent of the
+whole sequence, and has one key block's K/V and a logits tile as its workspace.
 
 Routing assumption: UNIFORM. A rank's local experts process b*s*topk routed tokens (with EP
 each EP rank's share of the group's b*s*topk*ep assignments; with TP+SP the dispatcher
@@ -42,13 +45,16 @@ class _Layer:
 @dataclass(frozen=True)
 class _Dims:
     b: int
-    s: int  # full sequence
+    s: int  # this rank's tokens of a sequence: the sequence over cp
     t: int  # hidden-stream tokens per rank: b * s / tp with SP, b * s without
     tp: int
     etp: int
     d: int  # activation dtype bytes
     probe: bool
     attention: str
+    cp: int = 1
+    seq: int = 0  # the whole sequence (every CP rank's tokens)
+    block: int = 0  # blockwise attention's key block and query tile; 0: not blockwise
 
 
 def _norm(t: int, width: int, d: int, x_bytes: Optional[int] = None) -> tuple[int, int, int]:
@@ -73,7 +79,8 @@ def _modules(cfg) -> frozenset:
 
 def _attention(m, k: _Dims, recompute: str, mods: frozenset = K2_SELECTIVE
                ) -> tuple[int, int]:
-    """(kept, backward extra) of one MLA attention block, input layernorm included."""
+    """(kept, backward extra) of one MLA attention block, input layernorm included; the extra
+    includes the blockwise attention's workspace, which is not saved for backward."""
     b, s, t, d, tp = k.b, k.s, k.t, k.d, k.tp
     h, n = m.hidden_size, m.num_attention_heads // tp
     dqk, dv, dr = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim, m.qk_rope_head_dim
@@ -90,7 +97,16 @@ def _attention(m, k: _Dims, recompute: str, mods: frozenset = K2_SELECTIVE
     # k_pos_emb: all-gathered over TP with SP (a new tensor); otherwise a view of kv_comb
     k_pos = b * s * dr * d if (tp > 1 and k.t != b * s) else (0 if d == 4 else kv_comb)
     proj_in = b * s * n * dv * d  # linear_proj (row parallel) input: core attention output
-    if k.attention == "fused":
+    if k.block:
+        # k2mcore.model.blockwise (CP, or a sequence longer than a block on the local spec):
+        # linear_kv_up_proj is not called (its weight is used per block); the function saves
+        # the roped query, the latent and rope key gathered over SP and CP (one tensor of the
+        # whole sequence), its output and the fp32 log-sum-exp; the gather order's index
+        kv_up_in = 0
+        qkv = 0
+        core = (b * s * n * dqk * d + b * k.seq * (kvr + dr) * d + b * n * s * dv * d
+                + b * n * s * 4 + (k.seq * 8 if k.cp > 1 else 0))
+    elif k.attention == "fused":
         # TE fused attention: q, k, v (MLA pads v to the qk head dim), softmax stats (fp32);
         # its output is linear_proj's input
         qkv = b * s * n * (2 * dqk + max(dv, dqk)) * d
@@ -111,18 +127,24 @@ def _attention(m, k: _Dims, recompute: str, mods: frozenset = K2_SELECTIVE
         core = copies + probs
     full = (sum(norm_in) + y + sum(q_lat) + q_up_in + sum(kv_lat) + kv_up_in + rope + k_pos
             + qkv + core + proj_in)
+    # the blockwise attention's workspace while it runs, forward and backward (not saved): one
+    # key block's K/V and fp32 logits / probabilities of one query tile against it
+    work = 0
+    if k.block:
+        kb, qb = min(k.block, k.seq), min(k.block, s)
+        work = b * kb * n * (m.qk_nope_head_dim + dv) * d + 3 * b * n * qb * kb * 4
     if recompute == "none":
-        return full, 0
+        return full, work
     if recompute == "full":
-        return x_in, full - (x_in if d == 4 else 0)
+        return x_in, full - (x_in if d == 4 else 0) + work
     # selective: input_layernorm (CheckpointWithoutOutput: saves x, discards y) and the MLA
     # up-projections (saves q/kv latents, k_pos_emb, rotary freqs fp32 [s, 1, 1, dr]; discards
     # query/key/value, which only the fused path saves)
-    kept, extra = full, 0
+    kept, extra = full, work
     if "layernorm" in mods:
         kept -= sum(norm_in) + y - x_in
         extra += (norm_in[0] if d != 4 else 0) + norm_in[1] + norm_in[2] + y
-    if "mla_up_proj" in mods:  # query/key/value discarded: qkv counts when recomputed
+    if "mla_up_proj" in mods and not k.block:  # query/key/value discarded: qkv recomputed
         kept += s * dr * 4 - rope - qkv
         extra += rope + qkv
     return kept, extra
@@ -176,11 +198,14 @@ def _mlp(m, k: _Dims, moe: bool, recompute: str, routed: Optional[int],
 
 
 def _dims(cfg, layout, attention: str, dtype_bytes: int) -> _Dims:
-    b, s, tp = cfg.train.micro_batch_size, cfg.train.seq_length, layout.tp
+    b, seq, tp, cp = cfg.train.micro_batch_size, cfg.train.seq_length, layout.tp, layout.cp
+    s = seq // cp
     t = b * s // tp if layout.sp and tp > 1 else b * s
     probe = bool(cfg.model.measure_max_attn_logit) or _qk_clip_active(cfg)
+    block = getattr(cfg.model, "attention_block_size", 0)
+    blockwise = attention == "local" and (cp > 1 or seq > block)
     return _Dims(b=b, s=s, t=t, tp=tp, etp=layout.etp, d=dtype_bytes, probe=probe,
-                 attention=attention)
+                 attention=attention, cp=cp, seq=seq, block=block if blockwise else 0)
 
 
 def _qk_clip_active(cfg) -> bool:

@@ -29,6 +29,8 @@ Kinds:
              batch_isend_irecv on NCCL, the unbatched isends on gloo: the same tensors, no shape
              exchange since variable_seq_lengths is off), the loss total over PP and the
              schedule's token-count broadcast from the last stage.
+  cp         context parallelism: MLA's latent all-gather per layer, its gradient's
+             reduce-scatter (k2mcore's blockwise attention from the gathered latent).
   dp         the DDP buffers' gradient reduce-scatter (fp32) and parameter all-gather (once per
              buffer: k2mcore.compat.param_sync keeps EP's two optimizers apart), the grad
              norm and its group flags over the world, the router expert-bias token counts over
@@ -46,8 +48,9 @@ reduce-scatter carries the rows the EP all-to-all delivered (routing-dependent, 
 at DP > 1 with TP > 1 the Newton-Schulz pieces sit where the owner-aligned shard planner put
 them (k2mcore.optim.muonclip.shard_plan), which the even spread assumed here does not follow.
 
-Not modelled: NS offloads (optimizer.muon.ns_offload_budget > 0), CP > 1, tied embeddings'
-embedding-group all-reduce. MuonClip's exchange at DP > 1 with TP > 1 (`_muon_exchange`) is
+Not modelled: NS offloads (optimizer.muon.ns_offload_budget > 0), tied embeddings'
+embedding-group all-reduce, Transformer-Engine's CP ring (the cp kind is k2mcore's latent
+exchange). MuonClip's exchange at DP > 1 with TP > 1 (`_muon_exchange`) is
 priced spread evenly over DP, as said above.
 """
 from __future__ import annotations
@@ -55,7 +58,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
-KINDS = ("tp", "ep", "pp", "dp", "optimizer")
+KINDS = ("tp", "ep", "pp", "dp", "cp", "optimizer")
 FP32, INT32, INT64, FP64 = 4, 4, 8, 8
 
 
@@ -121,18 +124,35 @@ def _is_moe(cfg: Any, layer: int) -> bool:
     return layer >= cfg.model.first_k_dense and cfg.model.num_experts > 0
 
 
+def _tokens(cfg: Any, layout: Any) -> int:
+    """Tokens of a micro-batch on one rank: its CP share of every sequence."""
+    return cfg.train.seq_length * cfg.train.micro_batch_size // layout.cp
+
+
+def _blockwise(cfg: Any, layout: Any) -> bool:
+    """Whether MLA attends blockwise from the gathered latent (k2mcore.model.mla, the local
+    spec): at CP > 1, or past model.attention_block_size tokens."""
+    return layout.cp > 1 or cfg.train.seq_length > getattr(cfg.model, "attention_block_size",
+                                                            cfg.train.seq_length)
+
+
 # ---------------------------------------------------------------- tensor parallelism
 def _tp_bytes(cfg: Any, layout: Any, me: _Rank, a: int, t: _Tally) -> None:
-    m, tr = cfg.model, cfg.train
+    m = cfg.model
     tp, sp = layout.tp, layout.sp
-    s, b, h = tr.seq_length, tr.micro_batch_size, m.hidden_size
+    h = m.hidden_size
+    blockwise = _blockwise(cfg, layout)
     if tp > 1:
-        full = s * b  # tokens of a micro-batch
+        full = _tokens(cfg, layout)  # tokens of a micro-batch
         shard = full // tp if sp else full
         q_in = m.q_lora_rank if m.q_lora_rank is not None else h
         mbs = layout.num_microbatches
+        latent = m.kv_lora_rank
         for text, layers in _chunks(cfg, layout, me.pp):
-            col = [q_in, m.kv_lora_rank]  # MLA's column-parallel up projections' input widths
+            # MLA's column-parallel up projections' input widths; blockwise, the kv up
+            # projection's weight is used per key block and its input (the latent) is gathered
+            # over SP once (backward: one reduce-scatter), or all-reduced backward without SP
+            col = [q_in] if blockwise else [q_in, latent]
             cols = []  # every column-parallel linear's input width
             rows = 0  # row-parallel linears (output h)
             rope = 0
@@ -161,12 +181,17 @@ def _tp_bytes(cfg: Any, layout: Any, me: _Rank, a: int, t: _Tally) -> None:
                 t.all_gather(a * shard * h, tp, (rows + emb) * mbs)
                 t.all_gather(a * shard * m.qk_rope_head_dim, tp, rope * mbs)
                 t.reduce_scatter(a * full * m.qk_rope_head_dim, tp, rope * mbs)
+                if blockwise:
+                    t.all_gather(a * shard * latent, tp, rope * mbs)
+                    t.reduce_scatter(a * full * latent, tp, rope * mbs)
             else:
                 # row outputs (and the embedding's) all-reduced forward, column inputs' grads
                 # all-reduced backward
                 t.all_reduce(a * full * h, tp, (rows + emb) * mbs)
                 for c in cols:
                     t.all_reduce(a * full * c, tp, mbs)
+                if blockwise:  # the latent and the rope key, replicated over TP
+                    t.all_reduce(a * full * (latent + m.qk_rope_head_dim), tp, rope * mbs)
             if "L" in text:
                 t.all_reduce(FP32 * full, tp, 3 * mbs)  # vocab-parallel CE: max, target, sum exp
         t.all_reduce(_sp_grad_numel(cfg, layout, me) * FP32, tp)  # main_grads are fp32
@@ -197,9 +222,8 @@ def _sp_grad_numel(cfg: Any, layout: Any, me: _Rank) -> int:
 
 
 def _moe_tokens(cfg: Any, layout: Any) -> int:
-    """Tokens one rank routes per micro-batch (its SP shard with SP)."""
-    t = cfg.train
-    full = t.seq_length * t.micro_batch_size
+    """Tokens one rank routes per micro-batch (its CP share, its SP shard of that with SP)."""
+    full = _tokens(cfg, layout)
     return full // layout.tp if layout.sp else full
 
 
@@ -242,9 +266,9 @@ def _ep_bytes(cfg: Any, layout: Any, me: _Rank, a: int, t: _Tally) -> None:
 def _pp_bytes(cfg: Any, layout: Any, me: _Rank, a: int, t: _Tally) -> None:
     if layout.pp <= 1:
         return
-    tr, h = cfg.train, cfg.model.hidden_size
-    s = tr.seq_length // layout.tp if layout.sp else tr.seq_length
-    tensor = a * s * tr.micro_batch_size * h
+    h = cfg.model.hidden_size
+    tokens = _tokens(cfg, layout)
+    tensor = a * (tokens // layout.tp if layout.sp else tokens) * h
     chunks = len(layout.stages[me.pp])
     sends = 0
     for v in range(chunks):
@@ -254,6 +278,22 @@ def _pp_bytes(cfg: Any, layout: Any, me: _Rank, a: int, t: _Tally) -> None:
     t.all_reduce(2 * FP64, layout.pp)  # loss total over PP
     # the schedule broadcasts the token count from the last stage
     t.broadcast(INT32, layout.pp, source=me.pp == layout.pp - 1)
+
+
+# ---------------------------------------------------------------- context parallelism
+def _cp_bytes(cfg: Any, layout: Any, me: _Rank, a: int, t: _Tally) -> None:
+    """k2mcore's MLA over CP (k2mcore.model.mla): per layer and micro-batch, the all-gather of
+    every rank's latent and rotated rope key (kv_lora_rank + qk_rope_head_dim values a token) and,
+    in backward, the reduce-scatter of their gradient. (Transformer-Engine's CP ring would pass
+    the up-projected K/V instead: benchmarks/bench_cp.py.)"""
+    if layout.cp <= 1:
+        return
+    m = cfg.model
+    width = m.kv_lora_rank + m.qk_rope_head_dim
+    layers = sum(len(ls) for _, ls in _chunks(cfg, layout, me.pp)) * layout.num_microbatches
+    local = a * _tokens(cfg, layout) * width
+    t.all_gather(local, layout.cp, layers)
+    t.reduce_scatter(local * layout.cp, layout.cp, layers)
 
 
 # ---------------------------------------------------------------- data parallelism
@@ -399,6 +439,7 @@ def _tallies(cfg: Any, layout: Any, rank: Optional[dict], dp_buffers: Optional[I
     _ep_bytes(cfg, layout, me, a, out["ep"])
     _pp_bytes(cfg, layout, me, a, out["pp"])
     _dp_bytes(cfg, layout, me, dp_buffers, a, first_step, out["dp"])
+    _cp_bytes(cfg, layout, me, a, out["cp"])
     _optimizer_bytes(cfg, layout, me, a, out["optimizer"])
     return out
 

@@ -23,6 +23,7 @@ class PlanOptions:
     headroom: float = 0.10  # kept free: allocator fragmentation, NCCL and CUDA context
     device: str = "gpu"  # gpu: bf16 (train.dtype auto), TE fused attention; cpu: fp32, local path
     links: Links = field(default_factory=Links)
+    attention_path: Optional[str] = None  # "fused" | "local"; None: the device's
 
     @property
     def budget_bytes(self) -> int:
@@ -30,6 +31,8 @@ class PlanOptions:
 
     @property
     def attention(self) -> str:
+        if self.attention_path is not None:
+            return self.attention_path
         return "fused" if self.device == "gpu" else "local"
 
 
@@ -211,3 +214,56 @@ def warnings_for(cfg: K2Config, p: Plan) -> list[str]:
         out.append(f"expert all-to-alls cross nodes (etp*ep = {L.etp * L.ep} > "
                    f"{p.options.links.gpus_per_node} GPUs per node)")
     return out
+
+
+#: the context-parallel degrees `k2m-plan --cp-sweep` plans
+SWEEP_CP = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    cp: int
+    world_size: int
+    plan: Optional[Plan]
+    error: str = ""  # the layout's one-line error, when it does not resolve
+
+
+def cp_sweep(cfg: K2Config, world_size: int, options: Optional[PlanOptions] = None,
+             degrees: tuple = SWEEP_CP) -> list[SweepRow]:
+    """The config's layout at each CP degree, every other size kept (tp, pp, ep, etp, dp, the
+    batch): the world grows with cp. `world_size` is the config's world at its own cp."""
+    import copy
+
+    from k2mcore.errors import ConfigError
+    from k2mcore.parallel.layout import resolve_layout
+
+    base = cfg.parallel.cp
+    if world_size % base:
+        raise ConfigError(f"--world-size {world_size} is not a multiple of parallel.cp={base}")
+    rows = []
+    for cp in degrees:
+        c = copy.deepcopy(cfg)
+        c.parallel.cp = cp
+        world = world_size // base * cp
+        try:
+            rows.append(SweepRow(cp, world, make_plan(c, resolve_layout(c, world), options)))
+        except ConfigError as exc:
+            rows.append(SweepRow(cp, world, None, str(exc)))
+    return rows
+
+
+def stopping_term(plan: Plan) -> str:
+    """What keeps the heaviest rank over the budget: its model state alone, or the
+    activations on top of it."""
+    worst = max(plan.stages, key=lambda s: s.total_bytes)
+    state = worst.total_bytes - worst.activation_bytes
+    budget = plan.options.budget_bytes
+    if state > budget:
+        return (f"model state alone (weights, gradients, optimizer state: {_gib(state)} on "
+                f"pp rank {worst.pp_rank}) exceeds the {_gib(budget)} budget")
+    return (f"activations ({_gib(worst.activation_bytes)} on pp rank {worst.pp_rank}) on top "
+            f"of {_gib(state)} of model state exceed the {_gib(budget)} budget")
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"

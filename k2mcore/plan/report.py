@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from k2mcore.config.schema import K2Config
 
-from .planner import GIB, KINDS, Plan, PlanOptions
+from .planner import GIB, KINDS, Plan, PlanOptions, SweepRow, stopping_term
 from .timing import ASSUMPTIONS
 
 
@@ -91,16 +91,48 @@ def search_table(cfg: K2Config, world_size: int, options: PlanOptions, plans: li
              f"(budget {options.budget_bytes / GIB:.1f} GiB): {considered} valid layouts, "
              f"{screened} fit by the closed-form screen; the best {len(plans)} planned exactly",
              f"  {'#':>2} {'step s':>8} {'peak GiB':>8} {'act GiB':>7} {'tp GB':>7} {'ep GB':>7} "
-             f"{'pp GB':>7} {'dp GB':>7}  layout / recompute (GB: bus bytes per step)"]
+             f"{'pp GB':>7} {'dp GB':>7} {'cp GB':>7}  layout / recompute (GB: bus bytes per "
+             f"step)"]
     for i, p in enumerate(plans, 1):
         worst = max(p.stages, key=lambda s: s.total_bytes)
         lines.append(
             f"  {i:>2} {p.step.total_s:>8.3g} {p.peak_bytes / GIB:>8.1f} "
             f"{worst.activation_bytes / GIB:>7.1f} {_gb(p.comm_bus['tp']):>7} "
-            f"{_gb(p.comm_bus['ep']):>7} {_gb(p.comm_bus['pp']):>7} {_gb(p.comm_bus['dp']):>7}  "
+            f"{_gb(p.comm_bus['ep']):>7} {_gb(p.comm_bus['pp']):>7} {_gb(p.comm_bus['dp']):>7} "
+            f"{_gb(p.comm_bus['cp']):>7}  "
             f"{layout_line(p)} "
             f"recompute={p.recompute}")
     if not plans:
         lines.append("  no layout fits: raise --gpu-mem-gb or the world size, or lower "
                      "train.micro_batch_size / train.seq_length")
+    return "\n".join(lines)
+
+
+def cp_sweep_table(cfg: K2Config, options: PlanOptions, rows: list[SweepRow]) -> str:
+    """Memory per rank at each CP degree, and the smallest that fits (or what stops it)."""
+    first = next((r.plan for r in rows if r.plan is not None), None)
+    lines = [f"cp sweep: {cfg.model.name}, {cfg.train.seq_length} tokens per sequence, "
+             f"{options.gpu_mem_gib:g} GiB GPUs (budget {options.budget_bytes / GIB:.1f} GiB), "
+             f"{options.attention} attention, other sizes as configured"
+             + (f" ({layout_line(first)})" if first else ""),
+             f"  {'cp':>3} {'world':>6} {'peak GiB':>8} {'state GiB':>9} {'act GiB':>8} "
+             f"{'cp GB':>7} {'step s':>8}  fits"]
+    fitting = None
+    for r in rows:
+        if r.plan is None:
+            lines.append(f"  {r.cp:>3} {r.world_size:>6}  {r.error}")
+            continue
+        p = r.plan
+        worst = max(p.stages, key=lambda s: s.total_bytes)
+        lines.append(f"  {r.cp:>3} {r.world_size:>6} {p.peak_bytes / GIB:>8.1f} "
+                     f"{(worst.total_bytes - worst.activation_bytes) / GIB:>9.1f} "
+                     f"{worst.activation_bytes / GIB:>8.1f} {_gb(p.comm_bus['cp']):>7} "
+                     f"{p.step.total_s:>8.3g}  {'yes' if p.fits else 'no'}")
+        if p.fits and fitting is None:
+            fitting = r.cp
+    last = next((r.plan for r in reversed(rows) if r.plan is not None), None)
+    if fitting is not None:
+        lines.append(f"smallest CP that fits: {fitting}")
+    elif last is not None:
+        lines.append(f"no CP up to {rows[-1].cp} fits: {stopping_term(last)}")
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """`k2m-plan --search`: every valid layout of N GPUs, the ones that fit, ranked by ideal step time.
 
 Candidates vary tp (up to a node, dividing the heads), pp (with a balanced pipeline layout when
-the layers do not split evenly), vpp, ep, etp (1 or tp) and train.recompute; cp stays 1 and the
-batch sizes stay the config's. Each is first screened with closed-form state sizes (equal ZeRO-1
+the layers do not split evenly), cp (1 to 16 with tp x cp within a node, from 8,192 tokens on),
+vpp, ep, etp (1 or tp) and train.recompute; the batch sizes stay the config's. Each is first screened with closed-form state sizes (equal ZeRO-1
 shards, no padding); the best are then planned exactly (`make_plan`) until `top` fit.
 """
 from __future__ import annotations
@@ -46,29 +46,54 @@ def balanced_layout(num_layers: int, pp: int, vpp: int) -> str:
     return "|".join(parts)
 
 
-def candidates(cfg: K2Config, world_size: int, gpus_per_node: int) -> Iterator[K2Config]:
+#: context-parallel degrees --search tries, from train.seq_length tokens on (shorter sequences
+#: keep cp 1: their attention is not what limits memory)
+CP_DEGREES, CP_FROM_TOKENS = (1, 2, 4, 8, 16), 8192
+
+
+def _cp_degrees(cfg: K2Config, ranks: int) -> list[int]:
+    """CP degrees dividing the `ranks` left after TP and PP that split the sequence into
+    2·cp equal chunks."""
+    seq = cfg.train.seq_length
+    if seq < CP_FROM_TOKENS:
+        return [1]
+    return [c for c in CP_DEGREES if ranks % c == 0 and seq % (2 * c) == 0]
+
+
+def _model_splits(cfg: K2Config, world_size: int, gpus_per_node: int
+                  ) -> Iterator[tuple[int, int, int]]:
+    """(tp, pp, cp): tp within a node and dividing the heads, pp up to the layers, cp from
+    _cp_degrees of what is left, tp x cp within a node (megatron puts CP ranks next to TP's)."""
     m = cfg.model
     for tp in [d for d in _divisors(world_size) if d <= gpus_per_node
                and m.num_attention_heads % d == 0]:
         for pp in [d for d in _divisors(world_size // tp) if d <= m.num_layers]:
-            for vpp in ([None] + [v for v in (2, 3, 4) if pp > 1 and pp * v <= m.num_layers]):
-                for ep in [d for d in _divisors(m.num_experts) if world_size % (d * pp) == 0]:
-                    for etp in sorted({1, tp}):
-                        if world_size % (etp * ep * pp):
-                            continue
-                        for recompute in RECOMPUTE:
-                            c = copy.deepcopy(cfg)
-                            p = c.parallel
-                            p.tp, p.pp, p.ep, p.etp, p.cp = tp, pp, ep, etp, 1
-                            p.sp = tp > 1
-                            p.first_stage_layers = p.last_stage_layers = None
-                            chunks = pp * (vpp or 1)
-                            even = pp > 1 and m.num_layers % chunks == 0
-                            p.vpp = vpp if even or pp == 1 else None
-                            p.pipeline_layout = (None if even or pp == 1
-                                                 else balanced_layout(m.num_layers, pp, vpp or 1))
-                            c.train.recompute = recompute
-                            yield c
+            for cp in _cp_degrees(cfg, world_size // (tp * pp)):
+                if tp * cp <= gpus_per_node:  # a layer's latent gather stays in the node
+                    yield tp, pp, cp
+
+
+def candidates(cfg: K2Config, world_size: int, gpus_per_node: int) -> Iterator[K2Config]:
+    m = cfg.model
+    for tp, pp, cp in _model_splits(cfg, world_size, gpus_per_node):
+        for vpp in ([None] + [v for v in (2, 3, 4) if pp > 1 and pp * v <= m.num_layers]):
+            for ep in [d for d in _divisors(m.num_experts) if world_size % (d * pp) == 0]:
+                for etp in sorted({1, tp}):
+                    if world_size % (etp * ep * pp):
+                        continue
+                    for recompute in RECOMPUTE:
+                        c = copy.deepcopy(cfg)
+                        p = c.parallel
+                        p.tp, p.pp, p.ep, p.etp, p.cp = tp, pp, ep, etp, cp
+                        p.sp = tp > 1
+                        p.first_stage_layers = p.last_stage_layers = None
+                        chunks = pp * (vpp or 1)
+                        even = pp > 1 and m.num_layers % chunks == 0
+                        p.vpp = vpp if even or pp == 1 else None
+                        p.pipeline_layout = (None if even or pp == 1
+                                             else balanced_layout(m.num_layers, pp, vpp or 1))
+                        c.train.recompute = recompute
+                        yield c
 
 
 @dataclass

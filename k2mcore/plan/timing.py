@@ -103,7 +103,7 @@ class StepTime:
 def link_of(kind: str, layout: Layout, gpus_per_node: int) -> str:
     """Whether a kind of traffic stays inside a node. megatron's rank order tp-cp-ep-dp-pp
     (tp fastest): a group's span is its stride times its size."""
-    span = {"tp": layout.tp, "ep": layout.tp * layout.cp * layout.dp,
+    span = {"tp": layout.tp, "cp": layout.tp * layout.cp, "ep": layout.tp * layout.cp * layout.dp,
             "dp": layout.tp * layout.cp * layout.dp, "pp": layout.world_size,
             "optimizer": layout.tp * layout.cp * layout.dp}[kind]
     if kind == "ep":  # expert ranks: etp-ep-edp-pp; an EP group spans etp*ep ranks

@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 
 CP_SEQ, CP_BLOCK = 4096, 512
-#: layout name -> (parallel.cp, model.attention_block_size); the reference keeps the default
-#: block (4,096 tokens: the whole sequence, so the plain attention runs)
-RUNS = {"1rank": (1, None), "cp4": (4, CP_BLOCK)}
+#: layout name -> (parallel.cp, model.attention_block_size); the reference's block is the whole
+#: sequence, so the plain attention runs
+RUNS = {"1rank": (1, CP_SEQ), "cp4": (4, CP_BLOCK)}
 
 
 def measure(name: str, out: str, *, cp: int = 0, block: int = 0, seq: int = CP_SEQ) -> dict:

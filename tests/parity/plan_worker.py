@@ -24,7 +24,7 @@ import torch.distributed as dist
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-PLAN_LAYOUTS = ("1rank", "tp2-sp", "pp2-vpp2", "ep2", "dp2", "tp2-ep2", "tp2-pp2-ep2")
+PLAN_LAYOUTS = ("1rank", "tp2-sp", "pp2-vpp2", "ep2", "dp2", "tp2-ep2", "tp2-pp2-ep2", "cp2")
 # wider everywhere, plain q_proj (q_lora_rank null), another expert count and head count
 WIDE = ["model.hidden_size=96", "model.num_attention_heads=6", "model.num_experts=4",
         "model.moe_ffn_hidden_size=48", "model.ffn_hidden_size=160", "model.q_lora_rank=null",

@@ -1,12 +1,12 @@
 """k2m-plan against what real CPU runs allocate, save and send (plan_worker.py, inside the
 layout-parity launches): k2-tiny and a widened variant at 1 rank, TP2+SP, PP2xVPP2, EP2, DP2,
-TP2xEP2 (expert-TP 1) and TP2xPP2xEP2, AdamW and MuonClip, every recompute choice (k2-tiny),
+TP2xEP2 (expert-TP 1), TP2xPP2xEP2 and CP2 (blockwise attention), AdamW and MuonClip, every recompute choice (k2-tiny),
 the max-logit probe on and off.
 
 - state (parameters, param and gradient buffers, optimizer state): equal, per rank;
 - activations (bytes saved for backward at the step's peak): within 10%, per rank;
-- communication, as handed over and in bus bytes (docs/testing.md, 'Counting bytes'): tp, pp, dp
-  and optimizer equal per rank, ep within 10%, except at
+- communication, as handed over and in bus bytes (docs/testing.md, 'Counting bytes'): tp, pp, dp,
+  cp and optimizer equal per rank, ep within 10%, except at
   TP2 x PP2 x EP2 with DP2, where the expert-TP gathers carry what the routing delivered and
   MuonClip's TP exchange follows the owner-aligned DP owners (k2mcore.plan.comm spreads it
   evenly over DP): there each pipeline stage's total is equal (ep's bus bytes within 10%: they

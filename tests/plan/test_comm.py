@@ -146,3 +146,40 @@ def test_bus_bytes_by_hand():
     cfg, layout = setup(2)
     bf16 = comm.bus_bytes(cfg, layout, dp_buffers=[(1000, 500, 2)], dtype_bytes=2)["dp"]
     assert bf16 == 4 * 1000 / 2 + 2 * 1000 / 2 + (4 + 4 + 96 + 16 + 4)
+
+
+def test_context_parallel_latent_exchange_by_hand():
+    """CP2 (2 ranks, DP1): per layer and micro-batch one all-gather of this rank's 16 tokens'
+    latent and rope key (kv_lora_rank 32 + 8 values, fp32) and one reduce-scatter of the whole
+    sequence's gradient of them; 4 layers, 4 micro-batches. The pipeline's and the MoE's token
+    counts are halved."""
+    cfg, layout = setup(2, cp=2)
+    assert layout.cp == 2 and layout.num_microbatches == 4
+    local = 16 * 40 * A
+    handed = comm.comm_bytes(cfg, layout, dtype_bytes=A)
+    bus = comm.bus_bytes(cfg, layout, dtype_bytes=A)
+    assert handed["cp"] == 4 * 4 * (local + 2 * local)
+    assert bus["cp"] == 4 * 4 * (local + local)  # (d - 1)/d of the gathered 2 x local, twice
+    assert handed["tp"] == 0 and handed["pp"] == 0
+    # k2-tiny at CP1 moves nothing over CP
+    cfg1, layout1 = setup(1)
+    assert comm.comm_bytes(cfg1, layout1, dtype_bytes=A)["cp"] == 0
+
+
+def test_blockwise_tp_traffic_gathers_the_latent_once():
+    """TP2+SP with CP2: MLA's kv up projection is not a column-parallel call (its weight is used
+    per key block), so its input is gathered once and reduce-scattered once per layer, instead
+    of gathered twice (forward, and again for the weight's gradient) and reduce-scattered."""
+    plain_cfg, plain = setup(2, tp=2, sp=True)
+    cfg, layout = setup(4, tp=2, sp=True, cp=2)
+    per = 4 * 4  # layers x micro-batches
+    kv = 32 * A  # kv_lora_rank, fp32
+    tokens_plain, tokens_cp = 32, 16
+    col_plain = per * (2 * tokens_plain // 2 * kv + tokens_plain * kv)  # 2 AG + RS handed
+    col_cp = per * (tokens_cp // 2 * kv + tokens_cp * kv)  # 1 AG + RS handed
+    rest_plain = comm.comm_bytes(plain_cfg, plain, dtype_bytes=A)["tp"] - col_plain
+    rest_cp = comm.comm_bytes(cfg, layout, dtype_bytes=A)["tp"] - col_cp
+    # everything else moves per token, half the tokens at CP2, but the fixed-size all-reduces:
+    # the SP-marked weights' gradients (fp32) and the loss total (2 x fp64)
+    fixed = comm._sp_grad_numel(plain_cfg, plain, comm._coords(plain, None)) * 4 + 16
+    assert rest_cp - fixed == (rest_plain - fixed) / 2

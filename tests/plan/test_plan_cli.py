@@ -43,7 +43,7 @@ def test_json_shape_and_the_kimi_k2_preset(capsys):
     assert time.perf_counter() - start < 10  # seconds for the 1T preset, no process group
     assert set(out["stages"][0]) == STAGE_KEYS
     assert [s["pp_rank"] for s in out["stages"]] == list(range(16))
-    assert set(out["comm_bytes_per_step"]) == {"tp", "ep", "pp", "dp", "optimizer"}
+    assert set(out["comm_bytes_per_step"]) == {"tp", "ep", "pp", "dp", "cp", "optimizer"}
     assert isinstance(out["fits"], bool)
     heavy = max(out["stages"], key=lambda s: s["params"])
     assert heavy["params"] == 4819582976
@@ -153,3 +153,23 @@ def test_console_script_imports_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["fits"] is True
+
+
+def test_cp_sweep_names_the_smallest_cp_that_fits(capsys):
+    """kimi-k2 at 32,768 tokens, its preset's other sizes: CP 1 to 16 (the world grows with
+    cp); state shrinks with the ZeRO-1 shards over DP x CP, activations by cp, and CP8 is the
+    first to fit 80 GiB. With --gpu-mem-gb 40 none does, and the line names the term."""
+    argv = ["--config", "kimi-k2", "--world-size", "256", "--set", "train.seq_length=32768",
+            "--cp-sweep"]
+    code = cli.main(argv)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:2].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2, 4, 8, 16]
+    assert [int(r[1]) for r in rows] == [256, 512, 1024, 2048, 4096]
+    acts = [float(r[4]) for r in rows]
+    assert all(a > 1.9 * b for a, b in zip(acts, acts[1:]))  # tokens / cp (and the latent)
+    assert [r[-1] for r in rows] == ["no", "no", "no", "yes", "yes"]
+    assert "smallest CP that fits: 8" in out
+    assert cli.main(argv + ["--gpu-mem-gb", "40"]) == 1
+    assert "no CP up to 16 fits: activations" in capsys.readouterr().out
