@@ -68,7 +68,17 @@ def _exists(path: str, root: str) -> bool:
 # -------------------------------------------------------------------------------- config keys
 def config_fields() -> dict:
     """{section: {field: nested dict or None}} of k2mcore.config.schema.K2Config."""
+    import typing
+
     from k2mcore.config.schema import K2Config
+
+    def nested(cls: type, name: str, default: object) -> object:
+        """The dataclass a field holds: its default's, or an Optional[...] one's (null by
+        default, like model.rope_scaling)."""
+        if dataclasses.is_dataclass(default):
+            return type(default)
+        hint = typing.get_type_hints(cls).get(name)
+        return next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
 
     def walk(cls: type) -> dict:
         out = {}
@@ -76,7 +86,8 @@ def config_fields() -> dict:
         for name, f in hints.items():
             default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
                        else f.default)
-            out[name] = walk(type(default)) if dataclasses.is_dataclass(default) else None
+            inner = nested(cls, name, default)
+            out[name] = walk(inner) if inner is not None else None
         return out
 
     return walk(K2Config)
