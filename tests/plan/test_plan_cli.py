@@ -171,5 +171,22 @@ def test_cp_sweep_names_the_smallest_cp_that_fits(capsys):
     assert all(a > 1.9 * b for a, b in zip(acts, acts[1:]))  # tokens / cp (and the latent)
     assert [r[-1] for r in rows] == ["no", "no", "no", "yes", "yes"]
     assert "smallest CP that fits: 8" in out
-    assert cli.main(argv + ["--gpu-mem-gb", "40"]) == 1
-    assert "no CP up to 16 fits: activations" in capsys.readouterr().out
+
+
+def test_cp_sweep_names_the_term_that_stops_it():
+    """The same sweep on 40 GiB GPUs (re-budgeted, not re-planned): none fits, and the line names
+    the activations on top of the model state."""
+    import dataclasses
+
+    from k2mcore.config.loader import load_config
+    from k2mcore.plan import PlanOptions, report
+    from k2mcore.plan.planner import cp_sweep
+
+    cfg = load_config("kimi-k2", ["train.seq_length=32768"])
+    rows = cp_sweep(cfg, 256, PlanOptions(), degrees=(8, 16))
+    small = dataclasses.replace(PlanOptions(), gpu_mem_gib=40)
+    for r in rows:
+        r.plan.options = small
+    text = report.cp_sweep_table(cfg, small, rows)
+    assert not any(r.plan.fits for r in rows)
+    assert "no CP up to 16 fits: activations" in text and "36.0 GiB budget" in text
