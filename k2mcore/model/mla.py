@@ -60,8 +60,7 @@ class LatentMLASelfAttention(K2MLASelfAttention):
     def __init__(self, config, submodules, *args, attention_block_size: int = DEFAULT_BLOCK,
                  **kwargs) -> None:
         super().__init__(config, submodules, *args, **kwargs)
-        if attention_block_size <= 0:
-            raise ValueError(f"model.attention_block_size: {attention_block_size}; must be > 0")
+        # (checked by the config, and by blockwise_latent_attention when used)
         self.attention_block_size = attention_block_size
         self.cp_group = self.pg_collection.cp
 
