@@ -190,7 +190,8 @@ class OptimizerConfig:
 class DataConfig:
     loader: str = "auto"  # auto (DALI when nvidia.dali imports, else torch) | dali | torch
     # text: documents (k2m-preprocess), loss on every token | chat: conversations
-    # (k2m-preprocess --chat: tokens + assistant loss masks), one per sample, padded
+    # (k2m-preprocess --chat: tokens + assistant loss masks), one per sample, padded |
+    # rollouts: RL samples (k2m-preprocess --rollouts), in file order, trained by the rl section
     format: str = "text"
     # megatron's --data-path: "w1 prefix1 w2 prefix2 ..." (weighted blend) or "prefix1 ..."
     # (weighted by size); a prefix names <prefix>.bin/.idx, "assets:..." the bundled sample data.
@@ -239,6 +240,22 @@ class LoggingConfig:
 
 
 @dataclass
+class RLConfig:
+    """The policy update on rollouts (data.format: rollouts; docs/rl.md has the formulas)."""
+
+    advantage: str = "grpo"  # grpo: (r - group mean) / (group std + 1e-6) | grpo_no_std
+    loss: str = "grpo"  # grpo (per token) | gspo (sequence ratio, per sample) | k2 (K1.5/K2)
+    clip_low: Optional[float] = None  # null: 0.2 for grpo, 3e-4 for gspo (not for k2)
+    clip_high: Optional[float] = None  # null: 0.28 for grpo (DAPO's clip-higher), 4e-4 for gspo
+    tau: Optional[float] = None  # k2's tau (required with loss: k2)
+    tis_cap: float = 2.0  # truncated importance sampling cap, when rollouts carry logprobs
+    truncation_reward: Optional[float] = None  # replaces a truncated rollout's reward when set
+    drop_uniform_groups: bool = True  # dynamic sampling: no loss on groups of equal rewards
+    minibatches: int = 1  # optimizer steps per rollout batch (each a distinct global batch)
+    temperature: float = 1.0  # the engine's sampling temperature: logits are divided by it
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/k2-tiny"
     name: Optional[str] = None
@@ -254,6 +271,7 @@ class K2Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     @property

@@ -23,7 +23,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.recompute": ("none", "selective", "full"),
     "train.init": ("layout_invariant", "megatron"),
     "data.loader": ("auto", "dali", "torch"),
-    "data.format": ("text", "chat"),
+    "data.format": ("text", "chat", "rollouts"),
+    "rl.advantage": ("grpo", "grpo_no_std"),
+    "rl.loss": ("grpo", "gspo", "k2"),
     "model.rope_scaling.type": ("yarn",),
     "optimizer.muon.ns_dtype": ("auto", "fp32", "bf16"),
     # k2mcore.optim.NS_COEFFICIENTS' names (a test keeps them equal; --check imports no torch)
@@ -39,7 +41,7 @@ POSITIVE_INTS = (
     "train.iters", "train.global_batch_size", "train.micro_batch_size", "train.seq_length",
     "train.max_consecutive_skips", "optimizer.muon.ns_steps",
     "checkpoint.keep", "logging.interval", "train.eval_iters", "data.prefetch",
-    "model.attention_block_size",
+    "model.attention_block_size", "rl.minibatches",
 )
 OPTIONAL_POSITIVE_INTS = (
     "model.q_lora_rank", "parallel.vpp", "optimizer.wsd_decay_iters", "optimizer.decay_iters",
@@ -54,6 +56,7 @@ NON_NEGATIVE = (
 )
 POSITIVE_FLOATS = (
     "model.rms_norm_eps", "model.init_std", "model.rope_theta", "logging.peak_tflops",
+    "rl.temperature", "rl.tis_cap",
 )
 
 
@@ -176,20 +179,61 @@ def _check_data(cfg: K2Config) -> None:
         raise ConfigError(f"train.eval_interval: {cfg.train.eval_interval} needs a valid split, "
                           f"but data.split {d.split!r} gives it no documents (e.g. \"98,2,0\", "
                           f"or train.eval_interval=0)")
-    if d.format == "chat" and d.blend is None:
-        raise ConfigError("data.format: 'chat' needs data.blend (k2m-preprocess --chat output); "
-                          "megatron's mock data is text")
+    if d.format in ("chat", "rollouts") and d.blend is None:
+        raise ConfigError(f"data.format: {d.format!r} needs data.blend (k2m-preprocess "
+                          f"--{d.format} output); megatron's mock data is text")
     if d.blend is not None and not d.tokenizer:
         raise ConfigError(
             "data.tokenizer: required when data.blend is set (the tokenizer.json or tiktoken "
             "file the data was preprocessed with)"
         )
+    if d.packing and d.format == "rollouts":
+        raise ConfigError("data.packing: true is not supported with data.format=rollouts "
+                          "(one rollout per row; see docs/rl.md)")
     if d.packing and d.format != "chat":
         raise ConfigError(f"data.packing: true needs data.format=chat, got {d.format!r} (text "
                           f"samples are already full train.seq_length windows of documents)")
+    if d.format == "rollouts" and cfg.train.eval_interval:
+        raise ConfigError(f"train.eval_interval: {cfg.train.eval_interval}, but rollouts have no "
+                          f"valid split (every rollout trains, in file order); set it to 0")
     if not d.truncate and d.format != "chat":
         raise ConfigError(f"data.truncate: false applies to data.format=chat only, got "
                           f"{d.format!r} (text documents are always cut into sequences)")
+
+
+def _check_rl(cfg: K2Config) -> None:
+    """The rl section: used with data.format=rollouts only, and consistent with its loss."""
+    from dataclasses import fields
+
+    from k2mcore.config.schema import RLConfig
+
+    rl, default = cfg.rl, RLConfig()
+    if cfg.data.format != "rollouts":
+        changed = [f.name for f in fields(RLConfig)
+                   if getattr(rl, f.name) != getattr(default, f.name)]
+        if changed:
+            raise ConfigError(f"rl.{changed[0]}: set, but data.format is {cfg.data.format!r}; "
+                              f"the rl section applies to data.format=rollouts only")
+        return
+    for key in ("clip_low", "clip_high"):
+        value = getattr(rl, key)
+        if value is not None and not 0 <= value < (1 if key == "clip_low" else float("inf")):
+            raise ConfigError(f"rl.{key}: must be in [0, 1), got {_fmt(value)}" if
+                              key == "clip_low" else f"rl.{key}: must be >= 0, got {_fmt(value)}")
+    if rl.loss == "k2":
+        if rl.tau is None:
+            raise ConfigError("rl.tau: required with rl.loss=k2 (the K1.5/K2 objective's "
+                              "(r - mean r - tau * log ratio)^2)")
+        for key in ("clip_low", "clip_high"):
+            if getattr(rl, key) is not None:
+                raise ConfigError(f"rl.{key}: rl.loss=k2 has no clipping; leave it null")
+        if rl.advantage != default.advantage:
+            raise ConfigError(f"rl.advantage: {rl.advantage!r} does not apply to rl.loss=k2 "
+                              f"(its target is the reward minus the group mean)")
+    elif rl.tau is not None:
+        raise ConfigError(f"rl.tau: applies to rl.loss=k2 only, got rl.loss={rl.loss!r}")
+    if rl.tau is not None and not rl.tau > 0:
+        raise ConfigError(f"rl.tau: must be > 0, got {_fmt(rl.tau)}")
 
 
 def _check_model(cfg: K2Config) -> None:
@@ -219,4 +263,5 @@ def validate(cfg: K2Config) -> None:
     cfg.parallel.resolve()
     _check_fields(cfg)
     _check_data(cfg)
+    _check_rl(cfg)
     _check_model(cfg)

@@ -154,6 +154,13 @@ class DatasetWriter:
             os.replace(p + ".bin.tmp", p + ".bin")
             os.replace(p + ".idx.tmp", p + ".idx")
 
+    def drop(self, index: int) -> None:
+        """Write no dataset `index` after all (a file kind the input turned out not to have)."""
+        b, p = self.builders.pop(index), self.prefixes.pop(index)
+        b.data_file.close()
+        if os.path.exists(p + ".bin.tmp"):
+            os.remove(p + ".bin.tmp")
+
     def discard(self) -> None:
         for b, p in zip(self.builders, self.prefixes):
             b.data_file.close()

@@ -23,7 +23,10 @@ import torch
 from k2mcore.model.blockwise import QueryChunk
 
 #: the batch fields k2mcore's step splits over CP (sequence dimension 1)
-SEQUENCE_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
+# a micro-batch's per-token fields, which CP splits with the tokens (the rollout fields of
+# k2mcore.rl carry per-sample values on every token for this reason)
+SEQUENCE_FIELDS = ("tokens", "labels", "loss_mask", "position_ids", "old_logp", "rollout_logp",
+                   "adv", "target")
 
 
 def chunk_ids(cp: int, cp_rank: int) -> tuple[int, int]:

@@ -23,7 +23,7 @@ ratio per sample for gspo and k2), as verl weights it.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -91,18 +91,29 @@ def uniform_groups(rewards: torch.Tensor, groups: Sequence) -> torch.Tensor:
     return (lo == hi)[index]
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean over masked-in tokens [B] (0 for a sample with none)."""
-    return (x * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+SampleSum = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _token_sum(x: torch.Tensor) -> torch.Tensor:
+    return x.sum(-1)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor,
+                 sample_sum: SampleSum = _token_sum) -> torch.Tensor:
+    """Per-sample mean over masked-in tokens [B] (0 for a sample with none). `sample_sum` adds
+    a sample's tokens: over the last dimension, and over context-parallel ranks when each
+    holds part of the sequence (k2mcore.rl.loss)."""
+    return sample_sum(x * mask) / sample_sum(mask).clamp_min(1)
 
 
 def tis_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
-                cap: float = 2.0, sequence: bool = False) -> torch.Tensor:
+                cap: float = 2.0, sequence: bool = False,
+                sample_sum: SampleSum = _token_sum) -> torch.Tensor:
     """Detached TIS weights min(exp(logπold − logπrollout), cap): [B, T] per token, or [B] from
     the mean token log ratio (`sequence`)."""
     diff = (old_logp - rollout_logp).detach()
     if sequence:
-        diff = _masked_mean(diff, mask)
+        diff = _masked_mean(diff, mask, sample_sum)
     return torch.exp(diff).clamp(max=cap)
 
 
@@ -129,10 +140,11 @@ def _clipped_pg(ratio: torch.Tensor, adv: torch.Tensor, low: float, high: float)
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
               mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28,
               tis: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float, dict]:
-    """(sum over masked-in tokens of the clipped per-token loss, their count, stats); `adv` [B],
-    `tis` [B, T] weights or None."""
+    """(sum over masked-in tokens of the clipped per-token loss, their count, stats); `adv` [B]
+    (or [B, T], a sample's value on each of its tokens), `tis` [B, T] weights or None."""
     ratio = torch.exp(logp - old_logp.detach())
-    loss, clipped = _clipped_pg(ratio, adv[:, None], clip_low, clip_high)
+    adv = adv if adv.dim() == logp.dim() else adv[:, None]
+    loss, clipped = _clipped_pg(ratio, adv, clip_low, clip_high)
     if tis is not None:
         loss = loss * tis
     stats = _stats(ratio, clipped, mask, tis)
@@ -141,11 +153,12 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
 
 def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
               mask: torch.Tensor, clip_low: float = 3e-4, clip_high: float = 4e-4,
-              tis: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float, dict]:
+              tis: Optional[torch.Tensor] = None,
+              sample_sum: SampleSum = _token_sum) -> tuple[torch.Tensor, float, dict]:
     """(sum over samples of the clipped sequence-ratio loss, the samples with tokens, stats);
     `tis` [B] weights or None."""
-    has = mask.sum(-1) > 0
-    ratio = torch.exp(_masked_mean(logp - old_logp.detach(), mask))
+    has = sample_sum(mask) > 0
+    ratio = torch.exp(_masked_mean(logp - old_logp.detach(), mask, sample_sum))
     loss, clipped = _clipped_pg(ratio, adv, clip_low, clip_high)
     if tis is not None:
         loss = loss * tis
@@ -155,10 +168,11 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
 
 def k2_loss(logp: torch.Tensor, old_logp: torch.Tensor, rewards: torch.Tensor,
             group_mean: torch.Tensor, mask: torch.Tensor, tau: float,
-            tis: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float, dict]:
+            tis: Optional[torch.Tensor] = None,
+            sample_sum: SampleSum = _token_sum) -> tuple[torch.Tensor, float, dict]:
     """(sum over samples of (r − r̄ − τ·Σ log ratio)², the samples with tokens, stats)."""
-    has = mask.sum(-1) > 0
-    log_ratio = ((logp - old_logp.detach()) * mask).sum(-1)
+    has = sample_sum(mask) > 0
+    log_ratio = sample_sum((logp - old_logp.detach()) * mask)
     loss = (rewards - group_mean - tau * log_ratio) ** 2
     if tis is not None:
         loss = loss * tis

@@ -11,7 +11,7 @@ import torch
 
 
 @contextmanager
-def _held_out(model: list) -> Iterator[None]:
+def held_out(model: list) -> Iterator[None]:
     """Eval mode, no autograd (the MoE router counts tokens for its bias update only with grad
     enabled), and the attention-logit probes of the training step set aside, so QK-Clip sees
     only the training forward's logits."""
@@ -45,7 +45,7 @@ def evaluate(model: list, groups: Any, batches: Callable[[], Iterator[dict]], *,
     total = count = 0.0
     it = batches()
     try:
-        with _held_out(model):
+        with held_out(model):
             for _ in range(eval_iters):
                 micro = [next(it) for _ in range(num_microbatches)]
                 t, c = loss_totals(model, groups, micro, seq_length=seq_length,

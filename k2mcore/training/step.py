@@ -3,7 +3,7 @@ DDP-wrapped chunks (k2mcore.parallel.ddp)."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -11,6 +11,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from k2mcore import platform
 from k2mcore.parallel.groups import ProcessGroups
+
+
+# (batch, logits) -> (loss sum, count as an int tensor, report of tensors): megatron's per-token
+# loss convention, for losses other than the token cross-entropy (k2mcore.rl)
+Objective = Callable[[dict, torch.Tensor], tuple]
 
 
 def _loss(loss_mask: torch.Tensor, per_token: torch.Tensor):
@@ -56,7 +61,7 @@ def pack_micro_batch(batch: dict, multiple: int = 1, cp: int = 1) -> dict:
 
 
 def _forward_step(data_iterator, model, *, packed: bool = False, multiple: int = 1,
-                  cp_group=None):
+                  cp_group=None, objective: Optional[Objective] = None):
     batch = next(data_iterator)
     cp = cp_group.size() if cp_group is not None else 1
     if packed:
@@ -66,19 +71,23 @@ def _forward_step(data_iterator, model, *, packed: bool = False, multiple: int =
         # chunks r and 2cp-1-r of every document; the model gets the whole sequence's
         # boundaries, as megatron's THD convention with CP has it
         bounds = batch["packed_seq_params"].cu_seqlens_q.tolist()
-        batch = split_packed_batch(batch, bounds, cp_group)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                       packed_seq_params=batch["packed_seq_params"])
-        return output, partial(_loss, batch["loss_mask"])
-    if cp > 1:
-        # megatron's load-balanced split (chunks r and 2cp-1-r of every sequence); the model
-        # (rope, k2mcore's MLA or TE's CP attention) knows the positions from the CP rank
-        from k2mcore.parallel.context import split_batch
+        batch = {**split_packed_batch(batch, bounds, cp_group), "cp_bounds": bounds}
+        positions, extra = batch["position_ids"], {
+            "packed_seq_params": batch["packed_seq_params"]}
+    else:
+        if cp > 1:
+            # megatron's load-balanced split (chunks r and 2cp-1-r of every sequence); the model
+            # (rope, k2mcore's MLA or TE's CP attention) knows the positions from the CP rank
+            from k2mcore.parallel.context import split_batch
 
-        batch = split_batch(batch, cp_group)
-    tokens = batch["tokens"]
-    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    output = model(tokens, positions, None, labels=batch["labels"])
+            batch = split_batch(batch, cp_group)
+        tokens = batch["tokens"]
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        extra = {}
+    if objective is not None:  # the logits (vocab-parallel under TP) go to the objective
+        output = model(batch["tokens"], positions, None, **extra)
+        return output, partial(objective, batch)
+    output = model(batch["tokens"], positions, None, labels=batch["labels"], **extra)
     return output, partial(_loss, batch["loss_mask"])
 
 
@@ -113,16 +122,37 @@ def loss_totals(
     `packed`: each row holds several documents, told apart by position_ids restarting at 0
     (k2mcore.data.chat.packing); a micro-batch runs as one THD sequence of its rows end to end.
     """
+    reports = run_schedule(model, groups, micro_batches, seq_length=seq_length,
+                           micro_batch_size=micro_batch_size, forward_only=forward_only,
+                           packed=packed)
+    totals = reduce_reports(groups, [r["lm loss"] for r in reports], 2)
+    return float(totals[0]), float(totals[1])
+
+
+def run_schedule(
+    model: Sequence[torch.nn.Module],
+    groups: ProcessGroups,
+    micro_batches: Iterable[dict],
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+    packed: bool = False,
+    objective: Optional[Objective] = None,
+) -> list[dict]:
+    """megatron's schedule over `micro_batches` with the token loss, or with `objective` on the
+    logits; returns the loss function's reports, one per micro-batch, on the last pipeline
+    stage (none elsewhere)."""
     micro_batches = list(micro_batches)
     cp_group = groups.cp_group if groups.layout.cp > 1 else None
-    step = partial(_forward_step, cp_group=cp_group)
+    step = partial(_forward_step, cp_group=cp_group, objective=objective)
     if packed:
         # THD is [t, 1, hidden]: the pipeline's p2p shape is one sequence of the packed length
         # (with CP, each of the cp ranks' t / cp tokens split over TP; documents come padded to
         # 2·cp, so a final segment is one too)
-        multiple = (groups.layout.tp if groups.layout.sp else 1) * (
-            2 * groups.layout.cp if groups.layout.cp > 1 else 1)
-        step = partial(_forward_step, packed=True, multiple=multiple, cp_group=cp_group)
+        multiple = packed_multiple(groups)
+        step = partial(_forward_step, packed=True, multiple=multiple, cp_group=cp_group,
+                       objective=objective)
         seq_length = packed_length(seq_length, micro_batch_size, multiple)
         micro_batch_size = 1
     if not forward_only:
@@ -139,15 +169,29 @@ def loss_totals(
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
-    # The last pipeline stage holds the loss; sum over pipeline, data and context parallel
-    # ranks (CP ranks hold different tokens of the same sequences).
+    return list(reports) if groups.is_last_stage else []
+
+
+def packed_multiple(groups: ProcessGroups) -> int:
+    """What a packed micro-batch's length is padded to: TP under SP, times 2·cp."""
+    layout = groups.layout
+    return (layout.tp if layout.sp else 1) * (2 * layout.cp if layout.cp > 1 else 1)
+
+
+def reduce_reports(groups: ProcessGroups, values: Sequence[torch.Tensor], size: int,
+                   op: Any = None) -> torch.Tensor:
+    """The micro-batches' report tensors (`size` values each, on the last pipeline stage) added,
+    then reduced over pipeline, tensor and data x context parallelism (`op`: dist.ReduceOp.SUM
+    by default; MAX for maxima of non-negative values): float64 [size], the same on every rank.
+    TP ranks hold copies, so only TP rank 0's count; CP ranks hold different tokens."""
+    op = dist.ReduceOp.SUM if op is None else op
     device = platform.device()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    if groups.is_last_stage:
-        for report in reports:
-            totals += report["lm loss"].double().to(device)
+    totals = torch.zeros(size, dtype=torch.float64, device=device)
+    for value in values:
+        v = value.double().to(device)
+        totals = torch.maximum(totals, v) if op == dist.ReduceOp.MAX else totals + v
     if groups.tp_rank != 0:
-        totals.zero_()  # TP ranks hold copies
+        totals.zero_()
     for group in (groups.pp_group, groups.tp_group, groups.dp_cp_group):
-        dist.all_reduce(totals, group=group)
-    return float(totals[0]), float(totals[1])
+        dist.all_reduce(totals, op=op, group=group)
+    return totals

@@ -49,3 +49,43 @@ def random_hf_model(config, seed: int):
             if getattr(mod, "e_score_correction_bias", None) is not None:
                 mod.e_score_correction_bias.normal_(0.0, 0.2)
     return model
+
+
+def hf_model_from_full(weights: dict, model_cfg, directory: str):
+    """transformers' DeepseekV3ForCausalLM (fp32, eval) holding k2mcore's 1-rank weights
+    (`gather_full`'s names: experts stacked under `experts.experts.`; the expert bias, a
+    buffer it leaves out, zero as built), exported with k2mcore.hf.mapping.mcore_to_hf."""
+    import json
+    import os
+    import re
+
+    from safetensors.torch import save_file
+
+    from k2mcore.hf.config import fresh_hf_config
+    from k2mcore.hf.mapping import mcore_to_hf
+
+    def get(key: str) -> torch.Tensor:
+        if key in weights:
+            return weights[key]
+        m = re.match(r"(.*\.experts\.)local_experts\.(\d+)\.(.*)", key)
+        if m:
+            return weights[f"{m[1]}experts.{m[3]}"][int(m[2])]
+        if key.endswith("router.expert_bias"):
+            return torch.zeros(model_cfg.num_experts)
+        raise KeyError(key)
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(fresh_hf_config(model_cfg, "float32"), f)
+    save_file({k: v.contiguous() for k, v in mcore_to_hf(get, model_cfg)},
+              os.path.join(directory, "model.safetensors"))
+    return transformers.DeepseekV3ForCausalLM.from_pretrained(
+        directory, dtype=torch.float32).eval()
+
+
+def hf_logprobs(model, ids: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """log p(ids[j+1] | ids[:j+1]) [len(ids) - 1] of softmax(logits / temperature)."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(x).logits.float()[0, :-1] / temperature
+    return torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None])[:, 0]

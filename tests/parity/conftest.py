@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 from cp_probe import RUNS as CP_PROBE_RUNS
+from rl_probe import RUNS as RL_RUNS
 from layout_worker import (
     ALL,
     BYTE_LAYOUTS,
@@ -75,3 +76,13 @@ def cp_probe_results(parity_dir) -> dict:
 @pytest.fixture(scope="session")
 def clip_results(parity_dir) -> dict:
     return {name: _load(parity_dir, f"{name}.clip.pt") for name in CLIP_LAYOUTS}
+
+
+@pytest.fixture(scope="session")
+def rl_results(parity_dir) -> dict:
+    return {name: _load(parity_dir, f"{name}.rl.pt") for name in RL_RUNS}
+
+
+@pytest.fixture(scope="session")
+def init_weights(parity_dir) -> dict:
+    return _load(parity_dir, "init.pt")

@@ -15,6 +15,7 @@ import sys
 from collections import Counter
 
 import cp_probe
+import rl_probe
 import torch
 import torch.distributed as dist
 from plan_worker import PLAN_LAYOUTS, run_plan
@@ -503,6 +504,8 @@ def main() -> None:
         run(name, args.out, init_path, args.write_init)
         if name in cp_probe.RUNS:
             cp_probe.measure(name, args.out)
+        if name in rl_probe.RUNS:
+            rl_probe.measure(name, args.out, init_path, SEQ)
         if name in GRADS_ONLY:
             continue
         run_muonclip(name, args.out, init_path, lr=3e-3, steps=MUON_STEPS, tau=MUON_TAU,
