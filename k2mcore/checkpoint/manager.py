@@ -97,13 +97,16 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------------------------------
     def save(self, step: int, model: list, optimizer: Any, scheduler: Any, *,
-             consumed_samples: int, blocking: bool = True) -> str:
+             consumed_samples: int, blocking: bool = True, extra: Any = None) -> str:
         """Write `<root>/step_<N>` (collective over all ranks), prune to the last `keep`.
 
         blocking=False (checkpoint.async_save): return once this rank's shards are copied to host
         memory; a thread writes them while training goes on, and `poll()` (each step) or
         `wait()` commits the checkpoint once every rank has written its part. A save waits for
         the previous one first. Returns the checkpoint directory (committed when blocking).
+        `extra`: more state, an object with `meta` (stored in metadata.json under "extra") and
+        `write(directory)` (called on every rank, writing its files into the checkpoint: an
+        unfinished RL rollout batch's old log-probabilities, k2mcore.rl.update).
         Raises CheckpointError on every rank if any rank failed (for an async save: from the
         poll() or wait() that finds it failed).
         """
@@ -115,13 +118,13 @@ class CheckpointManager:
         self._gc.pause()  # until the commit (_finalize)
         try:
             return self._save(step, model, optimizer, scheduler,
-                              consumed_samples=consumed_samples, blocking=blocking)
+                              consumed_samples=consumed_samples, blocking=blocking, extra=extra)
         except BaseException:
             self._gc.resume()
             raise
 
     def _save(self, step: int, model: list, optimizer: Any, scheduler: Any, *,
-              consumed_samples: int, blocking: bool) -> str:
+              consumed_samples: int, blocking: bool, extra: Any = None) -> str:
         from megatron.core import dist_checkpointing
 
         from k2mcore.config.loader import dump_yaml
@@ -151,6 +154,8 @@ class CheckpointManager:
         error = None
         try:
             write_json(os.path.join(tmp, rng_file(rank)), rng_state())
+            if extra is not None:
+                extra.write(tmp)
             if rank == 0:
                 dump_yaml(cfg, os.path.join(tmp, CONFIG))
                 self.lineage.write(tmp)
@@ -167,6 +172,7 @@ class CheckpointManager:
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "model": cfg.model.name,
                 "versions": versions(),
+                "extra": None if extra is None else extra.meta,
             }, adam_step=adam_step)
         if blocking:
             pending.write()

@@ -1,5 +1,6 @@
 """`k2m-preprocess`: tokenize jsonl/text into megatron .bin/.idx datasets (k2mcore.data.preprocess);
-with `--chat`, conversations into token ids + loss masks (k2mcore.data.chat.preprocess)."""
+with `--chat`, conversations into token ids + loss masks (k2mcore.data.chat.preprocess); with
+`--rollouts`, RL rollouts (k2mcore.rl.rollouts)."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--special-tokens-in-content", choices=SPECIAL_TEXT_MODES, default="parse",
                    help="special-token text in messages: parse into control tokens as "
                         "transformers does (default), or keep it plain text")
+    g = p.add_argument_group("rollouts (--rollouts)")
+    g.add_argument("--rollouts", action="store_true",
+                   help='jsonl of RL rollouts {"prompt": [ids], "response": [ids], "reward": '
+                        'r, "group": g, optional "logprobs", "mask", "truncated"} (token ids, '
+                        "checked against --tokenizer's vocabulary); writes "
+                        "<prefix>_input_ids_document, _loss_mask_document, _rollout_document "
+                        "and, with logprobs, _logprobs_document (docs/rl.md)")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True,
                    help="writes <prefix>_<key>_document.{bin,idx} (megatron's naming); with "
@@ -64,6 +72,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _chat_conflict(args: argparse.Namespace) -> Optional[str]:
+    if args.rollouts:
+        if args.chat:
+            return "--rollouts: not with --chat"
+        for flag, value, default in (("--json-keys", args.json_keys, None),
+                                     ("--append-eod", args.append_eod, False),
+                                     ("--max-length", args.max_length, None),
+                                     ("--pack-length", args.pack_length, None),
+                                     ("--input-format", args.input_format, "auto")):
+            if value != default:
+                return f"{flag}: not with --rollouts (rollouts are jsonl of token ids)"
+        return None
     if not args.chat:
         for flag, value, default in (("--max-length", args.max_length, None),
                                      ("--pack-length", args.pack_length, None),
@@ -103,6 +122,20 @@ def _chat(args: argparse.Namespace) -> None:
     print(_packing_line(stats.outputs[0], args))
 
 
+def _rollouts(args: argparse.Namespace) -> None:
+    from k2mcore.rl.rollouts import preprocess_rollouts
+
+    stats = preprocess_rollouts(args.input, args.output_prefix, args.tokenizer,
+                                workers=args.workers, progress=not args.no_progress)
+    for prefix in stats.outputs:
+        print(f"wrote {prefix}.bin/.idx")
+    mean = stats.reward_sum / max(stats.rollouts, 1)
+    print(f"{stats.rollouts} rollouts in {stats.groups} groups, {stats.tokens} tokens "
+          f"({stats.response_tokens} response), mean reward {mean:.4g}, {stats.truncated} "
+          f"truncated, engine logprobs: {'yes' if stats.with_logprobs else 'no'}, in "
+          f"{stats.seconds:.2f}s")
+
+
 def _text(args: argparse.Namespace) -> None:
     stats = preprocess(
         args.input, args.output_prefix, args.tokenizer, json_keys=args.json_keys or ["text"],
@@ -137,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: error: {conflict}", file=sys.stderr)
         return 2
     try:
-        (_chat if args.chat else _text)(args)
+        (_rollouts if args.rollouts else _chat if args.chat else _text)(args)
     except K2Error as exc:  # bad input found while reading: one line, nothing left behind
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

@@ -95,6 +95,9 @@ class DataSummary:
         parts = []
         for i, info in enumerate(self.infos):
             w = f"{self.weights[i]:g} x " if self.weights else ""
+            if hasattr(info, "rollouts"):  # k2mcore.rl.rollouts.RolloutInfo
+                parts.append(info.describe())
+                continue
             if hasattr(info, "mask"):  # a chat dataset (k2mcore.data.chat.dataset.ChatInfo)
                 parts.append(f"{w}{os.path.basename(info.ids.prefix)} ({info.num_documents} "
                              f"conversations, {info.num_tokens} tokens, "
@@ -128,6 +131,8 @@ def check_data(cfg: K2Config) -> DataSummary:
         raise DataError(str(exc)) from None
     if cfg.data.format == "chat":
         return _check_chat(cfg, tok, prefixes, weights)
+    if cfg.data.format == "rollouts":
+        return _check_rollouts(cfg, tok, prefixes, weights)
     infos = []
     for prefix in prefixes:
         info = check_indexed_dataset(
@@ -167,6 +172,27 @@ def _check_chat(cfg: K2Config, tok: Tokenizer, prefixes: list, weights) -> DataS
                               tokenizer_path=cfg.data.tokenizer, split=cfg.data.split,
                               max_seq_length=None if cfg.data.truncate else cfg.train.seq_length,
                               pad_multiple=cp_pad_multiple(cfg))
+    return DataSummary(tok, prefixes, weights, [info])
+
+
+def _check_rollouts(cfg: K2Config, tok: Tokenizer, prefixes: list, weights) -> DataSummary:
+    """data.format=rollouts: one rollouts dataset (k2m-preprocess --rollouts), in file order."""
+    from k2mcore.rl.rollouts import check_rollouts
+
+    if len(prefixes) != 1:
+        raise DataError(f"data.blend: data.format=rollouts takes one rollouts prefix, got "
+                        f"{len(prefixes)} (rollouts are used in the engine's order)")
+    if tok.pad is None:
+        raise DataError(f"data.tokenizer: {cfg.data.tokenizer} has no padding token (rollouts "
+                        f"are padded to train.seq_length); name one as pad_token in its "
+                        f"tokenizer_config.json")
+    t = cfg.train
+    info = check_rollouts(prefixes[0], seq_length=t.seq_length,
+                          rollout_batch=t.global_batch_size * cfg.rl.minibatches,
+                          samples=t.iters * t.global_batch_size,
+                          vocab_size=cfg.model.vocab_size, cache_dir=cache_dir(cfg),
+                          tokenizer_fingerprint=tok.fingerprint(),
+                          tokenizer_path=cfg.data.tokenizer)
     return DataSummary(tok, prefixes, weights, [info])
 
 

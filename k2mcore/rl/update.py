@@ -197,7 +197,7 @@ class PolicyUpdate:
 
     def load(self, path: str, meta: dict) -> None:
         """After a resume from `path`: the unfinished rollout batch's old log-probabilities."""
-        saved = meta.get("rl")
+        saved = (meta.get("extra") or {}).get("rl")
         if not saved:
             return
         logp: dict = {}
@@ -216,7 +216,7 @@ class RolloutState:
 
     def __init__(self, batch: RolloutBatch, groups: Any) -> None:
         self.batch, self.groups = batch, groups
-        self.meta = {"rollout_batch": batch.index}
+        self.meta = {"rl": {"rollout_batch": batch.index}}
 
     def write(self, directory: str) -> None:
         g = self.groups
@@ -227,3 +227,15 @@ class RolloutState:
         part = {"samples": torch.cat([mb["sample"] for mb in micro]),
                 "logp": torch.cat([mb["old_logp"] for mb in micro]).cpu()}
         torch.save(part, os.path.join(directory, STATE_DIR, f"old_logprobs_dp{g.dp_rank}.pt"))
+
+
+def build_policy_update(cfg: Any, groups: Any, summary: Any) -> PolicyUpdate:
+    """The trainer's PolicyUpdate over cfg.data's rollouts (checked: `summary`)."""
+    from .rollouts import RolloutDataset
+
+    t = cfg.train
+    dataset = RolloutDataset(summary.prefixes[0], t.seq_length, pad_id=summary.tokenizer.pad)
+    source = RolloutSource(dataset, global_batch_size=t.global_batch_size,
+                           micro_batch_size=t.micro_batch_size, minibatches=cfg.rl.minibatches,
+                           dp_rank=groups.dp_rank, dp_size=groups.layout.dp)
+    return PolicyUpdate(cfg, groups, source)

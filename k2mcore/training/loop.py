@@ -33,6 +33,8 @@ class _Run:
     checkpoints: Any  # k2mcore.checkpoint.CheckpointManager
     faults: Faults
     summary: Any = None  # k2mcore.data.DataSummary of cfg.data, once checked
+    rl: Any = None  # k2mcore.rl.update.PolicyUpdate (data.format: rollouts)
+    resumed: Optional[dict] = None  # the metadata of the checkpoint resumed from
     step: int = 0
     consumed: int = 0
     saved_step: int = 0
@@ -63,7 +65,14 @@ def train(cfg: K2Config, layout: Layout, data: Optional[Iterator[dict]] = None, 
     run = _set_up(cfg, layout, ckpt_root, faults or Faults())
     _resume(run, resume_from)
     run.summary = summary
-    run.data = data if data is not None else _data(run, summary)
+    if cfg.data.format == "rollouts":  # the policy update reads its rollout batches itself
+        from k2mcore.rl.update import build_policy_update
+
+        run.rl = build_policy_update(cfg, run.groups, summary or check_data(cfg))
+        if run.resumed is not None:  # an unfinished rollout batch's old log-probabilities
+            run.rl.load(run.resumed["path"], run.resumed)
+    else:
+        run.data = data if data is not None else _data(run, summary)
     rows = _steps(run, stop)
     _finish(run)
     return rows
@@ -113,6 +122,7 @@ def _resume(run: _Run, resume_from: Optional[str]) -> None:
         weights_only = not ckpt.has_optimizer_state(resume_from)
         states = () if weights_only else (run.optimizer, run.scheduler)
         meta = run.checkpoints.load(resume_from, run.model, *states)
+        run.resumed = meta
         run.step, run.consumed = int(meta["step"]), int(meta["consumed_samples"])
         what = "initialized weights from" if weights_only else "resumed from"
         note = (f"\n{what} {meta['path']} at step {run.step} in "
@@ -176,9 +186,13 @@ def _step(run: _Run, first_step: int) -> dict:
     start = time.perf_counter()
     run.step += 1
     run.optimizer.zero_grad()  # megatron's non-distributed optimizers alias grad and main_grad
-    batches = [next(run.data) for _ in range(run.groups.layout.num_microbatches)]
-    loss = forward_backward(run.model, run.groups, batches, seq_length=t.seq_length,
-                            micro_batch_size=t.micro_batch_size, packed=cfg.data.packing)
+    extra: dict = {}
+    if run.rl is not None:  # a minibatch of the rollout batch (k2mcore.rl.update)
+        loss, extra = run.rl.forward_backward(run.model, run.step)
+    else:
+        batches = [next(run.data) for _ in range(run.groups.layout.num_microbatches)]
+        loss = forward_backward(run.model, run.groups, batches, seq_length=t.seq_length,
+                                micro_batch_size=t.micro_batch_size, packed=cfg.data.packing)
     loss = run.faults.loss(run.step, loss)
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this step applies
     ok, grad_norm = run.stepper.step(loss, run.step)
@@ -186,7 +200,7 @@ def _step(run: _Run, first_step: int) -> dict:
         run.scheduler.step(increment=1)  # a skipped step does not advance the schedule
     run.consumed += t.global_batch_size
     row = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-           "skipped": int(not ok), "skipped_total": run.stepper.total}
+           "skipped": int(not ok), "skipped_total": run.stepper.total, **extra}
     if cfg.model.measure_max_attn_logit or cfg.qk_clip_active:
         row.update(attention_report(cfg, run.optimizer, run.model, run.groups, stepped=ok))
     step_time = time.perf_counter() - start
@@ -218,7 +232,8 @@ def _evaluate(run: _Run) -> dict:
 def _save(run: _Run, blocking: bool = True) -> None:
     if run.step != run.saved_step:
         run.checkpoints.save(run.step, run.model, run.optimizer, run.scheduler,
-                             consumed_samples=run.consumed, blocking=blocking)
+                             consumed_samples=run.consumed, blocking=blocking,
+                             extra=run.rl.state(run.step) if run.rl is not None else None)
         run.saved_step = run.step
 
 

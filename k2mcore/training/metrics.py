@@ -127,6 +127,10 @@ class MetricsLogger:
             f"ETA {_hms(row['eta_s'])}",
             f"skipped {row['skipped_total']}",
         ]
+        if "reward_mean" in row:  # the RL policy update (k2mcore.rl)
+            parts.append(f"reward {row['reward_mean']:.3f} | clip {row['clip_frac']:.3f} | "
+                         f"entropy {row['entropy']:.3f} | ratio max {row['ratio_max']:.3f} | "
+                         f"dropped groups {row['dropped_groups']}")
         if "val_loss" in row:
             parts.append(f"val loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.4g})")
         if row.get("max_attn_logit") is not None:

@@ -16,9 +16,10 @@ import torch.distributed as dist
 
 RUNS = ("1rank", "tp2-sp", "pp2-vpp2", "ep2", "tp2-ep2", "dp2", "cp2")
 LOSSES = ("grpo", "gspo", "k2")
-# where the loss kind meets the layout: TP (vocab-parallel log-softmax), DP (the per-sample
-# count), CP (sequence sums over ranks); elsewhere grpo alone
-ALL_LOSSES = ("1rank", "tp2-sp", "dp2", "cp2")
+# the losses beyond grpo where they meet the layout: the per-sample count over DP (gspo and
+# k2 count alike), the sequence sums over CP ranks (both); the log-probabilities, which TP, PP
+# and EP touch, are the same for every loss
+LAYOUT_LOSSES = {"1rank": LOSSES, "dp2": LOSSES[:2], "cp2": LOSSES}
 ROLLOUT_GLOBAL_BATCH, MINIBATCHES, GROUP, LR = 8, 2, 4, 3e-3
 
 
@@ -140,7 +141,7 @@ def _split(model, optimizer, update, cfg, init_path: str) -> dict:
 
 
 def measure(name: str, out: str, init_path: str, seq: int) -> None:
-    losses = LOSSES if name in ALL_LOSSES else LOSSES[:1]
+    losses = LAYOUT_LOSSES.get(name, LOSSES[:1])
     results = {loss: _one_loss(name, loss, init_path, seq) for loss in losses}
     if dist.get_rank() == 0:
         torch.save(results, os.path.join(out, f"{name}.rl.pt"))

@@ -4,8 +4,7 @@ the micro-batch split. The runs: rl_probe.py, inside the shared launches (confte
 from __future__ import annotations
 
 import pytest
-import torch
-from rl_probe import ALL_LOSSES, LOSSES, MINIBATCHES, ROLLOUT_GLOBAL_BATCH, RUNS, rollouts
+from rl_probe import LAYOUT_LOSSES, LOSSES, MINIBATCHES, ROLLOUT_GLOBAL_BATCH, RUNS, rollouts
 from test_layout_parity import GRAD_RTOL, _worst_grad
 
 from harness.hf_models import hf_logprobs, hf_model_from_full
@@ -18,7 +17,7 @@ WEIGHT_RTOL = 1e-4  # of each tensor's largest |weight change|, after two AdamW 
 
 def _cases():
     return [(name, loss) for name in RUNS if name != "1rank"
-            for loss in (LOSSES if name in ALL_LOSSES else LOSSES[:1])]
+            for loss in LAYOUT_LOSSES.get(name, LOSSES[:1])]
 
 
 @pytest.mark.parametrize("layout,loss", _cases())
