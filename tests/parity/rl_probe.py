@@ -103,9 +103,64 @@ def _one_loss(name: str, loss: str, init_path: str, seq: int) -> dict:
     dist.all_gather_object(parts, mine)
     old = {int(i): row for part in parts for s, logp in part for i, row in zip(s, logp)}
     out = {"rows": rows, "grads": grads, "weights": gather_full(model), "old_logp": old}
+    if name in PACKED and loss == "grpo":
+        out["packed_diff"] = _packed_diff(model, groups, seq)
     if name == "1rank" and loss == "grpo":
         out["split"] = _split(model, optimizer, update, cfg, init_path)
     return out
+
+
+PACKED = ("1rank", "tp2-sp", "cp2")  # DP1 layouts: every rank runs every packed row
+PACK_PAD = 4  # each rollout padded to a multiple of 2 x cp (CP2), positions going on
+
+
+def _packed_diff(model, groups, seq: int) -> float:
+    """k2mcore.rl.logprobs on the rollouts packed several to a row (position_ids restarting
+    at each) against one rollout per padded row, same weights: the largest difference."""
+    from k2mcore.rl.logprobs import logprobs
+
+    data = rollouts(1024, seq)
+    width = 2 * seq  # packed rows of two rows' length
+    rows, cur, used = [], [], 0
+    for i, r in enumerate(data):
+        n = len(r.prompt) + len(r.response) - 1
+        length = -(-n // PACK_PAD) * PACK_PAD
+        if used + length > width:
+            rows.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += length
+    rows.append(cur)
+    micro, spans = [], []
+    for row in rows:
+        tokens = torch.zeros(1, width, dtype=torch.int64)
+        labels = torch.zeros(1, width, dtype=torch.int64)
+        pos = torch.zeros(1, width, dtype=torch.int64)
+        at = 0
+        for i in row:
+            ids = torch.tensor(data[i].prompt + data[i].response)
+            n = ids.numel() - 1
+            length = -(-n // PACK_PAD) * PACK_PAD
+            tokens[0, at:at + n], labels[0, at:at + n] = ids[:-1], ids[1:]
+            pos[0, at:at + length] = torch.arange(length)
+            spans.append((len(micro), i, at, n))
+            at += length
+        pos[0, at:] = torch.arange(width - at)
+        micro.append({"tokens": tokens, "labels": labels, "loss_mask": torch.ones(1, width),
+                      "position_ids": pos})
+    got = logprobs(model, groups, micro, seq_length=width, micro_batch_size=1, temperature=0.9,
+                   packed=True)
+    padded = []
+    for r in data:
+        ids = torch.tensor(r.prompt + r.response)
+        row = {"tokens": torch.zeros(1, seq, dtype=torch.int64),
+               "labels": torch.zeros(1, seq, dtype=torch.int64), "loss_mask": torch.ones(1, seq)}
+        row["tokens"][0, :ids.numel() - 1], row["labels"][0, :ids.numel() - 1] = ids[:-1], ids[1:]
+        padded.append(row)
+    want = logprobs(model, groups, padded, seq_length=seq, micro_batch_size=1, temperature=0.9)
+    assert len(spans) == len(data) and len(micro) < len(data)
+    return max((got[m][0, at:at + n] - want[i][0, :n]).abs().max().item()
+               for m, i, at, n in spans)
 
 
 def _split(model, optimizer, update, cfg, init_path: str) -> dict:

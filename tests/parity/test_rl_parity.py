@@ -73,6 +73,13 @@ def test_old_logprobs_equal_transformers(rl_results, init_weights, tmp_path, lay
     assert worst <= 2e-5, worst
 
 
+@pytest.mark.parametrize("layout", ["1rank", "tp2-sp", "cp2"])
+def test_packed_logprobs_equal_padded(rl_results, layout):
+    """k2mcore.rl.logprobs on the 16 rollouts packed into fewer rows (THD; under CP each
+    padded to 2·cp and split per document) equals one rollout per padded row."""
+    assert rl_results[layout]["grpo"]["packed_diff"] <= 2e-5
+
+
 def test_loss_and_gradients_do_not_depend_on_the_micro_batch_split(rl_results):
     """The first minibatch (8 rollouts of very different lengths, an old policy off by a
     token-dependent shift) in 8, 4 and 2 micro-batches: the same loss, metrics and gradients."""
