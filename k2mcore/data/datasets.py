@@ -154,19 +154,26 @@ def check_data(cfg: K2Config) -> DataSummary:
     return DataSummary(tok, prefixes, weights, infos)
 
 
+def _one_padded_prefix(cfg: K2Config, tok: Tokenizer, prefixes: list, what: str,
+                       why: str) -> None:
+    """Chat and rollout samples: one prefix, and a tokenizer with a padding token."""
+    if len(prefixes) != 1:
+        raise DataError(f"data.blend: data.format={cfg.data.format} takes one {what} prefix, "
+                        f"got {len(prefixes)} ({why})")
+    if tok.pad is None:
+        raise DataError(f"data.tokenizer: {cfg.data.tokenizer} has no padding token "
+                        f"({cfg.data.format} samples are padded to train.seq_length); name one "
+                        f"as pad_token in its tokenizer_config.json")
+
+
 def _check_chat(cfg: K2Config, tok: Tokenizer, prefixes: list, weights) -> DataSummary:
     """data.format=chat: one chat dataset (k2m-preprocess --chat), checked as a pair."""
     from k2mcore.data.chat.dataset import check_chat_dataset
 
-    if len(prefixes) != 1:
-        # megatron's BlendedDataset blends its own dataset classes only; one prefix keeps the
-        # sample order megatron-defined (preprocess several jsonl files into one prefix)
-        raise DataError(f"data.blend: data.format=chat takes one chat dataset prefix, got "
-                        f"{len(prefixes)} (pass several jsonl files to one k2m-preprocess --chat)")
-    if tok.pad is None:
-        raise DataError(f"data.tokenizer: {cfg.data.tokenizer} has no padding token (chat "
-                        f"samples are padded to train.seq_length); name one as pad_token in its "
-                        f"tokenizer_config.json")
+    # megatron's BlendedDataset blends its own dataset classes only; one prefix keeps the
+    # sample order megatron-defined (preprocess several jsonl files into one prefix)
+    _one_padded_prefix(cfg, tok, prefixes, "chat dataset", "pass several jsonl files to one "
+                       "k2m-preprocess --chat")
     info = check_chat_dataset(prefixes[0], vocab_size=cfg.model.vocab_size,
                               cache_dir=cache_dir(cfg), tokenizer_fingerprint=tok.fingerprint(),
                               tokenizer_path=cfg.data.tokenizer, split=cfg.data.split,
@@ -179,13 +186,8 @@ def _check_rollouts(cfg: K2Config, tok: Tokenizer, prefixes: list, weights) -> D
     """data.format=rollouts: one rollouts dataset (k2m-preprocess --rollouts), in file order."""
     from k2mcore.rl.rollouts import check_rollouts
 
-    if len(prefixes) != 1:
-        raise DataError(f"data.blend: data.format=rollouts takes one rollouts prefix, got "
-                        f"{len(prefixes)} (rollouts are used in the engine's order)")
-    if tok.pad is None:
-        raise DataError(f"data.tokenizer: {cfg.data.tokenizer} has no padding token (rollouts "
-                        f"are padded to train.seq_length); name one as pad_token in its "
-                        f"tokenizer_config.json")
+    _one_padded_prefix(cfg, tok, prefixes, "rollouts", "rollouts are used in the engine's "
+                       "order")
     t = cfg.train
     info = check_rollouts(prefixes[0], seq_length=t.seq_length,
                           rollout_batch=t.global_batch_size * cfg.rl.minibatches,
