@@ -253,6 +253,14 @@ class RLConfig:
     drop_uniform_groups: bool = True  # dynamic sampling: no loss on groups of equal rewards
     minibatches: int = 1  # optimizer steps per rollout batch (each a distinct global batch)
     temperature: float = 1.0  # the engine's sampling temperature: logits are divided by it
+    # MoE routing replay: none | rollout (R3: the engine's experts, the rollouts' routes) | old
+    # (R2: the experts the old-logprob pass chose), forced in the policy's forwards
+    routing_replay: str = "none"
+    kl_coef: float = 0.0  # x the k3 KL to the reference policy, meaned over masked-in tokens
+    # the frozen reference policy's checkpoint (loaded beside the policy, same layout); null:
+    # the rollouts' ref_logprobs (needed when kl_coef > 0)
+    reference: Optional[str] = None
+    entropy_coef: float = 0.0  # x the entropy bonus, meaned over masked-in tokens
 
 
 @dataclass

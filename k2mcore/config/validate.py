@@ -26,6 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("text", "chat", "rollouts"),
     "rl.advantage": ("grpo", "grpo_no_std"),
     "rl.loss": ("grpo", "gspo", "k2"),
+    "rl.routing_replay": ("none", "rollout", "old"),
     "model.rope_scaling.type": ("yarn",),
     "optimizer.muon.ns_dtype": ("auto", "fp32", "bf16"),
     # k2mcore.optim.NS_COEFFICIENTS' names (a test keeps them equal; --check imports no torch)
@@ -53,6 +54,7 @@ NON_NEGATIVE = (
     "optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay", "optimizer.adam_eps",
     "optimizer.warmup_iters", "checkpoint.interval", "model.moe_router_bias_update_rate",
     "model.moe_aux_loss_coeff", "data.num_workers", "train.eval_interval",
+    "rl.kl_coef", "rl.entropy_coef",
 )
 POSITIVE_FLOATS = (
     "model.rms_norm_eps", "model.init_std", "model.rope_theta", "logging.peak_tflops",
@@ -232,6 +234,9 @@ def _check_rl(cfg: K2Config) -> None:
                               f"(its target is the reward minus the group mean)")
     elif rl.tau is not None:
         raise ConfigError(f"rl.tau: applies to rl.loss=k2 only, got rl.loss={rl.loss!r}")
+    if rl.reference is not None and not rl.kl_coef > 0:
+        raise ConfigError(f"rl.reference: {rl.reference!r} is only used by the KL term; set "
+                          f"rl.kl_coef > 0 (or leave rl.reference null)")
     if rl.tau is not None and not rl.tau > 0:
         raise ConfigError(f"rl.tau: must be > 0, got {_fmt(rl.tau)}")
 

@@ -191,7 +191,7 @@ def _check_rollouts(cfg: K2Config, tok: Tokenizer, prefixes: list, weights) -> D
     t = cfg.train
     info = check_rollouts(prefixes[0], seq_length=t.seq_length,
                           rollout_batch=t.global_batch_size * cfg.rl.minibatches,
-                          samples=t.iters * t.global_batch_size,
+                          samples=t.iters * t.global_batch_size, model=cfg.model, rl=cfg.rl,
                           vocab_size=cfg.model.vocab_size, cache_dir=cache_dir(cfg),
                           tokenizer_fingerprint=tok.fingerprint(),
                           tokenizer_path=cfg.data.tokenizer)

@@ -26,7 +26,7 @@ from k2mcore.model.blockwise import QueryChunk
 # a micro-batch's per-token fields, which CP splits with the tokens (the rollout fields of
 # k2mcore.rl carry per-sample values on every token for this reason)
 SEQUENCE_FIELDS = ("tokens", "labels", "loss_mask", "position_ids", "old_logp", "rollout_logp",
-                   "adv", "target")
+                   "adv", "target", "ref_logp", "scale", "routes")
 
 
 def chunk_ids(cp: int, cp_rank: int) -> tuple[int, int]:

@@ -10,12 +10,13 @@ import torch.distributed as dist
 
 def logprobs(model: Sequence[torch.nn.Module], groups: Any, micro_batches: Sequence[dict], *,
              seq_length: int, micro_batch_size: int, temperature: float = 1.0,
-             packed: bool = False) -> list[torch.Tensor]:
+             packed: bool = False, replay: Any = None) -> list[torch.Tensor]:
     """log p(labels[i, j] | tokens[i, :j+1]) under softmax(logits / temperature), float32
     [mbs, seq] per micro-batch (this DP rank's), on every rank of the layout: TP (the
     vocab-parallel log-softmax), SP, PP (sent from the last stage), EP, CP (gathered to the
     sequence order). `packed`: rows of several documents (position_ids restarting at 0), run as
-    one THD sequence, returned in the rows' layout as well.
+    one THD sequence, returned in the rows' layout as well. `replay`: the model's
+    k2mcore.rl.replay.RouteReplay, replaying or recording as its mode says.
 
     Collective; no autograd, eval mode, and the MoE router does not count these tokens for its
     bias update; the attention probes of QK-Clip are left as they were."""
@@ -26,7 +27,7 @@ def logprobs(model: Sequence[torch.nn.Module], groups: Any, micro_batches: Seque
 
     micro_batches = list(micro_batches)
     cp = groups.cp_group if groups.layout.cp > 1 else None
-    record = RecordLogprobs(temperature, groups.tp_group, cp)
+    record = RecordLogprobs(temperature, groups.tp_group, cp, replay)
     with held_out(model):
         reports = run_schedule(model, groups, micro_batches, seq_length=seq_length,
                                micro_batch_size=micro_batch_size, forward_only=True,

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from . import objectives
 
 # a report's "rl stats" vector: sums, added over micro-batches and ranks
-STATS = ("units", "clipped", "ratio_sum", "tis_sum", "entropy_sum", "tokens")
+STATS = ("units", "clipped", "ratio_sum", "tis_sum", "entropy_sum", "tokens", "kl_sum")
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
@@ -32,19 +32,32 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     return -vocab_parallel_cross_entropy(scaled, labels, tp_group=tp_group)
 
 
-@torch.no_grad()
-def token_entropy(logits: torch.Tensor, temperature: float, tp_group: Any) -> torch.Tensor:
+def token_entropy(logits: torch.Tensor, temperature: float, tp_group: Any,
+                  grad: bool = False) -> torch.Tensor:
     """Entropy [b, s] of softmax(logits / temperature) over the whole vocabulary, from the
-    vocab-parallel shards: log Z + max − Σ e·z / Z, each sum all-reduced over TP."""
-    z = logits.detach().float() / temperature
-    top = z.max(-1).values
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
-    e = torch.exp(z - top[..., None])
-    sums = torch.stack([e.sum(-1), (e * z).sum(-1)])
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(sums, group=tp_group)
-    return sums[0].log() + top - sums[1] / sums[0]
+    vocab-parallel shards: log Z + m − Σ e·z / Z with e = exp(z − m), each sum all-reduced over
+    TP. `grad`: differentiable (m, the max, is a constant: the entropy does not depend on
+    it)."""
+    parallel = tp_group is not None and dist.get_world_size(tp_group) > 1
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        z = (logits if grad else logits.detach()).float() / temperature
+        top = z.detach().max(-1).values
+        if parallel:
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
+        e = torch.exp(z - top[..., None])
+        sums = torch.stack([e.sum(-1), (e * z).sum(-1)])
+        if parallel:
+            if grad:
+                # megatron's TP reduction: backward is the identity, as every TP rank holds the
+                # same loss and back-propagates it into its own shard of the vocabulary
+                from megatron.core.tensor_parallel.mappings import (
+                    reduce_from_tensor_model_parallel_region,
+                )
+
+                sums = reduce_from_tensor_model_parallel_region(sums, group=tp_group)
+            else:
+                dist.all_reduce(sums, group=tp_group)
+        return sums[0].log() + top - sums[1] / sums[0]
 
 
 def sample_sum(cp_group: Any):
@@ -71,19 +84,30 @@ class PolicyLoss:
     tis_cap: float
     tp_group: Any
     cp_group: Any = None
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    replay: Any = None  # k2mcore.rl.replay.RouteReplay of the policy, or None
 
     @classmethod
-    def from_config(cls, rl: Any, groups: Any) -> "PolicyLoss":
+    def from_config(cls, rl: Any, groups: Any, replay: Any = None) -> "PolicyLoss":
         low, high = objectives.DEFAULT_CLIP.get(rl.loss, (0.0, 0.0))
         cp = groups.cp_group if groups.layout.cp > 1 else None
         return cls(rl.loss, rl.temperature,
                    low if rl.clip_low is None else rl.clip_low,
                    high if rl.clip_high is None else rl.clip_high,
-                   rl.tau, rl.tis_cap, groups.tp_group, cp)
+                   rl.tau, rl.tis_cap, groups.tp_group, cp, rl.kl_coef, rl.entropy_coef, replay)
+
+    def begin(self, batch: dict, source: dict) -> None:
+        if self.replay is not None:
+            self.replay.begin(batch, source)
+
+    def wrap(self, output: torch.Tensor) -> torch.Tensor:
+        return output if self.replay is None else self.replay.wrap(output)
 
     def __call__(self, batch: dict, logits: torch.Tensor):
         logp = token_logprobs(logits, batch["labels"], self.temperature, self.tp_group)
-        entropy = token_entropy(logits, self.temperature, self.tp_group)
+        entropy = token_entropy(logits, self.temperature, self.tp_group,
+                                grad=self.entropy_coef > 0)
         mask = batch["loss_mask"].float()
         old = batch["old_logp"].float()
         rollout = batch.get("rollout_logp")
@@ -110,9 +134,19 @@ class PolicyLoss:
         # gradients come through the all-reduce of the sequence sums
         total = total * first
         count = count * first
+        # token means added to the loss whatever its normaliser: "scale" is the minibatch's
+        # units (tokens or samples) over its masked-in tokens, so sum / count is their mean
+        scale = batch["scale"].float() if "scale" in batch else torch.ones_like(mask)
+        kl_sum = 0.0
+        if self.kl_coef:
+            kl = objectives.k3_kl(logp, batch["ref_logp"].float())
+            total = total + self.kl_coef * (kl * mask * scale).sum()
+            kl_sum = float((kl.detach() * mask).sum())
+        if self.entropy_coef:  # a bonus: higher entropy lowers the loss
+            total = total - self.entropy_coef * (entropy * mask * scale).sum()
         stats = torch.tensor([st["count"] * first, st["clipped"] * first, st["ratio_sum"] * first,
-                              st.get("tis_sum", 0.0) * first, float((entropy * mask).sum()),
-                              float(mask.sum())], dtype=torch.float64)
+                              st.get("tis_sum", 0.0) * first, float((entropy.detach() * mask).sum()),
+                              float(mask.sum()), kl_sum], dtype=torch.float64)
         report = {"rl loss": torch.stack([total.detach().double(),
                                           torch.tensor(count, dtype=torch.float64)]),
                   "rl stats": stats,
@@ -128,6 +162,14 @@ class RecordLogprobs:
     temperature: float
     tp_group: Any
     cp_group: Any = None
+    replay: Any = None  # routing replay (R3) or recording (R2) of the policy, or None
+
+    def begin(self, batch: dict, source: dict) -> None:
+        if self.replay is not None:
+            self.replay.begin(batch, source)
+
+    def wrap(self, output: torch.Tensor) -> torch.Tensor:
+        return output if self.replay is None else self.replay.wrap(output)
 
     def __call__(self, batch: dict, logits: torch.Tensor):
         from k2mcore.parallel.context import gather_tokens

@@ -183,3 +183,10 @@ def k2_loss(logp: torch.Tensor, old_logp: torch.Tensor, rewards: torch.Tensor,
 def group_means(rewards: torch.Tensor, groups: Sequence) -> torch.Tensor:
     """Each sample's group mean reward [B] (the K2 loss's r̄)."""
     return _group_stats(rewards, group_index(groups))[0]
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(πθ ‖ πref): exp(ref − logπθ) − (ref − logπθ) − 1 (≥ 0, zero
+    where the two agree; Schulman's unbiased, low-variance estimator, as verl's "low_var_kl")."""
+    d = ref_logp.detach() - logp
+    return torch.exp(d) - d - 1

@@ -42,6 +42,10 @@ from k2mcore.errors import DataError
 
 ROLLOUT_SUFFIX = "_rollout_document"
 LOGPROBS_SUFFIX = "_logprobs_document"
+ROUTES_SUFFIX = "_routes_document"
+REF_SUFFIX = "_ref_logprobs_document"
+# the optional datasets: every rollout carries the field or none does
+OPTIONAL = ("logprobs", "routes", "ref_logprobs")
 # the per-rollout record of ROLLOUT_SUFFIX
 REWARD, GROUP, TRUNCATED, PROMPT_LENGTH = range(4)
 
@@ -57,6 +61,10 @@ class Rollout:
     logprobs: Optional[list[float]] = None
     mask: Optional[list[int]] = None
     truncated: bool = False
+    # routes[t][i]: the top-k expert ids the engine used at input position t of
+    # prompt + response[:-1] in the i-th MoE layer (R3 routing replay)
+    routes: Optional[list[list[list[int]]]] = None
+    ref_logprobs: Optional[list[float]] = None  # the reference policy's, as logprobs
 
     def to_json(self) -> dict:
         doc: dict[str, Any] = {"prompt": list(self.prompt), "response": list(self.response),
@@ -67,10 +75,15 @@ class Rollout:
             doc["mask"] = [int(x) for x in self.mask]
         if self.truncated:
             doc["truncated"] = True
+        if self.routes is not None:
+            doc["routes"] = [[[int(e) for e in ids] for ids in pos] for pos in self.routes]
+        if self.ref_logprobs is not None:
+            doc["ref_logprobs"] = [float(x) for x in self.ref_logprobs]
         return doc
 
     @classmethod
-    def from_json(cls, doc: dict, where: str, vocab_size: Optional[int] = None) -> "Rollout":
+    def from_json(cls, doc: dict, where: str, vocab_size: Optional[int] = None,
+                  num_experts: Optional[int] = None) -> "Rollout":
         """Checked: one DataError line naming `where` (file:line) and the field."""
         for key in ("prompt", "response", "reward", "group"):
             if key not in doc:
@@ -86,15 +99,8 @@ class Rollout:
         if isinstance(group, bool) or not isinstance(group, (int, str)):
             raise DataError(f"{where}: group must be an int or a string, got {group!r}")
         n = len(response)
-        logprobs = doc.get("logprobs")
-        if logprobs is not None:
-            if not isinstance(logprobs, list) or len(logprobs) != n:
-                raise DataError(f"{where}: logprobs has {_len(logprobs)} values but response has "
-                                f"{n} tokens (one log-probability per response token)")
-            bad = next((x for x in logprobs if isinstance(x, bool)
-                        or not isinstance(x, (int, float)) or not x <= 0 or math.isinf(x)), None)
-            if bad is not None or any(isinstance(x, float) and math.isnan(x) for x in logprobs):
-                raise DataError(f"{where}: logprobs value {bad!r} is not a finite number <= 0")
+        logprobs = _logprobs(doc.get("logprobs"), n, where, "logprobs")
+        ref_logprobs = _logprobs(doc.get("ref_logprobs"), n, where, "ref_logprobs")
         mask = doc.get("mask")
         if mask is not None:
             if not isinstance(mask, list) or len(mask) != n:
@@ -105,7 +111,47 @@ class Rollout:
         truncated = doc.get("truncated", False)
         if not isinstance(truncated, bool):
             raise DataError(f"{where}: truncated must be true or false, got {truncated!r}")
-        return cls(prompt, response, float(reward), group, logprobs, mask, truncated)
+        routes = doc.get("routes")
+        if routes is not None:
+            _check_routes(routes, len(prompt) + n - 1, where, num_experts)
+        return cls(prompt, response, float(reward), group, logprobs, mask, truncated, routes,
+                   ref_logprobs)
+
+
+def _logprobs(values: Any, n: int, where: str, key: str) -> Optional[list[float]]:
+    if values is None:
+        return None
+    if not isinstance(values, list) or len(values) != n:
+        raise DataError(f"{where}: {key} has {_len(values)} values but response has {n} tokens "
+                        f"(one log-probability per response token)")
+    bad = next((x for x in values if isinstance(x, bool) or not isinstance(x, (int, float))
+                or not x <= 0 or math.isinf(x)), None)
+    if bad is not None or any(isinstance(x, float) and math.isnan(x) for x in values):
+        raise DataError(f"{where}: {key} value {bad!r} is not a finite number <= 0")
+    return values
+
+
+def _check_routes(routes: Any, positions: int, where: str, num_experts: Optional[int]) -> None:
+    """routes: one entry per input position, each a list (MoE layers) of k distinct ids."""
+    if not isinstance(routes, list) or len(routes) != positions:
+        raise DataError(f"{where}: routes has {_len(routes)} positions but prompt + response[:-1] "
+                        f"has {positions} (one entry per input position)")
+    layers = topk = None
+    for t, pos in enumerate(routes):
+        if not isinstance(pos, list) or not pos or (layers is not None and len(pos) != layers):
+            raise DataError(f"{where}: routes[{t}] has {_len(pos)} MoE layers, routes[0] "
+                            f"{layers}")
+        layers = len(pos)
+        for i, ids in enumerate(pos):
+            ok = isinstance(ids, list) and ids and all(
+                isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids)
+            if not ok or len(set(ids)) != len(ids) or (topk is not None and len(ids) != topk):
+                raise DataError(f"{where}: routes[{t}][{i}] is not a set of {topk or 'k'} "
+                                f"distinct expert ids >= 0: {ids!r}")
+            topk = len(ids)
+            if num_experts is not None and max(ids) >= num_experts:
+                raise DataError(f"{where}: routes[{t}][{i}] holds expert {max(ids)} >= "
+                                f"model.num_experts={num_experts}")
 
 
 def _len(value: Any) -> str:
@@ -124,12 +170,17 @@ def _ids(value: Any, where: str, key: str, vocab_size: Optional[int]) -> list[in
 
 
 def rollout_prefixes(prefix: str) -> dict[str, str]:
-    """{ids, mask, rollout, logprobs}: the dataset prefixes of the rollouts `prefix`."""
-    for suffix in (IDS_SUFFIX, MASK_SUFFIX, ROLLOUT_SUFFIX, LOGPROBS_SUFFIX):
+    """{ids, mask, rollout, logprobs, routes, ref_logprobs}: the dataset prefixes of the
+    rollouts `prefix`."""
+    suffixes = (IDS_SUFFIX, MASK_SUFFIX, ROLLOUT_SUFFIX, LOGPROBS_SUFFIX, ROUTES_SUFFIX,
+                REF_SUFFIX)
+    for suffix in sorted(suffixes, key=len, reverse=True):
         if prefix.endswith(suffix):
             prefix = prefix[: -len(suffix)]
+            break
     return {"ids": prefix + IDS_SUFFIX, "mask": prefix + MASK_SUFFIX,
-            "rollout": prefix + ROLLOUT_SUFFIX, "logprobs": prefix + LOGPROBS_SUFFIX}
+            "rollout": prefix + ROLLOUT_SUFFIX, "logprobs": prefix + LOGPROBS_SUFFIX,
+            "routes": prefix + ROUTES_SUFFIX, "ref_logprobs": prefix + REF_SUFFIX}
 
 
 # --- k2m-preprocess --rollouts ----------------------------------------------------------------
@@ -139,6 +190,8 @@ class RolloutStats(pipeline.PipelineStats):
     groups: int = 0
     response_tokens: int = 0
     with_logprobs: bool = False
+    with_routes: bool = False
+    with_ref: bool = False
     reward_sum: float = 0.0
     truncated: int = 0
 
@@ -156,6 +209,15 @@ def _init_worker(vocab_size: int, dtype: type) -> None:
     _VOCAB, _DTYPE = vocab_size, dtype
 
 
+def _per_token(values: Optional[list], p: int, size: int) -> Optional[np.ndarray]:
+    """A response field as a float32 value per token of prompt + response (0 on the prompt)."""
+    if values is None:
+        return None
+    out = np.zeros(size, dtype=np.float32)
+    out[p:] = np.asarray(values, dtype=np.float32)
+    return out
+
+
 def _encode(item: tuple[str, int, bytes, str]) -> tuple:
     path, lineno, raw, _ = item
     where = f"{path}:{lineno}"
@@ -164,11 +226,14 @@ def _encode(item: tuple[str, int, bytes, str]) -> tuple:
     ids = np.asarray(r.prompt + r.response, dtype=_DTYPE)
     mask = np.zeros(ids.size, dtype=np.uint8)
     mask[p:] = 1 if r.mask is None else np.asarray(r.mask, dtype=np.uint8)
-    logp = None
-    if r.logprobs is not None:
-        logp = np.zeros(ids.size, dtype=np.float32)
-        logp[p:] = np.asarray(r.logprobs, dtype=np.float32)
-    return where, r.group, r.reward, r.truncated, p, ids, mask, logp, len(raw)
+    routes = shape = None
+    if r.routes is not None:
+        routes = np.asarray(r.routes, dtype=np.int32)  # [positions, layers, k]
+        shape = routes.shape[1:]
+        routes = routes.reshape(-1)
+    optional = {"logprobs": _per_token(r.logprobs, p, ids.size), "routes": routes,
+                "ref_logprobs": _per_token(r.ref_logprobs, p, ids.size)}
+    return where, r.group, r.reward, r.truncated, p, ids, mask, optional, shape, len(raw)
 
 
 def preprocess_rollouts(inputs: Sequence[str], output_prefix: str, tokenizer: str, *,
@@ -189,20 +254,28 @@ def preprocess_rollouts(inputs: Sequence[str], output_prefix: str, tokenizer: st
     def rate(elapsed: float) -> str:
         return f"{stats.rollouts / elapsed:.0f} rollouts/s"
 
-    prefixes = [names["ids"], names["mask"], names["rollout"], names["logprobs"]]
-    dtypes = [dtype, np.uint8, np.float64, np.float32]
+    kinds = ["ids", "mask", "rollout", *OPTIONAL]
+    dtypes = [dtype, np.uint8, np.float64, np.float32, np.int32, np.float32]
     # a run of equal ids is a group; its first line, for the one-sample message
     run_id: Any = None
-    run_where, run_size, first_logprobs = "", 0, None
-    with pipeline.DatasetWriter(prefixes, dtypes) as out, pipeline.encoded(
+    run_where, run_size = "", 0
+    present: Optional[dict] = None  # which optional fields the first rollout carries
+    route_shape = None  # (MoE layers, k) of the first rollout's routes
+    with pipeline.DatasetWriter([names[k] for k in kinds], dtypes) as out, pipeline.encoded(
             paths, items, _init_worker, (tok.vocab_size, dtype), _encode, workers=workers,
             chunk_size=chunk_size, progress=progress, rate=rate) as results:
-        for where, group, reward, truncated, p, ids, mask, logp, nbytes in results:
-            if first_logprobs is None:
-                first_logprobs = logp is not None
-            elif first_logprobs != (logp is not None):
-                raise DataError(f"{where}: {'has' if logp is not None else 'has no'} logprobs, "
-                                f"unlike the first rollout (all rollouts carry them or none)")
+        for where, group, reward, truncated, p, ids, mask, optional, shape, nbytes in results:
+            has = {k: v is not None for k, v in optional.items()}
+            if present is None:
+                present, route_shape = has, shape
+            for key in OPTIONAL:
+                if has[key] != present[key]:
+                    raise DataError(f"{where}: {'has' if has[key] else 'has no'} {key}, unlike "
+                                    f"the first rollout (all rollouts carry it or none)")
+            if shape != route_shape:
+                raise DataError(f"{where}: routes for {shape[0]} MoE layers of {shape[1]} "
+                                f"experts, the first rollout's for {route_shape[0]} of "
+                                f"{route_shape[1]}")
             if stats.rollouts == 0 or group != run_id or type(group) is not type(run_id):
                 if stats.rollouts and run_size < 2:
                     raise DataError(f"{run_where}: group {run_id!r} has one sample (advantages "
@@ -213,8 +286,9 @@ def preprocess_rollouts(inputs: Sequence[str], output_prefix: str, tokenizer: st
             out.add(0, ids)
             out.add(1, mask)
             out.add(2, np.asarray([reward, stats.groups - 1, float(truncated), p], np.float64))
-            if logp is not None:
-                out.add(3, logp)
+            for i, key in enumerate(OPTIONAL):
+                if optional[key] is not None:
+                    out.add(3 + i, optional[key])
             stats.rollouts += 1
             stats.tokens += ids.size
             stats.response_tokens += ids.size - p
@@ -227,13 +301,17 @@ def preprocess_rollouts(inputs: Sequence[str], output_prefix: str, tokenizer: st
             raise DataError(f"{run_where}: group {run_id!r} has one sample (advantages need two "
                             f"or more, on consecutive lines)")
         stats.seconds = results.elapsed()
-        stats.with_logprobs = bool(first_logprobs)
-        if not stats.with_logprobs:  # no logprobs: no (empty) logprobs dataset either
-            out.drop(3)
-    stats.outputs = prefixes if stats.with_logprobs else prefixes[:3]
+        stats.with_logprobs = present["logprobs"]
+        stats.with_routes, stats.with_ref = present["routes"], present["ref_logprobs"]
+        for i in reversed(range(len(OPTIONAL))):  # absent fields: no (empty) dataset either
+            if not present[OPTIONAL[i]]:
+                out.drop(3 + i)
+    stats.outputs = [names[k] for k in kinds[:3]] + [names[k] for k in OPTIONAL if present[k]]
     meta = {"format": "rollouts", "tokenizer": {**tok.describe(), "path": tok.name},
-            "documents": stats.rollouts, "logprobs": stats.with_logprobs, **stats.counts(),
+            "documents": stats.rollouts, **{k: present[k] for k in OPTIONAL}, **stats.counts(),
             "inputs": [os.path.basename(x) for x in paths]}
+    if route_shape is not None:
+        meta["moe_layers"], meta["topk"] = int(route_shape[0]), int(route_shape[1])
     out.commit()
     for p in stats.outputs:
         write_meta(p, meta)
@@ -249,11 +327,16 @@ class RolloutInfo:
     response_tokens: int
     groups: int
     with_logprobs: bool
+    with_routes: bool = False
+    with_ref: bool = False
 
     def describe(self) -> str:
+        extra = [name for name, has in (("engine logprobs", self.with_logprobs),
+                                        ("routes", self.with_routes),
+                                        ("reference logprobs", self.with_ref)) if has]
         return (f"{os.path.basename(self.prefix)} ({self.rollouts} rollouts in {self.groups} "
                 f"groups, {self.response_tokens} response tokens"
-                f"{', engine logprobs' if self.with_logprobs else ''})")
+                f"{''.join(', ' + e for e in extra)})")
 
 
 def _records(prefix: str) -> np.ndarray:
@@ -266,14 +349,32 @@ def _records(prefix: str) -> np.ndarray:
     return np.fromfile(names["rollout"] + ".bin", dtype=np.float64).reshape(-1, 4)
 
 
+def route_shape(prefix: str) -> Optional[tuple[int, int]]:
+    """(MoE layers, k) of the rollouts' routes (their sidecar), or None without routes."""
+    from k2mcore.data.indexed import read_meta
+
+    name = rollout_prefixes(prefix)["routes"]
+    if not os.path.exists(idx_path(name)):
+        return None
+    meta = read_meta(name) or {}
+    if "moe_layers" not in meta or "topk" not in meta:
+        raise DataError(f"data.blend: {name}.json does not say the routes' MoE layers and top-k "
+                        f"(re-run k2m-preprocess --rollouts)")
+    return int(meta["moe_layers"]), int(meta["topk"])
+
+
 def check_rollouts(prefix: str, *, seq_length: int, rollout_batch: int, samples: int,
-                   **ids_checks: Any) -> RolloutInfo:
+                   model: Any = None, rl: Any = None, **ids_checks: Any) -> RolloutInfo:
     """Every check of a rollouts dataset before training, one line each: the ids and mask as a
     chat pair (k2mcore.data.chat.dataset.check_chat_dataset with `ids_checks`), the records'
-    and logprobs' document counts and lengths, no rollout longer than seq_length + 1 tokens,
-    at least the rollout batches `samples` (train.iters x global batch) reaches, and no group
-    across two of them (`rollout_batch` samples each)."""
+    and per-token files' document counts and lengths, no rollout longer than seq_length + 1
+    tokens, at least the rollout batches `samples` (train.iters x global batch) reaches, and
+    no group across two of them (`rollout_batch` samples each). With `model` (ModelConfig) and
+    `rl` (RLConfig): routes for the model's MoE layers, top-k and experts, and the fields the
+    rl section needs (routes for routing_replay=rollout, reference logprobs for kl_coef without
+    rl.reference)."""
     from k2mcore.data.chat.dataset import check_chat_dataset
+    from k2mcore.data.indexed import token_range
 
     names = rollout_prefixes(prefix)
     chat = check_chat_dataset(prefix, **ids_checks)
@@ -283,13 +384,38 @@ def check_rollouts(prefix: str, *, seq_length: int, rollout_batch: int, samples:
         raise DataError(f"data.blend: {idx_path(names['rollout'])} has {records.shape[0]} "
                         f"rollouts but {idx_path(names['ids'])} has {n} (files from different "
                         f"runs?)")
-    with_logprobs = os.path.exists(idx_path(names["logprobs"]))
-    if with_logprobs:
-        info = read_index(names["logprobs"])
-        if not np.array_equal(info.sequence_lengths, chat.ids.sequence_lengths):
-            raise DataError(f"data.blend: {idx_path(names['logprobs'])} does not have one value "
-                            f"per token of {idx_path(names['ids'])} (files from different runs?)")
     lengths = chat.ids.sequence_lengths
+    has = {k: os.path.exists(idx_path(names[k])) for k in OPTIONAL}
+    for key in ("logprobs", "ref_logprobs"):
+        if has[key] and not np.array_equal(read_index(names[key]).sequence_lengths, lengths):
+            raise DataError(f"data.blend: {idx_path(names[key])} does not have one value per "
+                            f"token of {idx_path(names['ids'])} (files from different runs?)")
+    shape = route_shape(prefix)
+    if shape is not None:
+        per = read_index(names["routes"]).sequence_lengths.astype(np.int64)
+        if not np.array_equal(per, (lengths.astype(np.int64) - 1) * shape[0] * shape[1]):
+            raise DataError(f"data.blend: {idx_path(names['routes'])} does not have routes for "
+                            f"each input position of {idx_path(names['ids'])}")
+        if model is not None:
+            layers = model.num_layers - model.first_k_dense
+            if shape[0] != layers:
+                raise DataError(f"data.blend: {prefix}'s routes are for {shape[0]} MoE layers, "
+                                f"but the model has {layers} (model.num_layers - "
+                                f"model.first_k_dense)")
+            if shape[1] != model.moe_topk:
+                raise DataError(f"data.blend: {prefix}'s routes hold {shape[1]} experts per "
+                                f"token, but model.moe_topk={model.moe_topk}")
+            top = token_range(names["routes"], np.int32, ids_checks.get("cache_dir"))[1]
+            if top >= model.num_experts:
+                raise DataError(f"data.blend: {names['routes']}.bin holds expert id {top} >= "
+                                f"model.num_experts={model.num_experts}")
+    if rl is not None:
+        if rl.routing_replay == "rollout" and shape is None:
+            raise DataError(f"rl.routing_replay: rollout replays the engine's experts, but the "
+                            f"rollouts {prefix} carry no routes")
+        if rl.kl_coef > 0 and rl.reference is None and not has["ref_logprobs"]:
+            raise DataError(f"rl.kl_coef: {rl.kl_coef} needs the reference policy: set "
+                            f"rl.reference, or give the rollouts {prefix} ref_logprobs")
     over = np.flatnonzero(lengths.astype(np.int64) - 1 > seq_length)
     if over.size:
         i = int(over[0])
@@ -310,13 +436,30 @@ def check_rollouts(prefix: str, *, seq_length: int, rollout_batch: int, samples:
                             f"rl.minibatches={rollout_batch} rollouts; a group must lie in one")
     return RolloutInfo(prefix, n, chat.num_tokens, int(lengths.sum() - records[:, PROMPT_LENGTH]
                                                        .sum()), int(groups[-1]) + 1,
-                       with_logprobs)
+                       has["logprobs"], shape is not None, has["ref_logprobs"])
+
+
+def _label_aligned(values: np.ndarray, seq_length: int) -> np.ndarray:
+    """A per-token value of ids as the label's: position j holds ids[j + 1]'s."""
+    out = np.zeros(seq_length, dtype=np.float32)
+    n = min(values.size - 1, seq_length)
+    out[:n] = values[1:n + 1]
+    return out
+
+
+def _route_rows(flat: np.ndarray, shape: tuple[int, int], seq_length: int) -> np.ndarray:
+    """Routes [seq_length, layers, k] int64 of an input row; -1 where there is none (padding)."""
+    out = np.full((seq_length, *shape), -1, dtype=np.int64)
+    given = flat.reshape(-1, *shape)[:seq_length]
+    out[:given.shape[0]] = given
+    return out
 
 
 class RolloutDataset:
     """The rollouts `prefix` in file order: `sample(i)` -> {tokens, labels, loss_mask,
-    position_ids, rollout_logp} (numpy, length seq_length, rollout_logp label-aligned and only
-    with engine logprobs); `rewards`, `groups`, `truncated` per rollout."""
+    position_ids} and, when the rollouts carry them, rollout_logp and ref_logp (label-aligned)
+    and routes [seq_length, MoE layers, k] (numpy, length seq_length); `rewards`, `groups`,
+    `truncated` per rollout."""
 
     def __init__(self, prefix: str, seq_length: int, *, pad_id: int) -> None:
         with warnings.catch_warnings():  # megatron's import warns about absent TE/Apex
@@ -333,24 +476,32 @@ class RolloutDataset:
         self.rewards = records[:, REWARD].copy()
         self.groups = records[:, GROUP].astype(np.int64)
         self.truncated = records[:, TRUNCATED] > 0
-        self._logp = (IndexedDataset(names["logprobs"], mmap=True)
-                      if os.path.exists(idx_path(names["logprobs"])) else None)
+        self._opt = {k: IndexedDataset(names[k], mmap=True) for k in OPTIONAL
+                     if os.path.exists(idx_path(names[k]))}
+        self.route_shape = route_shape(prefix)
 
     @property
     def has_logprobs(self) -> bool:
-        return self._logp is not None
+        return "logprobs" in self._opt
+
+    @property
+    def has_routes(self) -> bool:
+        return "routes" in self._opt
 
     def __len__(self) -> int:
         return int(self.rewards.shape[0])
 
     def sample(self, index: int) -> dict[str, np.ndarray]:
         row = self._chat[index]
-        if self._logp is not None:
-            values = self._logp.get(index)
-            logp = np.zeros(self.seq_length, dtype=np.float32)
-            n = min(values.size - 1, self.seq_length)
-            logp[:n] = values[1:n + 1]
-            row["rollout_logp"] = logp
+        if "logprobs" in self._opt:
+            row["rollout_logp"] = _label_aligned(self._opt["logprobs"].get(index),
+                                                 self.seq_length)
+        if "ref_logprobs" in self._opt:
+            row["ref_logp"] = _label_aligned(self._opt["ref_logprobs"].get(index),
+                                             self.seq_length)
+        if "routes" in self._opt:
+            row["routes"] = _route_rows(self._opt["routes"].get(index), self.route_shape,
+                                        self.seq_length)
         return row
 
 
@@ -366,20 +517,25 @@ class RolloutList:
     the same rows, records and checks (Rollout.from_json's, and the groups')."""
 
     def __init__(self, rollouts: Sequence[Rollout], seq_length: int, *, pad_id: int,
-                 vocab_size: Optional[int] = None) -> None:
-        self.rollouts = [Rollout.from_json(r.to_json(), f"rollout {i}", vocab_size)
+                 vocab_size: Optional[int] = None, num_experts: Optional[int] = None) -> None:
+        self.rollouts = [Rollout.from_json(r.to_json(), f"rollout {i}", vocab_size, num_experts)
                          for i, r in enumerate(rollouts)]
         self.seq_length, self.pad_id = seq_length, int(pad_id)
-        with_logp = {r.logprobs is not None for r in self.rollouts}
-        if len(with_logp) > 1:
-            raise DataError("rollouts: some carry logprobs and some do not (all or none)")
-        self.has_logprobs = with_logp == {True}
+        for key in OPTIONAL:
+            if len({getattr(r, key) is not None for r in self.rollouts}) > 1:
+                raise DataError(f"rollouts: some carry {key} and some do not (all or none)")
+        first = self.rollouts[0] if self.rollouts else None
+        self.has_logprobs = first is not None and first.logprobs is not None
+        self.has_routes = first is not None and first.routes is not None
+        self.route_shape = (np.asarray(first.routes).shape[1:] if self.has_routes else None)
         ordinals, run = [], 0
         for i, r in enumerate(self.rollouts):
             if i and (r.group != self.rollouts[i - 1].group
                       or type(r.group) is not type(self.rollouts[i - 1].group)):
                 run += 1
             ordinals.append(run)
+            if self.has_routes and np.asarray(r.routes).shape[1:] != self.route_shape:
+                raise DataError(f"rollout {i}: routes of another shape than rollout 0's")
         sizes = np.bincount(ordinals)
         if (sizes < 2).any():
             i = ordinals.index(int(np.flatnonzero(sizes < 2)[0]))
@@ -406,9 +562,12 @@ class RolloutList:
                "labels": np.full(s, self.pad_id, np.int64),
                "loss_mask": np.zeros(s, np.float32), "position_ids": np.arange(s, dtype=np.int64)}
         row["tokens"][:n], row["labels"][:n], row["loss_mask"][:n] = ids[:-1], ids[1:], mask[1:]
+        p = len(r.prompt)
         if r.logprobs is not None:
-            logp = np.zeros(ids.size, dtype=np.float32)
-            logp[len(r.prompt):] = r.logprobs
-            row["rollout_logp"] = np.zeros(s, np.float32)
-            row["rollout_logp"][:n] = logp[1:]
+            row["rollout_logp"] = _label_aligned(_per_token(r.logprobs, p, ids.size), s)
+        if r.ref_logprobs is not None:
+            row["ref_logp"] = _label_aligned(_per_token(r.ref_logprobs, p, ids.size), s)
+        if r.routes is not None:
+            row["routes"] = _route_rows(np.asarray(r.routes, dtype=np.int64).reshape(-1),
+                                        self.route_shape, s)
         return row

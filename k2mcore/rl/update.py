@@ -134,21 +134,43 @@ def policy_forward_backward(model: Sequence[torch.nn.Module], groups: Any,
                "ratio_max": float(top[0]), "entropy": stats["entropy_sum"] / tokens}
     if any("rollout_logp" in mb for mb in micro_batches):
         metrics["tis_mean"] = stats["tis_sum"] / units
+    if loss.kl_coef:
+        metrics["kl"] = stats["kl_sum"] / tokens
     loss_value = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
     return loss_value, metrics
 
 
 def attach_old_logprobs(batch: RolloutBatch, model: Sequence[torch.nn.Module], groups: Any, *,
-                        seq_length: int, micro_batch_size: int, temperature: float) -> None:
-    """The old-policy log-probabilities of every micro-batch of the rollout batch, computed by
-    the trainer in its layout (k2mcore.rl.logprobs)."""
+                        seq_length: int, micro_batch_size: int, temperature: float,
+                        replay: Any = None, key: str = "old_logp") -> None:
+    """The log-probabilities of every micro-batch of the rollout batch under `model` (the
+    policy: old_logp; the frozen reference: ref_logp), computed by the trainer in its layout
+    (k2mcore.rl.logprobs); `replay`: the policy's routing replay, in the mode it is in."""
     from .logprobs import logprobs
 
     micro = batch.micro_batches()
     values = logprobs(model, groups, micro, seq_length=seq_length,
-                      micro_batch_size=micro_batch_size, temperature=temperature)
+                      micro_batch_size=micro_batch_size, temperature=temperature, replay=replay)
     for mb, logp in zip(micro, values):
-        mb["old_logp"] = logp
+        mb[key] = logp
+
+
+def attach_scales(batch: RolloutBatch, groups: Any, loss: str) -> None:
+    """Each minibatch's "scale": its units (masked-in tokens for grpo, rollouts with one for
+    gspo and k2) over its masked-in tokens, over every DP rank, on every token; the loss adds
+    its token means (KL, entropy) times it, so that they stay means under any normaliser."""
+    for mini in batch.minibatches:
+        local = torch.zeros(2, dtype=torch.float64)
+        for mb in mini:
+            mask = mb["loss_mask"]
+            local += torch.tensor([float(mask.sum()), float((mask.sum(-1) > 0).sum())],
+                                  dtype=torch.float64)
+        if groups.layout.dp > 1:
+            dist.all_reduce(local, group=groups.dp_group)
+        tokens, samples = float(local[0]), float(local[1])
+        scale = 1.0 if loss == "grpo" or not tokens else samples / tokens
+        for mb in mini:
+            mb["scale"] = torch.full_like(mb["loss_mask"], scale)
 
 
 class PolicyUpdate:
@@ -157,11 +179,21 @@ class PolicyUpdate:
     its old log-probabilities; then the minibatch's forward/backward. `state()` and `load()`
     carry an unfinished rollout batch's old log-probabilities through a checkpoint."""
 
-    def __init__(self, cfg: Any, groups: Any, source: RolloutSource) -> None:
+    def __init__(self, cfg: Any, groups: Any, source: RolloutSource,
+                 model: Optional[Sequence[torch.nn.Module]] = None,
+                 reference: Optional[Sequence[torch.nn.Module]] = None) -> None:
+        from .replay import RouteReplay
+
         self.cfg, self.groups, self.source = cfg, groups, source
-        self.loss = PolicyLoss.from_config(cfg.rl, groups)
+        self.reference = reference  # the frozen reference policy's chunks (rl.reference)
+        self.replay = None
+        if cfg.rl.routing_replay != "none":
+            if model is None:
+                raise ValueError("rl.routing_replay needs the policy model")
+            self.replay = RouteReplay(model, groups, cfg.model.first_k_dense)
+        self.loss = PolicyLoss.from_config(cfg.rl, groups, self.replay)
         self.batch: Optional[RolloutBatch] = None
-        self._restored: Optional[dict] = None  # sample -> old logprobs, from a checkpoint
+        self._restored: Optional[dict] = None  # per-rollout rows, from a checkpoint
 
     def _where(self, step: int) -> tuple[int, int]:
         m = self.cfg.rl.minibatches
@@ -171,20 +203,51 @@ class PolicyUpdate:
         t = self.cfg.train
         k, m = self._where(step)
         if self.batch is None or self.batch.index != k:
-            self.batch = self.source.rollout_batch(k, self.cfg.rl)
-            if self._restored is not None and self._restored["rollout_batch"] == k:
-                for mb in self.batch.micro_batches():
-                    mb["old_logp"] = torch.stack([self._restored["logp"][int(i)]
-                                                  for i in mb["sample"]])
-            else:
-                attach_old_logprobs(self.batch, model, self.groups, seq_length=t.seq_length,
-                                    micro_batch_size=t.micro_batch_size,
-                                    temperature=self.cfg.rl.temperature)
-            self._restored = None
-        loss, metrics = policy_forward_backward(model, self.groups, self.batch.minibatches[m],
-                                                self.loss, seq_length=t.seq_length,
-                                                micro_batch_size=t.micro_batch_size)
+            self.batch = self._prepare(model, k)
+        if self.replay is not None:
+            self.replay.mode, self.replay.changed[:] = "replay", 0
+        try:
+            loss, metrics = policy_forward_backward(
+                model, self.groups, self.batch.minibatches[m], self.loss,
+                seq_length=t.seq_length, micro_batch_size=t.micro_batch_size)
+        finally:
+            if self.replay is not None:
+                self.replay.mode = None
+        if self.replay is not None:
+            metrics["replay_changed"] = self.replay.changed_share(self.groups)
         return loss, {**self.batch.figures, **metrics}
+
+    def _prepare(self, model: Sequence[torch.nn.Module], k: int) -> RolloutBatch:
+        """Rollout batch k with its scales, reference and old log-probabilities and (R2) the
+        old pass's routes; from the checkpoint resumed from when it holds them."""
+        t, rl = self.cfg.train, self.cfg.rl
+        batch = self.source.rollout_batch(k, rl)
+        attach_scales(batch, self.groups, rl.loss)
+        restored, self._restored = self._restored, None
+        if restored is not None and restored["rollout_batch"] == k:
+            for mb in batch.micro_batches():
+                for key, rows in restored["rows"].items():
+                    mb[key] = torch.stack([rows[int(i)] for i in mb["sample"]])
+            return batch
+        common = dict(seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+                      temperature=rl.temperature)
+        if self.reference is not None:  # its own router: never the replayed routes
+            attach_old_logprobs(batch, self.reference, self.groups, key="ref_logp", **common)
+        if self.replay is not None:
+            self.replay.mode = "replay" if rl.routing_replay == "rollout" else "record"
+        try:
+            attach_old_logprobs(batch, model, self.groups, replay=self.replay, **common)
+        finally:
+            if self.replay is not None:
+                self.replay.mode = None
+        if rl.routing_replay == "old":
+            m = self.cfg.model
+            micro = batch.micro_batches()
+            routes = self.replay.recorded_routes(micro, m.num_layers - m.first_k_dense,
+                                                 m.moe_topk)
+            for mb, r in zip(micro, routes):
+                mb["routes"] = r
+        return batch
 
     # -- checkpoints ------------------------------------------------------------------------
     def state(self, step: int) -> Optional["RolloutState"]:
@@ -193,19 +256,21 @@ class PolicyUpdate:
         k, m = self._where(step)
         if m == self.cfg.rl.minibatches - 1 or self.batch is None or self.batch.index != k:
             return None
-        return RolloutState(self.batch, self.groups)
+        return RolloutState(self.batch, self.groups,
+                            ("ref_logp",) if self.reference is not None else ())
 
     def load(self, path: str, meta: dict) -> None:
         """After a resume from `path`: the unfinished rollout batch's old log-probabilities."""
         saved = (meta.get("extra") or {}).get("rl")
         if not saved:
             return
-        logp: dict = {}
+        rows: dict = {}
         for f in sorted(glob.glob(os.path.join(path, STATE_DIR, "old_logprobs_dp*.pt"))):
             part = torch.load(f, weights_only=True)
-            for i, row in zip(part["samples"].tolist(), part["logp"]):
-                logp[i] = row
-        self._restored = {"rollout_batch": int(saved["rollout_batch"]), "logp": logp}
+            samples = part.pop("samples").tolist()
+            for key, values in part.items():
+                rows.setdefault(key, {}).update(zip(samples, values))
+        self._restored = {"rollout_batch": int(saved["rollout_batch"]), "rows": rows}
 
 
 class RolloutState:
@@ -214,8 +279,8 @@ class RolloutState:
     log-probabilities, every rank having them whole), so a resume in any layout finds every
     rollout's row."""
 
-    def __init__(self, batch: RolloutBatch, groups: Any) -> None:
-        self.batch, self.groups = batch, groups
+    def __init__(self, batch: RolloutBatch, groups: Any, computed: Sequence[str] = ()) -> None:
+        self.batch, self.groups, self.computed = batch, groups, tuple(computed)
         self.meta = {"rl": {"rollout_batch": batch.index}}
 
     def write(self, directory: str) -> None:
@@ -224,13 +289,19 @@ class RolloutState:
             return
         micro = self.batch.micro_batches()
         os.makedirs(os.path.join(directory, STATE_DIR), exist_ok=True)
-        part = {"samples": torch.cat([mb["sample"] for mb in micro]),
-                "logp": torch.cat([mb["old_logp"] for mb in micro]).cpu()}
+        part = {"samples": torch.cat([mb["sample"] for mb in micro])}
+        # what the rollout batch computed before its first step; R2's routes as recorded
+        for key in ("old_logp", "ref_logp", "routes"):
+            if key in micro[0] and (key != "ref_logp" or "ref_logp" in self.computed):
+                part[key] = torch.cat([mb[key] for mb in micro]).cpu()
         torch.save(part, os.path.join(directory, STATE_DIR, f"old_logprobs_dp{g.dp_rank}.pt"))
 
 
-def build_policy_update(cfg: Any, groups: Any, summary: Any) -> PolicyUpdate:
-    """The trainer's PolicyUpdate over cfg.data's rollouts (checked: `summary`)."""
+def build_policy_update(cfg: Any, groups: Any, summary: Any,
+                        model: Sequence[torch.nn.Module]) -> PolicyUpdate:
+    """The trainer's PolicyUpdate over cfg.data's rollouts (checked: `summary`) for `model`,
+    with the frozen reference policy of rl.reference loaded beside it."""
+    from .reference import build_reference
     from .rollouts import RolloutDataset
 
     t = cfg.train
@@ -238,4 +309,5 @@ def build_policy_update(cfg: Any, groups: Any, summary: Any) -> PolicyUpdate:
     source = RolloutSource(dataset, global_batch_size=t.global_batch_size,
                            micro_batch_size=t.micro_batch_size, minibatches=cfg.rl.minibatches,
                            dp_rank=groups.dp_rank, dp_size=groups.layout.dp)
-    return PolicyUpdate(cfg, groups, source)
+    reference = build_reference(cfg, groups, cfg.rl.reference) if cfg.rl.reference else None
+    return PolicyUpdate(cfg, groups, source, model=model, reference=reference)

@@ -68,7 +68,7 @@ def train(cfg: K2Config, layout: Layout, data: Optional[Iterator[dict]] = None, 
     if cfg.data.format == "rollouts":  # the policy update reads its rollout batches itself
         from k2mcore.rl.update import build_policy_update
 
-        run.rl = build_policy_update(cfg, run.groups, summary or check_data(cfg))
+        run.rl = build_policy_update(cfg, run.groups, summary or check_data(cfg), run.model)
         if run.resumed is not None:  # an unfinished rollout batch's old log-probabilities
             run.rl.load(run.resumed["path"], run.resumed)
     else:

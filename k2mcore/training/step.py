@@ -62,7 +62,7 @@ def pack_micro_batch(batch: dict, multiple: int = 1, cp: int = 1) -> dict:
 
 def _forward_step(data_iterator, model, *, packed: bool = False, multiple: int = 1,
                   cp_group=None, objective: Optional[Objective] = None):
-    batch = next(data_iterator)
+    batch = source = next(data_iterator)
     cp = cp_group.size() if cp_group is not None else 1
     if packed:
         from k2mcore.parallel.context import split_packed_batch
@@ -85,7 +85,12 @@ def _forward_step(data_iterator, model, *, packed: bool = False, multiple: int =
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         extra = {}
     if objective is not None:  # the logits (vocab-parallel under TP) go to the objective
+        begin = getattr(objective, "begin", None)  # a per-micro-batch context (routing replay)
+        if begin is not None:
+            begin(batch, source)
         output = model(batch["tokens"], positions, None, **extra)
+        if begin is not None:
+            output = objective.wrap(output)
         return output, partial(objective, batch)
     output = model(batch["tokens"], positions, None, labels=batch["labels"], **extra)
     return output, partial(_loss, batch["loss_mask"])

@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 from cp_probe import RUNS as CP_PROBE_RUNS
+from replay_probe import RUNS as REPLAY_RUNS
 from rl_probe import RUNS as RL_RUNS
 from layout_worker import (
     ALL,
@@ -86,3 +87,8 @@ def rl_results(parity_dir) -> dict:
 @pytest.fixture(scope="session")
 def init_weights(parity_dir) -> dict:
     return _load(parity_dir, "init.pt")
+
+
+@pytest.fixture(scope="session")
+def replay_results(parity_dir) -> dict:
+    return {name: _load(parity_dir, f"{name}.replay.pt") for name in REPLAY_RUNS}

@@ -15,6 +15,7 @@ import sys
 from collections import Counter
 
 import cp_probe
+import replay_probe
 import rl_probe
 import torch
 import torch.distributed as dist
@@ -506,6 +507,8 @@ def main() -> None:
             cp_probe.measure(name, args.out)
         if name in rl_probe.RUNS:
             rl_probe.measure(name, args.out, init_path, SEQ)
+        if name in replay_probe.RUNS:
+            replay_probe.measure(name, args.out, init_path, SEQ)
         if name in GRADS_ONLY:
             continue
         run_muonclip(name, args.out, init_path, lr=3e-3, steps=MUON_STEPS, tau=MUON_TAU,

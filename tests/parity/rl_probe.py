@@ -59,7 +59,11 @@ def _config(name: str, loss: str, seq: int):
         f"train.global_batch_size={ROLLOUT_GLOBAL_BATCH}", f"rl.minibatches={MINIBATCHES}",
         "rl.temperature=0.9", "rl.truncation_reward=-1.0", "data.format=rollouts",
         "data.blend=unused", "data.tokenizer=unused", "train.eval_interval=0", f"optimizer.lr={LR}",
-        "optimizer.min_lr=0", "optimizer.decay_style=constant", "train.clip_grad=0",
+        "optimizer.min_lr=0", "optimizer.decay_style=constant", "optimizer.warmup_iters=0",
+        # Adam's eps well above fp32's noise on small gradients, which a 1e-8 would amplify to
+        # a whole step of lr (g / |g|) and so make two layouts' weights differ after one step
+        "optimizer.adam_eps=1e-3",
+        "train.clip_grad=0",
         "model.moe_router_bias_update_rate=1e-3", "parallel.distributed_optimizer=false"])
 
 

@@ -23,6 +23,7 @@ def _config(out: str, data: str, tokenizer: str, run: str, iters: int, *extra: s
         f"data.tokenizer={tokenizer}", "data.loader=torch", "rl.minibatches=2",
         "rl.temperature=0.8", "rl.truncation_reward=-0.5", "optimizer.name=muonclip",
         "optimizer.lr=0.02", "optimizer.min_lr=0", "optimizer.decay_style=constant",
+        "optimizer.warmup_iters=0",
         "qk_clip.threshold=1.0", "logging.tensorboard=false", *extra])
 
 

@@ -104,3 +104,51 @@ def test_k2_objective_by_hand():
     total.backward()
     # d/dlogp of (c - tau S)^2 = -2 tau (c - tau S) on the sample's masked-in tokens
     torch.testing.assert_close(logp.grad, torch.tensor([[-0.35, -0.35], [0.35, 0.0]]))
+
+
+def test_k3_kl_by_hand():
+    """exp(ref - logp) - (ref - logp) - 1: zero where the policies agree, d^2/2 for small d,
+    and its gradient in logp is 1 - exp(ref - logp)."""
+    logp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    ref = torch.tensor([-1.0, -1.5, -1.5])
+    kl = ob.k3_kl(logp, ref)
+    want = [0.0, math.exp(0.5) - 0.5 - 1, math.exp(-1.0) + 1.0 - 1]
+    assert kl.tolist() == pytest.approx(want, abs=1e-7)
+    kl.sum().backward()
+    assert logp.grad.tolist() == pytest.approx([1 - math.exp(d) for d in (0.0, 0.5, -1.0)],
+                                              abs=1e-6)
+
+
+def test_entropy_and_logprobs_of_logits_by_hand():
+    """The loss's entropy and log-probabilities (one rank: no vocabulary split) of
+    softmax(z / T) against the formulas, and the entropy's gradient against autograd's of the
+    plain formula."""
+    import torch.distributed as dist
+
+    from harness.launching import free_port
+    from k2mcore.rl.loss import token_entropy, token_logprobs
+
+    z = torch.tensor([[[2.0, 0.0, -1.0, 0.5], [0.0, 0.0, 0.0, 0.0]]], requires_grad=True)
+    t = 0.8
+    p = torch.softmax(z.detach() / t, -1)
+    h = token_entropy(z, t, None, grad=True)
+    want = -(p * p.log()).sum(-1)
+    torch.testing.assert_close(h.detach(), want)
+    assert h[0, 1].item() == pytest.approx(math.log(4))  # uniform over 4 ids
+    h.sum().backward()
+    z2 = z.detach().clone().requires_grad_(True)
+    q = torch.log_softmax(z2 / t, -1)
+    (-(q.exp() * q).sum()).backward()
+    torch.testing.assert_close(z.grad, z2.grad)
+    labels = torch.tensor([[0, 3]])
+    # megatron's vocab-parallel cross-entropy over a one-rank group
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                world_size=1)
+    try:
+        logp = token_logprobs(z.detach(), labels, t, dist.new_group([0], backend="gloo"))
+    finally:
+        if created:
+            dist.destroy_process_group()
+    torch.testing.assert_close(logp, p.log().gather(-1, labels[..., None])[..., 0])

@@ -190,3 +190,69 @@ def test_metrics_of_the_update(trained):
         assert 0 < row["tis_mean"] <= 2.0
         assert "clipped_heads" in row  # MuonClip's QK-Clip at threshold 1.0
     assert rows[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+
+
+def _routed(n: int = 16, layers: int = 3, topk: int = 2, top: int = 8) -> list[Rollout]:
+    g = torch.Generator().manual_seed(5)
+    out = _rollouts(n)
+    for r in out:
+        r.routes = [[torch.randperm(top, generator=g)[:topk].tolist() for _ in range(layers)]
+                    for _ in range(len(r.prompt) + len(r.response) - 1)]
+    return out
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("huge", "holds expert id 8 >= model.num_experts=8"),
+    ("layers", "routes are for 2 MoE layers, but the model has 3"),
+    ("none", "rl.routing_replay: rollout replays the engine's experts, but the rollouts"),
+    ("kl", "rl.kl_coef: 0.1 needs the reference policy"),
+])
+def test_bad_routes_and_replay_settings_are_refused_before_training(tmp_path, case, needle):
+    from k2mcore.data.datasets import check_data
+
+    data = {"huge": lambda: _routed(top=9), "layers": lambda: _routed(layers=2),
+            "none": _rollouts, "kl": _rollouts}[case]()
+    if case == "huge":  # one id of 8 in an otherwise valid file
+        data[3].routes[0][1] = [8, 0]
+    prefix, _ = _preprocess(tmp_path, data)
+    extra = {"none": ["rl.routing_replay=rollout"], "kl": ["rl.kl_coef=0.1"]}.get(case, [])
+    cfg = _cfg("data.format=rollouts", f"data.blend={prefix}", f"data.tokenizer={TOKENIZER}",
+               "train.global_batch_size=4", "rl.minibatches=2", "train.iters=4", *extra)
+    with pytest.raises(DataError) as err:
+        check_data(cfg)
+    assert needle in str(err.value) and "\n" not in str(err.value), err.value
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("length", "routes has 3 positions but prompt + response[:-1] has"),
+    ("dup", "is not a set of 2 distinct expert ids"),
+    ("shape", "routes for 2 MoE layers of 2 experts, the first rollout's for 3 of 2"),
+])
+def test_bad_routes_get_one_line_naming_the_file_and_line(tmp_path, case, needle):
+    data = _routed(8)
+    if case == "length":
+        data[4].routes = data[4].routes[:3]
+    elif case == "dup":
+        data[4].routes[1][0] = [5, 5]
+    else:
+        data[4].routes = [pos[:2] for pos in data[4].routes]
+    src = tmp_path / "bad.jsonl"
+    write_rollouts(str(src), data)
+    with pytest.raises(DataError) as err:
+        preprocess_rollouts([str(src)], str(tmp_path / "out"), resolve_path(TOKENIZER),
+                            progress=False)
+    assert needle in str(err.value) and "bad.jsonl:5" in str(err.value), err.value
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_routes_round_trip(tmp_path):
+    """Routes stored per input position and layer; padding positions get none (-1)."""
+    data = _routed()
+    prefix, stats = _preprocess(tmp_path, data)
+    assert stats.with_routes
+    ds = RolloutDataset(prefix, 32, pad_id=0)
+    row = ds.sample(2)
+    n = len(data[2].prompt) + len(data[2].response) - 1
+    assert row["routes"].shape == (32, 3, 2)
+    assert row["routes"][:n].tolist() == data[2].routes
+    assert (row["routes"][n:] == -1).all()
