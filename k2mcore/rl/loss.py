@@ -70,8 +70,22 @@ def sample_sum(cp_group: Any):
     return lambda x: all_reduce(x.sum(-1), group=cp_group)
 
 
+class _Replaying:
+    """The forward step's per-micro-batch hooks (k2mcore.training.step), handed to the policy's
+    routing replay when it has one (`replay`: k2mcore.rl.replay.RouteReplay or None)."""
+
+    replay: Any
+
+    def begin(self, batch: dict, source: dict) -> None:
+        if self.replay is not None:
+            self.replay.begin(batch, source)
+
+    def wrap(self, output: torch.Tensor) -> torch.Tensor:
+        return output if self.replay is None else self.replay.wrap(output)
+
+
 @dataclass(frozen=True)
-class PolicyLoss:
+class PolicyLoss(_Replaying):
     """The `rl` section's loss, as megatron's loss function of one micro-batch:
     `loss(batch, logits)` -> (sum, count, {"rl loss": [sum, count], "rl stats": STATS,
     "rl ratio_max": [max]})."""
@@ -96,13 +110,6 @@ class PolicyLoss:
                    low if rl.clip_low is None else rl.clip_low,
                    high if rl.clip_high is None else rl.clip_high,
                    rl.tau, rl.tis_cap, groups.tp_group, cp, rl.kl_coef, rl.entropy_coef, replay)
-
-    def begin(self, batch: dict, source: dict) -> None:
-        if self.replay is not None:
-            self.replay.begin(batch, source)
-
-    def wrap(self, output: torch.Tensor) -> torch.Tensor:
-        return output if self.replay is None else self.replay.wrap(output)
 
     def __call__(self, batch: dict, logits: torch.Tensor):
         logp = token_logprobs(logits, batch["labels"], self.temperature, self.tp_group)
@@ -155,7 +162,7 @@ class PolicyLoss:
 
 
 @dataclass(frozen=True)
-class RecordLogprobs:
+class RecordLogprobs(_Replaying):
     """Loss function of the log-probability pass: no loss; the report's "logp" is the
     micro-batch's [b, s] label log-probabilities, gathered over the CP ranks."""
 
@@ -163,13 +170,6 @@ class RecordLogprobs:
     tp_group: Any
     cp_group: Any = None
     replay: Any = None  # routing replay (R3) or recording (R2) of the policy, or None
-
-    def begin(self, batch: dict, source: dict) -> None:
-        if self.replay is not None:
-            self.replay.begin(batch, source)
-
-    def wrap(self, output: torch.Tensor) -> torch.Tensor:
-        return output if self.replay is None else self.replay.wrap(output)
 
     def __call__(self, batch: dict, logits: torch.Tensor):
         from k2mcore.parallel.context import gather_tokens

@@ -256,8 +256,9 @@ class PolicyUpdate:
         k, m = self._where(step)
         if m == self.cfg.rl.minibatches - 1 or self.batch is None or self.batch.index != k:
             return None
-        return RolloutState(self.batch, self.groups,
-                            ("ref_logp",) if self.reference is not None else ())
+        computed = (("ref_logp",) if self.reference is not None else ()) + (
+            ("routes",) if self.cfg.rl.routing_replay == "old" else ())
+        return RolloutState(self.batch, self.groups, computed)
 
     def load(self, path: str, meta: dict) -> None:
         """After a resume from `path`: the unfinished rollout batch's old log-probabilities."""
@@ -290,10 +291,9 @@ class RolloutState:
         micro = self.batch.micro_batches()
         os.makedirs(os.path.join(directory, STATE_DIR), exist_ok=True)
         part = {"samples": torch.cat([mb["sample"] for mb in micro])}
-        # what the rollout batch computed before its first step; R2's routes as recorded
-        for key in ("old_logp", "ref_logp", "routes"):
-            if key in micro[0] and (key != "ref_logp" or "ref_logp" in self.computed):
-                part[key] = torch.cat([mb[key] for mb in micro]).cpu()
+        # what the rollout batch computed before its first step (the reference's, R2's routes)
+        for key in ("old_logp", *self.computed):
+            part[key] = torch.cat([mb[key] for mb in micro]).cpu()
         torch.save(part, os.path.join(directory, STATE_DIR, f"old_logprobs_dp{g.dp_rank}.pt"))
 
 

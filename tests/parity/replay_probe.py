@@ -84,29 +84,9 @@ class RouterWatch:
 
 
 def _build(name: str, init_path: str, seq: int, *extra: str):
-    from rl_probe import _config
+    from rl_probe import build
 
-    from k2mcore.model.build import build_model
-    from k2mcore.optim.build import build_optimizer
-    from k2mcore.parallel.ddp import Overlap, ddp_param_layout, wrap_ddp
-    from k2mcore.parallel.groups import init_distributed
-    from k2mcore.parallel.layout import resolve_layout
-    from k2mcore.parallel.reshard import scatter_full
-
-    cfg = _config(name, "grpo", seq)
-    from k2mcore.config.loader import apply_override
-
-    for item in extra:
-        apply_override(cfg, item)
-    layout = resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    groups = init_distributed(layout, seed=1234)
-    chunks = build_model(cfg, groups)
-    param_layout = ddp_param_layout(cfg, chunks, groups)
-    model = wrap_ddp(chunks, groups, distributed_optimizer=False, param_layout=param_layout,
-                     overlap=Overlap.from_config(cfg))
-    scatter_full(model, torch.load(init_path, weights_only=True))
-    optimizer, _ = build_optimizer(cfg, model, groups, param_layout=param_layout)
-    return cfg, groups, model, optimizer
+    return build(name, "grpo", init_path, seq, *extra)
 
 
 def _update(cfg, groups, model, seq: int, reference=None):

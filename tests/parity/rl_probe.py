@@ -67,26 +67,40 @@ def _config(name: str, loss: str, seq: int):
         "model.moe_router_bias_update_rate=1e-3", "parallel.distributed_optimizer=false"])
 
 
-def _one_loss(name: str, loss: str, init_path: str, seq: int) -> dict:
+def build(name: str, loss: str, init_path: str, seq: int, *extra: str):
+    """(cfg, groups, model, optimizer) of the layout from the shared initial weights (`extra`:
+    more overrides), DDP without ZeRO-1 so that every rank's main_grad is whole (the
+    comparisons gather them)."""
+    from k2mcore.config.loader import apply_override
     from k2mcore.model.build import build_model
     from k2mcore.optim.build import build_optimizer
-    from k2mcore.parallel.ddp import Overlap, ddp_param_layout, sync_params, wrap_ddp
+    from k2mcore.parallel.ddp import Overlap, ddp_param_layout, wrap_ddp
     from k2mcore.parallel.groups import init_distributed
     from k2mcore.parallel.layout import resolve_layout
-    from k2mcore.parallel.reshard import gather_full, scatter_full
-    from k2mcore.rl.rollouts import RolloutList
-    from k2mcore.rl.update import PolicyUpdate, RolloutSource
+    from k2mcore.parallel.reshard import scatter_full
 
     cfg = _config(name, loss, seq)
+    for item in extra:
+        apply_override(cfg, item)
     layout = resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     groups = init_distributed(layout, seed=1234)
     chunks = build_model(cfg, groups)
     param_layout = ddp_param_layout(cfg, chunks, groups)
-    # without ZeRO-1, so that every rank's main_grad is whole (the comparison gathers them)
     model = wrap_ddp(chunks, groups, distributed_optimizer=False, param_layout=param_layout,
                      overlap=Overlap.from_config(cfg))
     scatter_full(model, torch.load(init_path, weights_only=True))
     optimizer, _ = build_optimizer(cfg, model, groups, param_layout=param_layout)
+    return cfg, groups, model, optimizer
+
+
+def _one_loss(name: str, loss: str, init_path: str, seq: int) -> dict:
+    from k2mcore.parallel.ddp import sync_params
+    from k2mcore.parallel.reshard import gather_full
+    from k2mcore.rl.rollouts import RolloutList
+    from k2mcore.rl.update import PolicyUpdate, RolloutSource
+
+    cfg, groups, model, optimizer = build(name, loss, init_path, seq)
+    layout = groups.layout
     data = RolloutList(rollouts(cfg.model.vocab_size, seq), seq, pad_id=0)
     source = RolloutSource(data, global_batch_size=cfg.train.global_batch_size,
                            micro_batch_size=cfg.train.micro_batch_size,

@@ -1,6 +1,7 @@
-"""k2m-train's loop on rollouts (run by test_rl_training.py under torchrun, 2 ranks, DP2):
-an uninterrupted run of 4 steps (two rollout batches of two minibatches), and the same run
-stopped at step 3 (a checkpoint in the middle of the second rollout batch) and resumed to 4.
+"""k2m-train's loop on rollouts (run by test_rl_training.py under torchrun, 2 ranks, DP2; R2
+routing replay and the entropy bonus on): an uninterrupted run of 4 steps (two rollout batches
+of two minibatches), and the same run stopped at step 3 (a checkpoint in the middle of the
+second rollout batch) and resumed to 4.
 Three runs share one launch because each process start costs seconds on 2 cores."""
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ def _config(out: str, data: str, tokenizer: str, run: str, iters: int, *extra: s
         "rl.temperature=0.8", "rl.truncation_reward=-0.5", "optimizer.name=muonclip",
         "optimizer.lr=0.02", "optimizer.min_lr=0", "optimizer.decay_style=constant",
         "optimizer.warmup_iters=0",
-        "qk_clip.threshold=1.0", "logging.tensorboard=false", *extra])
+        "qk_clip.threshold=1.0", "logging.tensorboard=false",
+        # R2 routing replay: the resume must bring back the old pass's routes too
+        "rl.routing_replay=old", "rl.entropy_coef=0.01", *extra])
 
 
 def main() -> None:

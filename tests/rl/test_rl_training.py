@@ -72,7 +72,7 @@ def test_preprocess_writes_what_the_trainer_reads(tmp_path):
     ("mixed", "has no logprobs, unlike the first rollout"),
     ("token", "not a token id in [0, "),
 ])
-def test_bad_rollouts_get_one_line_naming_the_file_and_line(tmp_path, case, needle):
+def test_bad_rollouts_get_one_line_naming_the_file_and_line(tmp_path, capsys, case, needle):
     data = _rollouts(8)
     line = 5  # the record spoiled (1-based line)
     doc = data[line - 1].to_json()
@@ -94,12 +94,18 @@ def test_bad_rollouts_get_one_line_naming_the_file_and_line(tmp_path, case, need
             lines[i] = json.dumps({**data[i].to_json(), "group": "last"})
     src = tmp_path / "bad.jsonl"
     src.write_text("\n".join(lines) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "k2mcore.cli.preprocess", "--rollouts",
-                           "--input", str(src), "--output-prefix", str(tmp_path / "out"),
-                           "--tokenizer", resolve_path(TOKENIZER), "--no-progress"],
-                          capture_output=True, text=True, env=local_env())
-    assert proc.returncode == 1, proc.stderr
-    err = proc.stderr.strip().splitlines()
+    args = ["--rollouts", "--input", str(src), "--output-prefix", str(tmp_path / "out"),
+            "--tokenizer", resolve_path(TOKENIZER), "--no-progress"]
+    if case == "single":  # the installed command, once (a process costs seconds here)
+        proc = subprocess.run([sys.executable, "-m", "k2mcore.cli.preprocess", *args],
+                              capture_output=True, text=True, env=local_env())
+        code, stderr = proc.returncode, proc.stderr
+    else:
+        from k2mcore.cli.preprocess import main
+
+        code, stderr = main(args), capsys.readouterr().err
+    assert code == 1, stderr
+    err = stderr.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and f"bad.jsonl:{line}" in err[0], err
     assert not list(tmp_path.glob("out*"))  # nothing left behind
 
@@ -162,15 +168,18 @@ def trained(tmp_path_factory):
 
 def test_resume_in_the_middle_of_a_rollout_batch_continues_the_losses(trained):
     """Stopped at step 3 (the second rollout batch's first minibatch) and resumed: step 4
-    reuses the stored old log-probabilities, so its loss and ratios are the uninterrupted
-    run's (recomputed ones, from the weights after step 3, would put every ratio at 1)."""
+    reuses the stored old log-probabilities and R2's recorded routes, so its loss, ratios and
+    replay share are the uninterrupted run's (recomputed ones, from the weights after step 3,
+    would put every ratio at 1 and change no expert)."""
     whole, stopped = trained["whole"], trained["stopped"]
     assert [r["step"] for r in whole] == [1, 2, 3, 4]
     assert [r["step"] for r in stopped] == [1, 2, 3, 4]
     for a, b in zip(whole, stopped):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7), (a["step"], a, b)
         assert b["ratio_max"] == pytest.approx(a["ratio_max"], rel=1e-6)
+        assert b["replay_changed"] == pytest.approx(a["replay_changed"], abs=1e-12)
     assert whole[3]["ratio_max"] > 1.0 + 1e-4  # off-policy: the stored logprobs mattered
+    assert whole[3]["replay_changed"] > 0  # the stepped routers would choose other experts
 
 
 def test_metrics_of_the_update(trained):
@@ -184,7 +193,7 @@ def test_metrics_of_the_update(trained):
         batch = [-0.5 if 8 * k + i == 6 else r for i, r in enumerate(batch)]
         assert row["reward_mean"] == pytest.approx(sum(rewards[8 * k:8 * k + 8]) / 8)
         for key in ("adv_std", "clip_frac", "entropy", "ratio_mean", "ratio_max", "tis_mean",
-                    "dropped_groups"):
+                    "dropped_groups", "replay_changed"):
             assert key in row, key
         assert 0 < row["entropy"] < 7.0  # log(1024) = 6.93 bounds a softmax over 1024 ids
         assert 0 < row["tis_mean"] <= 2.0
