@@ -123,7 +123,7 @@ def _chat(args: argparse.Namespace) -> None:
 
 
 def _rollouts(args: argparse.Namespace) -> None:
-    from k2mcore.rl.rollouts import preprocess_rollouts
+    from k2mcore.rl.preprocess import preprocess_rollouts
 
     stats = preprocess_rollouts(args.input, args.output_prefix, args.tokenizer,
                                 workers=args.workers, progress=not args.no_progress)

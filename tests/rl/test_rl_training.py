@@ -15,7 +15,8 @@ from harness.launching import launch, local_env
 from k2mcore.config.loader import load_config
 from k2mcore.data.datasets import resolve_path
 from k2mcore.errors import ConfigError, DataError
-from k2mcore.rl.rollouts import Rollout, RolloutDataset, preprocess_rollouts, write_rollouts
+from k2mcore.rl.preprocess import preprocess_rollouts
+from k2mcore.rl.rollouts import Rollout, RolloutDataset, write_rollouts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER = "assets:tokenizer/k2-tiny"
