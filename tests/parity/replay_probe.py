@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 R3_RUNS = ("1rank", "tp2-sp", "pp2-vpp2", "ep2", "tp2-ep2", "cp2")
-R2_RUNS = {"1rank": "full", "pp2-vpp2": "full", "tp2-sp": "selective"}
+R2_RUNS = {"1rank": "full", "pp2-vpp2": "full", "tp2-sp": "selective", "cp2": "full"}
 REFERENCE_RUNS = ("1rank", "ep2")
 RUNS = tuple(dict.fromkeys((*R3_RUNS, *R2_RUNS, *REFERENCE_RUNS)))
 KL_COEF, ENTROPY_COEF = 0.05, 0.01

@@ -54,8 +54,8 @@ def test_replay_kl_and_entropy_update_matches_one_rank(replay_results, init_weig
 def test_r2_minibatches_use_the_old_pass_experts(replay_results, layout):
     """R2: in both minibatches (the second after a step, when the router would choose
     otherwise), every forward and every recomputed forward of a micro-batch routes its tokens
-    exactly as the old-logprob pass did (full recompute at 1 rank and PP2 x VPP2, K2's selective
-    set at TP2+SP)."""
+    exactly as the old-logprob pass did (full recompute at 1 rank, PP2 x VPP2 and CP2, K2's
+    selective set at TP2+SP)."""
     r2 = replay_results[layout]["r2"]
     mismatch, checked, recomputed, recorded = r2["watch"]
     assert recorded > 0 and checked >= recorded and mismatch == 0, r2["watch"]
