@@ -58,3 +58,8 @@ class CompatError(K2Error, RuntimeError):
 
 class TooManySkippedSteps(K2Error, RuntimeError):
     """Training stopped: too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+class RLError(K2Error, RuntimeError):
+    """The RL loop cannot go on: a reward function raised (naming the prompt), an engine's weight
+    version does not match the policy's, a sync that does not fit the engine."""

@@ -18,6 +18,7 @@ import torch
 from cp_probe import RUNS as CP_PROBE_RUNS
 from replay_probe import RUNS as REPLAY_RUNS
 from rl_probe import RUNS as RL_RUNS
+from sync_probe import RUNS as SYNC_RUNS
 from layout_worker import (
     ALL,
     BYTE_LAYOUTS,
@@ -92,3 +93,8 @@ def init_weights(parity_dir) -> dict:
 @pytest.fixture(scope="session")
 def replay_results(parity_dir) -> dict:
     return {name: _load(parity_dir, f"{name}.replay.pt") for name in REPLAY_RUNS}
+
+
+@pytest.fixture(scope="session")
+def sync_results(parity_dir) -> dict:
+    return {name: _load(parity_dir, f"{name}.sync.pt") for name in SYNC_RUNS}

@@ -17,6 +17,7 @@ from collections import Counter
 import cp_probe
 import replay_probe
 import rl_probe
+import sync_probe
 import torch
 import torch.distributed as dist
 from plan_worker import PLAN_LAYOUTS, run_plan
@@ -509,6 +510,8 @@ def main() -> None:
             rl_probe.measure(name, args.out, init_path, SEQ)
         if name in replay_probe.RUNS:
             replay_probe.measure(name, args.out, init_path, SEQ)
+        if name in sync_probe.RUNS:
+            sync_probe.measure(name, args.out, init_path, SEQ)
         if name in GRADS_ONLY:
             continue
         run_muonclip(name, args.out, init_path, lr=3e-3, steps=MUON_STEPS, tau=MUON_TAU,
