@@ -49,6 +49,7 @@ setup(
             "k2m-plot=k2mcore.cli.plot:main",
             "k2m-convert=k2mcore.cli.convert:main",
             "k2m-plan=k2mcore.cli.plan:main",
+            "k2m-rl=k2mcore.cli.rl:main",
         ],
     },
 )

@@ -57,7 +57,7 @@ def test_the_loop_reads_top_to_bottom_in_short_helpers():
     tree = ast.parse(open(path).read())
     functions = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree)
                  if isinstance(n, ast.FunctionDef)}
-    assert {"train", "_set_up", "_resume", "_steps", "_step", "_finish"} <= set(functions)
+    assert {"train", "set_up", "resume", "_steps", "_step", "_finish"} <= set(functions)
     assert max(functions.values()) <= 50, functions
 
 

@@ -261,6 +261,17 @@ class RLConfig:
     # the rollouts' ref_logprobs (needed when kl_coef > 0)
     reference: Optional[str] = None
     entropy_coef: float = 0.0  # x the entropy bonus, meaned over masked-in tokens
+    # k2m-rl, the loop (generate -> reward -> update -> sync; docs/rl.md "The loop"): a rollout
+    # batch (train.global_batch_size x rl.minibatches) is rl.samples answers to each of its
+    # prompts; the run is train.iters / rl.minibatches iterations
+    prompts: Optional[str] = None  # JSON lines: {"prompt" or "messages", "answer", "id"?, "budget"?}
+    heldout_prompts: Optional[str] = None  # scored greedily every heldout_interval iterations
+    heldout_interval: int = 1  # iterations; 0: never
+    samples: int = 8  # answers per prompt (one group)
+    max_new_tokens: int = 64  # the per-task token budget (a prompt's "budget" overrides it)
+    temperature_final: Optional[float] = None  # null: rl.temperature throughout; else linear to it
+    reward: str = "exact_match"  # exact_match | math | module:function (a judge, any callable)
+    sync_bucket_mb: float = 512.0  # weight sync: HF tensors per message, at most
 
 
 @dataclass

@@ -239,6 +239,19 @@ def _check_rl(cfg: K2Config) -> None:
                           f"rl.kl_coef > 0 (or leave rl.reference null)")
     if rl.tau is not None and not rl.tau > 0:
         raise ConfigError(f"rl.tau: must be > 0, got {_fmt(rl.tau)}")
+    for key in ("samples", "max_new_tokens"):
+        if getattr(rl, key) < (2 if key == "samples" else 1):
+            raise ConfigError(f"rl.{key}: must be >= {2 if key == 'samples' else 1} (a group "
+                              f"needs two answers)" if key == "samples" else
+                              f"rl.{key}: must be >= 1, got {getattr(rl, key)}")
+    if rl.heldout_interval < 0:
+        raise ConfigError(f"rl.heldout_interval: must be >= 0, got {rl.heldout_interval}")
+    if not rl.sync_bucket_mb > 0:
+        raise ConfigError(f"rl.sync_bucket_mb: must be > 0, got {_fmt(rl.sync_bucket_mb)}")
+    for key in ("temperature", "temperature_final"):
+        value = getattr(rl, key)
+        if value is not None and not value > 0:
+            raise ConfigError(f"rl.{key}: must be > 0, got {_fmt(value)}")
 
 
 def _check_model(cfg: K2Config) -> None:

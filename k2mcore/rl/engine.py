@@ -31,12 +31,14 @@ NO_WEIGHTS = -1
 @dataclass(frozen=True)
 class Prompt:
     """One prompt: its chat-rendered token ids (ending with the assistant's header), a key that
-    names it (the group of its samples, the seed of its sampling) and what a reward needs."""
+    names it (the group of its samples, the seed of its sampling), what a reward needs, and its
+    task's budget of new tokens."""
 
     ids: tuple[int, ...]
     key: str
     text: str = ""
     answer: Optional[str] = None
+    budget: Optional[int] = None  # its task's token budget (None: the sampling's)
 
 
 @dataclass(frozen=True)

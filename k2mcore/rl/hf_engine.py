@@ -110,7 +110,7 @@ class TransformersEngine:
         logps: list[list[float]] = [[] for _ in range(n)]
         done = [False] * n
         try:
-            for _ in range(sampling.max_new_tokens):
+            for _ in range(prompt.budget or sampling.max_new_tokens):
                 logits = self.model(input_ids=x, cache=cache, logits_to_keep=1,
                                     use_cache=True).logits[:, -1].float()
                 if sampling.temperature > 0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -72,10 +72,12 @@ class RolloutSource:
     with its `sample`, `rewards`, `groups`, `truncated` and `has_logprobs`) for one DP rank."""
 
     def __init__(self, dataset: Any, *, global_batch_size: int, micro_batch_size: int,
-                 minibatches: int, dp_rank: int, dp_size: int) -> None:
+                 minibatches: int, dp_rank: int, dp_size: int, first_batch: int = 0) -> None:
         self.dataset = dataset
         self.gbs, self.mbs, self.minibatches = global_batch_size, micro_batch_size, minibatches
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.first_batch = first_batch  # the rollout batch the dataset starts with (k2m-rl's
+        # iteration: each brings its own rollouts)
 
     @property
     def size(self) -> int:
@@ -85,7 +87,7 @@ class RolloutSource:
     def rollout_batch(self, k: int, rl: Any) -> RolloutBatch:
         from k2mcore.data.batches import MicroBatchSampler
 
-        lo = k * self.size
+        lo = (k - self.first_batch) * self.size
         adv, target, kept, figures = rollout_values(
             self.dataset.rewards[lo:lo + self.size], self.dataset.groups[lo:lo + self.size],
             self.dataset.truncated[lo:lo + self.size], rl)
@@ -118,7 +120,7 @@ def policy_forward_backward(model: Sequence[torch.nn.Module], groups: Any,
                             forward_only: bool = False) -> tuple[float, dict]:
     """One minibatch: megatron's schedule with the policy loss (gradients in main_grad, divided
     by the global count: masked-in tokens for grpo, samples for gspo and k2). Returns the loss
-    (sum / count over the global batch, NaN without a masked-in token) and its metrics, the
+    (sum / count over the global batch, 0 without a masked-in token) and its metrics, the
     same on every rank."""
     from k2mcore.training.step import reduce_reports, run_schedule
 
@@ -136,7 +138,9 @@ def policy_forward_backward(model: Sequence[torch.nn.Module], groups: Any,
         metrics["tis_mean"] = stats["tis_sum"] / units
     if loss.kl_coef:
         metrics["kl"] = stats["kl_sum"] / tokens
-    loss_value = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    # no masked-in token (every group uniform, dropped): no signal, zero gradients, a loss of 0
+    # (not NaN, which the trainer would count as a failed step)
+    loss_value = float(totals[0] / totals[1]) if totals[1] > 0 else 0.0
     return loss_value, metrics
 
 
@@ -179,12 +183,13 @@ class PolicyUpdate:
     its old log-probabilities; then the minibatch's forward/backward. `state()` and `load()`
     carry an unfinished rollout batch's old log-probabilities through a checkpoint."""
 
-    def __init__(self, cfg: Any, groups: Any, source: RolloutSource,
+    def __init__(self, cfg: Any, groups: Any, source: Optional[RolloutSource],
                  model: Optional[Sequence[torch.nn.Module]] = None,
                  reference: Optional[Sequence[torch.nn.Module]] = None) -> None:
         from .replay import RouteReplay
 
         self.cfg, self.groups, self.source = cfg, groups, source
+        self.temperature = cfg.rl.temperature  # k2m-rl's schedule changes it per iteration
         self.reference = reference  # the frozen reference policy's chunks (rl.reference)
         self.replay = None
         if cfg.rl.routing_replay != "none":
@@ -194,6 +199,11 @@ class PolicyUpdate:
         self.loss = PolicyLoss.from_config(cfg.rl, groups, self.replay)
         self.batch: Optional[RolloutBatch] = None
         self._restored: Optional[dict] = None  # per-rollout rows, from a checkpoint
+
+    def set_temperature(self, temperature: float) -> None:
+        """The sampling temperature of the rollouts to come (old pass and loss alike)."""
+        self.temperature = temperature
+        self.loss = replace(self.loss, temperature=temperature)
 
     def _where(self, step: int) -> tuple[int, int]:
         m = self.cfg.rl.minibatches
@@ -230,7 +240,7 @@ class PolicyUpdate:
                     mb[key] = torch.stack([rows[int(i)] for i in mb["sample"]])
             return batch
         common = dict(seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
-                      temperature=rl.temperature)
+                      temperature=self.temperature)
         if self.reference is not None:  # its own router: never the replayed routes
             attach_old_logprobs(batch, self.reference, self.groups, key="ref_logp", **common)
         if self.replay is not None:

@@ -62,8 +62,8 @@ def train(cfg: K2Config, layout: Layout, data: Optional[Iterator[dict]] = None, 
         from k2mcore.data import check_data
 
         summary = check_data(cfg)
-    run = _set_up(cfg, layout, ckpt_root, faults or Faults())
-    _resume(run, resume_from)
+    run = set_up(cfg, layout, ckpt_root, faults or Faults())
+    resume(run, resume_from)
     run.summary = summary
     if cfg.data.format == "rollouts":  # the policy update reads its rollout batches itself
         from k2mcore.rl.update import build_policy_update
@@ -91,7 +91,7 @@ def _already_complete(cfg: K2Config, own: Optional[str]) -> bool:
     return True
 
 
-def _set_up(cfg: K2Config, layout: Layout, ckpt_root: str, faults: Faults) -> _Run:
+def set_up(cfg: K2Config, layout: Layout, ckpt_root: str, faults: Faults) -> _Run:
     """Process groups -> model -> DDP -> optimizer and scheduler."""
     from k2mcore.model.build import build_model
     from k2mcore.optim.build import build_optimizer
@@ -111,19 +111,20 @@ def _set_up(cfg: K2Config, layout: Layout, ckpt_root: str, faults: Faults) -> _R
                 checkpoints=ckpt.CheckpointManager(ckpt_root, cfg, groups))
 
 
-def _resume(run: _Run, resume_from: Optional[str]) -> None:
+def resume(run: _Run, resume_from: Optional[str], *, weights_only: bool = False) -> None:
     """Load the checkpoint to resume from (a weights-only one, from k2m-convert hf-to-mcore,
-    starts training at step 0); then the run's banner."""
+    starts training at step 0, as does any with `weights_only`); then the run's banner."""
     from k2mcore.config.loader import dump_yaml
 
     note = ""
     if resume_from:
         start = time.perf_counter()
-        weights_only = not ckpt.has_optimizer_state(resume_from)
+        weights_only = weights_only or not ckpt.has_optimizer_state(resume_from)
         states = () if weights_only else (run.optimizer, run.scheduler)
         meta = run.checkpoints.load(resume_from, run.model, *states)
         run.resumed = meta
-        run.step, run.consumed = int(meta["step"]), int(meta["consumed_samples"])
+        if not weights_only:
+            run.step, run.consumed = int(meta["step"]), int(meta["consumed_samples"])
         what = "initialized weights from" if weights_only else "resumed from"
         note = (f"\n{what} {meta['path']} at step {run.step} in "
                 f"{time.perf_counter() - start:.2f} s")
@@ -178,7 +179,18 @@ def _steps(run: _Run, stop: StopRequest) -> list[dict]:
 
 
 def _step(run: _Run, first_step: int) -> dict:
-    """One optimizer step over the global batch; returns its metrics row."""
+    """One optimizer step over the global batch, evaluated at the interval; returns its metrics
+    row, logged."""
+    row, step_time = optimizer_step(run)
+    t = run.cfg.train
+    if t.eval_interval and (run.step % t.eval_interval == 0 or run.step == t.iters):
+        row.update(_evaluate(run))
+    return run.logger.log(row, step_time=step_time, first_step=first_step)
+
+
+def optimizer_step(run: _Run) -> tuple[dict, float]:
+    """Forward/backward over the global batch (or the RL update's minibatch), the optimizer's
+    step; (the metrics row, seconds)."""
     from .metrics import attention_report
     from .step import forward_backward
 
@@ -203,10 +215,7 @@ def _step(run: _Run, first_step: int) -> dict:
            "skipped": int(not ok), "skipped_total": run.stepper.total, **extra}
     if cfg.model.measure_max_attn_logit or cfg.qk_clip_active:
         row.update(attention_report(cfg, run.optimizer, run.model, run.groups, stepped=ok))
-    step_time = time.perf_counter() - start
-    if t.eval_interval and (run.step % t.eval_interval == 0 or run.step == t.iters):
-        row.update(_evaluate(run))
-    return run.logger.log(row, step_time=step_time, first_step=first_step)
+    return row, time.perf_counter() - start
 
 
 def _evaluate(run: _Run) -> dict:

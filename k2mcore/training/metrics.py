@@ -86,8 +86,10 @@ class MetricsLogger:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         os.replace(tmp, self.path)
 
-    def log(self, row: dict[str, Any], *, step_time: float, first_step: int) -> dict[str, Any]:
-        """Complete `row` (step, loss, lr, grad_norm, skipped, ...) with speed, MFU and ETA."""
+    def log(self, row: dict[str, Any], *, step_time: float, first_step: int,
+            console: bool = True) -> dict[str, Any]:
+        """Complete `row` (step, loss, lr, grad_norm, skipped, ...) with speed, MFU and ETA;
+        write it; print it at the logging interval (`console`: k2m-rl prints its own line)."""
         t = self.cfg.train
         tokens = t.global_batch_size * t.seq_length
         row["tokens_per_s"] = tokens / step_time
@@ -97,6 +99,16 @@ class MetricsLogger:
         row["eta_s"] = (time.perf_counter() - self._start) / done * (t.iters - row["step"])
         if not self.is_writer:
             return row
+        self.write(row)
+        if console and (row["step"] % self.cfg.logging.interval == 0 or row["step"] == t.iters
+                        or "val_loss" in row):
+            print(self.console_line(row), flush=True)
+        return row
+
+    def write(self, row: dict[str, Any]) -> None:
+        """`row` as it is to metrics.jsonl, TensorBoard and W&B (the writer rank only)."""
+        if not self.is_writer:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
@@ -109,10 +121,6 @@ class MetricsLogger:
                     self.tb.add_scalar(f"attn_logit/layer_{i + 1:03d}", value, row["step"])
         if self.wandb is not None:
             self.wandb.log(row, step=row["step"])
-        if (row["step"] % self.cfg.logging.interval == 0 or row["step"] == t.iters
-                or "val_loss" in row):
-            print(self.console_line(row), flush=True)
-        return row
 
     @staticmethod
     def console_line(row: dict[str, Any]) -> str:
