@@ -181,9 +181,10 @@ def _check_data(cfg: K2Config) -> None:
         raise ConfigError(f"train.eval_interval: {cfg.train.eval_interval} needs a valid split, "
                           f"but data.split {d.split!r} gives it no documents (e.g. \"98,2,0\", "
                           f"or train.eval_interval=0)")
-    if d.format in ("chat", "rollouts") and d.blend is None:
+    if d.format in ("chat", "rollouts") and d.blend is None and not cfg.rl.prompts:
+        also = " or rl.prompts (k2m-rl)" if d.format == "rollouts" else ""
         raise ConfigError(f"data.format: {d.format!r} needs data.blend (k2m-preprocess "
-                          f"--{d.format} output); megatron's mock data is text")
+                          f"--{d.format} output){also}; megatron's mock data is text")
     if d.blend is not None and not d.tokenizer:
         raise ConfigError(
             "data.tokenizer: required when data.blend is set (the tokenizer.json or tiktoken "

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -226,6 +226,7 @@ class _Loop:
         last.update(iteration=self.iteration, version=self.iteration, temperature=temp,
                     gen_s=gen_s, update_s=update_s, sync_s=report.seconds,
                     sync_mb=report.bytes_per_engine / 2**20,
+                    sync_moved_mb=report.bytes_moved / 2**20,
                     response_tokens=float(np.mean([len(r.response) for r in rollouts])),
                     truncated=float(np.mean([r.truncated for r in rollouts])))
         if self.plan.heldout and cfg.rl.heldout_interval and (

@@ -58,6 +58,11 @@ def train(cfg: K2Config, layout: Layout, data: Optional[Iterator[dict]] = None, 
     if _already_complete(cfg, own):
         return []
     summary = None
+    if data is None and cfg.data.format == "rollouts" and cfg.data.blend is None:
+        from k2mcore.errors import ConfigError
+
+        raise ConfigError("data.blend: k2m-train trains on rollout files (k2m-preprocess "
+                          "--rollouts); k2m-rl generates its rollouts from rl.prompts")
     if data is None:  # bad data stops here, before any process group, model or checkpoint
         from k2mcore.data import check_data
 
