@@ -10,15 +10,19 @@ from typing import Optional
 PROG = "k2m-rl"
 
 
-def main(argv: Optional[list[str]] = None, *, faults=None) -> int:
-    """k2m-rl. `faults`: a fault plan for tests (k2mcore.training.faults), else None."""
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Reinforcement learning on a K2-class "
                                 "MoE model: generate, reward, update, sync.")
     p.add_argument("--config", required=True, metavar="NAME|PATH",
                    help="preset name or YAML file, with an rl section and rl.prompts")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set rl.samples=8 (repeatable)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[list[str]] = None, *, faults=None) -> int:
+    """k2m-rl. `faults`: a fault plan for tests (k2mcore.training.faults), else None."""
+    args = _parser().parse_args(argv)
 
     from k2mcore.config.loader import load_config
     from k2mcore.errors import K2Error, TooManySkippedSteps
@@ -37,6 +41,11 @@ def main(argv: Optional[list[str]] = None, *, faults=None) -> int:
 
     try:
         rl_train(cfg, layout, faults=faults)
+        # a clean exit: process groups torn down before the interpreter's own teardown, which
+        # otherwise races gloo's threads (an occasional "terminate called" abort at exit)
+        from k2mcore.parallel.groups import destroy_distributed
+
+        destroy_distributed()
     except TooManySkippedSteps as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

@@ -91,6 +91,11 @@ def main(argv: Optional[list[str]] = None, *, faults=None) -> int:
 
     try:
         train(cfg, layout, faults=faults)
+        # a clean exit: process groups torn down before the interpreter's own teardown, which
+        # otherwise races gloo's threads (an occasional "terminate called" abort at exit)
+        from k2mcore.parallel.groups import destroy_distributed
+
+        destroy_distributed()
     except TooManySkippedSteps as exc:  # the run went wrong, not its input
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ from typing import Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FOLDERS = ("k2mcore/", "tests/", "tools/", "benchmarks/", "launch/", "slurm/", "docs/")
-COMMANDS = ("k2m-train", "k2m-convert", "k2m-plan", "k2m-preprocess", "k2m-plot")
+COMMANDS = ("k2m-train", "k2m-convert", "k2m-plan", "k2m-preprocess", "k2m-plot", "k2m-rl")
 #: what the docs may name that is not in the repository or the schema, on purpose
 ALLOWED = (
     re.compile(r"^model\.layers\."),  # Hugging Face tensor names (model.layers.N ...)
