@@ -2,8 +2,8 @@
 (`make rl`, docs/rl_loop.md 'The recipe').
 
 1. the task (TASK below): prompts and their answers, a training set and a held-out set of
-   HELDOUT prompts that share none; `data/sft.jsonl`, conversations that teach the answer's
-   format only (each reply is a digit of the prompt other than the answer), -> `k2m-preprocess
+   120 held-out prompts that share none; `data/sft.jsonl`, conversations that teach the
+   answer's format only (each reply a digit drawn regardless of the prompt), -> `k2m-preprocess
    --chat`;
 2. `k2m-train` from scratch on them (a K2-shaped toy on the bundled tokenizer, 2 ranks): the
    policy answers in the format but does not solve the task;
@@ -35,46 +35,63 @@ TOKENIZER = "assets:tokenizer/k2-tiny"
 TOKENIZER_DIR = os.path.join(REPO, "k2mcore", "data", "assets", "tokenizer", "k2-tiny")
 
 # -- the task -----------------------------------------------------------------------------------
-#: the largest of five distinct digits (no "10" inside: the tokenizer merges it, every other digit
-#: is a token of its own); the reply is that digit
-DIGITS, TRAIN, HELDOUT, SFT_CONVERSATIONS = 5, 1200, 128, 512
+#: "Most common digit in 3311416211141612?" -> "1": 16 digits of 1-6 (0 is left out: the
+#: tokenizer merges "10" and "00"; every other digit is a token of its own), the answer 8 times,
+#: each other digit at most 3 times. Chosen by prototyping (docs/rl_loop.md): at this size the
+#: majority is learnable by RL from a policy that knows only the format, while "the largest of
+#: five digits" is half solved by always saying 9 and copying a position was not learned at all.
+ALPHABET, LENGTH, MAJORITY, OTHERS_AT_MOST = "123456", 16, 8, 3
+TRAIN, HELDOUT_PER_ANSWER, SFT_CONVERSATIONS = 2000, 20, 960
+
+
+def _item(rng: random.Random) -> tuple[str, str]:
+    m = rng.choice(ALPHABET)
+    pool = [d for d in ALPHABET if d != m] * OTHERS_AT_MOST
+    digits = rng.sample(pool, LENGTH - MAJORITY) + [m] * MAJORITY
+    rng.shuffle(digits)
+    return "".join(digits), m
 
 
 def task(seed: int = 1234) -> tuple[list[dict], list[dict]]:
-    """(training prompts, held-out prompts): {"prompt", "answer", "id"}, no prompt in both."""
-    rng, seen, items = random.Random(seed), set(), []
-    while len(items) < TRAIN + HELDOUT:
-        digits = rng.sample("0123456789", DIGITS)
-        s = "".join(digits)
-        if "10" in s or s in seen:
+    """(training prompts, held-out prompts): {"prompt", "answer", "id"}, no prompt in both. The
+    held-out set has as many prompts of each answer (20 x 6 = 120), so that a policy that always
+    gives one digit scores exactly 1/6."""
+    rng, seen = random.Random(seed), set()
+    train: list[dict] = []
+    heldout: dict[str, list[dict]] = {d: [] for d in ALPHABET}
+    while len(train) < TRAIN or any(len(v) < HELDOUT_PER_ANSWER for v in heldout.values()):
+        s, m = _item(rng)
+        if s in seen:
             continue
         seen.add(s)
-        items.append({"prompt": f"Largest digit in {s}?", "answer": max(digits),
-                      "id": f"max-{s}"})
-    return items[:TRAIN], items[TRAIN:]
+        row = {"prompt": f"Most common digit in {s}?", "answer": m, "id": f"maj-{s}"}
+        if len(heldout[m]) < HELDOUT_PER_ANSWER:
+            heldout[m].append(row)
+        elif len(train) < TRAIN:
+            train.append(row)
+    return train, [row for d in ALPHABET for row in heldout[d]]
 
 
 def sft_conversations(prompts: list[dict], seed: int = 99) -> list[dict]:
-    """The format only: each reply is one digit of the prompt that is NOT the answer."""
+    """The format only: each reply is a digit of 1-6 drawn independently of the prompt."""
     rng = random.Random(seed)
-    out = []
-    for p in rng.sample(prompts, SFT_CONVERSATIONS):
-        s = p["prompt"].split()[-1].rstrip("?")
-        wrong = rng.choice([d for d in s if d != p["answer"]])
-        out.append({"messages": [{"role": "user", "content": p["prompt"]},
-                                 {"role": "assistant", "content": wrong}]})
-    return out
+    return [{"messages": [{"role": "user", "content": p["prompt"]},
+                          {"role": "assistant", "content": rng.choice(ALPHABET)}]}
+            for p in rng.sample(prompts, SFT_CONVERSATIONS)]
 
 
 # -- the model and the runs -----------------------------------------------------------------------
 MODEL = ["model.hidden_size=64", "model.num_layers=3", "model.num_attention_heads=4",
          "model.q_lora_rank=32", "model.kv_lora_rank=32", "model.ffn_hidden_size=96",
          "model.moe_ffn_hidden_size=32", "model.num_experts=8", "model.moe_topk=2",
-         "model.first_k_dense=1"]
-SEQ_LENGTH = 64
-SFT = dict(iters=40, gbs=32, lr=3e-3)
-RL = dict(iters=30, prompts=16, samples=8, minibatches=2, lr=3e-3, temperature=1.0,
-          max_new_tokens=4)
+         "model.first_k_dense=1",
+         # at the usual 0.02 the format-trained toy gives every prompt the same distribution to
+         # three decimals and RL only moves which constant digit it says; at 0.1 it learns
+         "model.init_std=0.1"]
+SEQ_LENGTH = 80  # the prompts are 73 tokens (the template's system prompt included), budget 8
+SFT = dict(iters=30, gbs=32, lr=3e-3)
+RL = dict(iters=30, prompts=32, samples=8, minibatches=4, lr=1e-3, temperature=1.0,
+          max_new_tokens=8)
 LAYOUT = ["parallel.ep=2"]  # 2 ranks: DP2 (two engines) x EP2
 
 
@@ -128,6 +145,7 @@ def rl_config(run_dir: str, data: str, sft_ckpt: str, iters: int) -> list[str]:
         f"train.iters={iters * r['minibatches']}", f"train.seq_length={SEQ_LENGTH}",
         "train.eval_interval=0", "train.dtype=fp32", f"rl.temperature={r['temperature']}",
         f"rl.max_new_tokens={r['max_new_tokens']}", "rl.reward=exact_match",
+        "rl.sync_bucket_mb=0.25",  # the toy's 1.2 MiB in several buckets, as a large model's
         "optimizer.name=adamw", f"optimizer.lr={r['lr']}", f"optimizer.min_lr={r['lr']}",
         "optimizer.decay_style=constant", "optimizer.warmup_iters=0", "optimizer.weight_decay=0",
         f"checkpoint.interval={r['minibatches']}", "checkpoint.keep=1",
@@ -175,7 +193,7 @@ def main(argv=None) -> int:
             f"train.global_batch_size={s['gbs']}", f"train.micro_batch_size={s['gbs'] // 2}",
             f"train.iters={s['iters']}", "train.eval_interval=0", "train.dtype=fp32",
             "optimizer.name=adamw", f"optimizer.lr={s['lr']}", f"optimizer.min_lr={s['lr']}",
-            "optimizer.decay_style=constant", "optimizer.warmup_iters=0",
+            "optimizer.decay_style=constant", "optimizer.warmup_iters=0", "optimizer.weight_decay=0",
             f"checkpoint.interval={s['iters']}", "logging.tensorboard=false",
             "logging.interval=1000"]), log)
     _run(f"k2m-rl ({a.rl_iters} iterations)", _torchrun("k2mcore.cli.rl", 2) + [
