@@ -109,7 +109,7 @@ def test_every_error_class_lives_in_errors_and_derives_from_k2error():
     assert elsewhere == []
     classes = [c for c in vars(errors).values()
                if isinstance(c, type) and issubclass(c, Exception) and c is not errors.K2Error]
-    assert len(classes) == 10
+    assert len(classes) == 11
     for cls in classes:
         assert issubclass(cls, errors.K2Error) and issubclass(cls, (ValueError, RuntimeError))
         assert str(cls("a  line\n  and its   tail")) == "a line and its tail"
