@@ -120,7 +120,9 @@ def rl_train(cfg: K2Config, layout: Layout, *, faults: Any = None) -> list[dict]
     from k2mcore import checkpoint as ckpt
     from k2mcore.training.faults import Faults
     from k2mcore.training.loop import resume, set_up
+    from k2mcore.training.stop import StopRequest
 
+    stop = StopRequest(stop_file=os.path.join(cfg.run.dir, "STOP"))  # before anything slow
     plan = Plan.from_config(cfg)  # bad prompts, reward or sizes: before any process group
     root = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
     own = ckpt.latest_checkpoint(root)
@@ -130,12 +132,12 @@ def rl_train(cfg: K2Config, layout: Layout, *, faults: Any = None) -> list[dict]
         return []
     run = set_up(cfg, layout, root, faults or Faults())
     # another run's checkpoint (the SFT policy) gives weights only: the RL run starts at step 0
-    resume(run, own or cfg.checkpoint.load, weights_only=own is None)
-    return _Loop(run, plan).loop()
+    resume(run, own or cfg.checkpoint.load, weights_only=own is None, prog="k2m-rl")
+    return _Loop(run, plan, stop).loop()
 
 
 class _Loop:
-    def __init__(self, run: Any, plan: Plan) -> None:
+    def __init__(self, run: Any, plan: Plan, stop: Any) -> None:
         from k2mcore.hf.config import fresh_hf_config
 
         from .hf_engine import TransformersEngine
@@ -143,7 +145,7 @@ class _Loop:
         from .update import PolicyUpdate
         from .weight_sync import WeightSync
 
-        self.run, self.plan, cfg = run, plan, run.cfg
+        self.run, self.plan, self.stop, cfg = run, plan, stop, run.cfg
         g = run.groups
         self.M = cfg.rl.minibatches
         if run.step % self.M:
@@ -187,6 +189,11 @@ class _Loop:
                       f"MiB in {first.buckets} buckets, {first.seconds:.2f} s")
             while self.iteration < self.plan.iterations:
                 rows.append(self.one_iteration())
+                if self.stop.requested():  # preemption: the iteration is done; save and exit
+                    self._say(f"stop signal: saving at iteration {self.iteration} and exiting")
+                    self._checkpoint(force=True)
+                    self.stop.consume_file()
+                    break
             run.checkpoints.wait()
         finally:
             run.logger.close()
@@ -282,11 +289,11 @@ class _Loop:
         return float(np.mean([r.reward for r in rollouts]))
 
     # -- checkpoints and console ---------------------------------------------------------------
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, force: bool = False) -> None:
         run, cfg = self.run, self.run.cfg
         every = cfg.checkpoint.interval
         due = every and run.step // every > run.saved_step // every
-        if due or self.iteration == self.plan.iterations:
+        if run.step != run.saved_step and (force or due or self.iteration == self.plan.iterations):
             state = LoopState(self.iteration, self.iteration,
                               self.iteration * self.plan.per_iteration, cfg.train.seed)
             run.checkpoints.save(run.step, run.model, run.optimizer, run.scheduler,

@@ -116,7 +116,8 @@ def set_up(cfg: K2Config, layout: Layout, ckpt_root: str, faults: Faults) -> _Ru
                 checkpoints=ckpt.CheckpointManager(ckpt_root, cfg, groups))
 
 
-def resume(run: _Run, resume_from: Optional[str], *, weights_only: bool = False) -> None:
+def resume(run: _Run, resume_from: Optional[str], *, weights_only: bool = False,
+           prog: str = "k2m-train") -> None:
     """Load the checkpoint to resume from (a weights-only one, from k2m-convert hf-to-mcore,
     starts training at step 0, as does any with `weights_only`); then the run's banner."""
     from k2mcore.config.loader import dump_yaml
@@ -139,7 +140,7 @@ def resume(run: _Run, resume_from: Optional[str], *, weights_only: bool = False)
         os.makedirs(cfg.run.dir, exist_ok=True)
         dump_yaml(cfg, os.path.join(cfg.run.dir, "config.yaml"))
         vpp = f" VPP{layout.vpp}" if layout.vpp else ""
-        print(f"k2m-train: {cfg.model.name} on {layout.world_size} ranks: TP{layout.tp} "
+        print(f"{prog}: {cfg.model.name} on {layout.world_size} ranks: TP{layout.tp} "
               f"PP{layout.pp}{vpp} EP{layout.ep} ETP{layout.etp} CP{layout.cp} DP{layout.dp}, "
               f"{t.global_batch_size} x {t.seq_length} tokens per step, run dir "
               f"{cfg.run.dir}{note}", flush=True)

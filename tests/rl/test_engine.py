@@ -180,3 +180,22 @@ def test_k2m_rl_refuses_bad_input_in_one_line(tmp_path, capsys, lines, overrides
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("k2m-rl: error: ") and needle in err and "\n" not in err, err
+
+
+def test_temperature_schedule_and_prompt_order():
+    """rl.temperature_final: linear from rl.temperature at the first iteration to it at the last;
+    the prompts: P per iteration in a shuffled order per epoch, every prompt once an epoch."""
+    from k2mcore.config.loader import load_config
+    from k2mcore.rl.loop import Plan, temperature
+
+    cfg = load_config("k2-tiny", ["data.format=rollouts", "rl.temperature=1.2",
+                                  "rl.temperature_final=0.8", "train.eval_interval=0"])
+    assert [round(temperature(cfg, i, 5), 6) for i in range(5)] == [1.2, 1.1, 1.0, 0.9, 0.8]
+    cfg.rl.temperature_final = None
+    assert temperature(cfg, 3, 5) == 1.2
+    prompts = [Prompt((i,), f"p{i}") for i in range(10)]
+    plan = Plan(prompts, [], exact_match, [STOP], 0, per_iteration=4, iterations=5)
+    order = [p.key for i in range(5) for p in plan.batch(i, seed=7)]
+    assert sorted(order[:10]) == sorted(order[10:20]) == sorted(p.key for p in prompts)
+    assert order[:10] != order[10:20]  # each epoch its own order
+    assert [p.key for p in plan.batch(2, seed=7)] == order[8:12]  # resumable from the position
