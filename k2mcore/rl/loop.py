@@ -179,14 +179,14 @@ class _Loop:
         rows: list[dict] = []
         try:
             first = self.sync.push(self.engine, self.iteration)  # the weights of this version
+            self._say(f"weights of version {self.iteration} sent to "
+                      f"{len(self.sync.engines)} engine(s): {first.bytes_per_engine / 2**20:.2f} "
+                      f"MiB in {first.buckets} buckets, {first.seconds:.2f} s")
             if self.iteration == 0 and self.plan.heldout:
                 row = {"step": 0, "iteration": 0, "version": 0,
                        "heldout_reward_mean": self.heldout()}
                 run.logger.write(row)
                 self._print(row)
-            self._say(f"weights of version {self.iteration} sent to "
-                      f"{len(self.sync.engines)} engine(s): {first.bytes_per_engine / 2**20:.2f} "
-                      f"MiB in {first.buckets} buckets, {first.seconds:.2f} s")
             while self.iteration < self.plan.iterations:
                 rows.append(self.one_iteration())
                 if self.stop.requested():  # preemption: the iteration is done; save and exit
