@@ -38,6 +38,8 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         # chat data (k2m-preprocess --chat, encode_chat): transformers' chat-template renderer
         "chat": ["transformers>=4.57", "jinja2>=3.1.6"],
+        # k2m-rl: the rollout engine is transformers' DeepseekV3; prompts use its chat template
+        "rl": ["transformers>=4.57", "jinja2>=3.1.6"],
         "test": ["pytest", "transformers>=4.57", "jinja2>=3.1.6"],
         # megatron-core's own Muon (benchmarks/bench_megatron_muon.py runs it beside MuonClip)
         "megatron-muon": ["emerging-optimizers>=0.3.0"],

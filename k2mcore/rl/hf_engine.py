@@ -14,6 +14,7 @@ after its end is dropped.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -49,6 +50,10 @@ class TransformersEngine:
         self._routers = [layer.mlp.gate for layer in model.model.layers
                          if hasattr(layer.mlp, "gate")]
         self._captured: Optional[list[list[torch.Tensor]]] = None
+        # transformers 5 names the KV cache argument `cache` (`past_key_values` is deprecated);
+        # earlier releases know only `past_key_values`
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         for i, router in enumerate(self._routers):
             router.register_forward_hook(self._capture_hook(i))
 
@@ -111,8 +116,8 @@ class TransformersEngine:
         done = [False] * n
         try:
             for _ in range(prompt.budget or sampling.max_new_tokens):
-                logits = self.model(input_ids=x, cache=cache, logits_to_keep=1,
-                                    use_cache=True).logits[:, -1].float()
+                logits = self.model(input_ids=x, logits_to_keep=1, use_cache=True,
+                                    **{self._cache_arg: cache}).logits[:, -1].float()
                 if sampling.temperature > 0:
                     logp = torch.log_softmax(logits / sampling.temperature, dim=-1)
                     nxt = torch.multinomial(logp.exp(), 1, generator=gen)[:, 0]
