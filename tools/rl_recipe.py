@@ -25,10 +25,12 @@ import argparse
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when imported by path
+from recipe_output import fresh_output, recipe_env  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = "assets:tokenizer/k2-tiny"
@@ -95,12 +97,6 @@ RL = dict(iters=30, prompts=32, samples=8, minibatches=4, lr=1e-3, temperature=1
 LAYOUT = ["parallel.ep=2"]  # 2 ranks: DP2 (two engines) x EP2
 
 
-def _env() -> dict[str, str]:
-    path = os.environ.get("PYTHONPATH")
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-                PYTHONPATH=REPO + (os.pathsep + path if path else ""))
-
-
 def _torchrun(module: str, nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc-per-node={nproc}", "-m", module]
@@ -111,7 +107,7 @@ def _run(what: str, cmd: list[str], log: str, echo: bool = False) -> str:
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=f, text=True)
+        proc = subprocess.Popen(cmd, env=recipe_env(), stdout=subprocess.PIPE, stderr=f, text=True)
         lines = []
         for line in proc.stdout:
             f.write(line)
@@ -160,13 +156,9 @@ def main(argv=None) -> int:
                    help="stop after k2m-rl (no HF export and transformers check)")
     a = p.parse_args(argv)
     out = os.path.abspath(a.out)
-    if os.path.exists(out):  # a previous recipe run is replaced; anything else is left alone
-        if os.listdir(out) and not os.path.exists(os.path.join(out, "recipe.log")):
-            raise SystemExit(f"rl recipe: {out} exists and is not a recipe run; pick another --out")
-        shutil.rmtree(out)
+    log = fresh_output(out, "rl recipe")
     data = os.path.join(out, "data")
     os.makedirs(data)
-    log = os.path.join(out, "recipe.log")
     py = sys.executable
     t0 = time.time()
 

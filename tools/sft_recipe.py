@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when imported by path
+from recipe_output import fresh_output, recipe_env  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(REPO, "k2mcore", "data", "assets", "tokenizer", "k2-tiny")
@@ -51,15 +53,9 @@ LR = 2e-2
 SEQ_LENGTH = 128
 
 
-def _env() -> dict[str, str]:
-    path = os.environ.get("PYTHONPATH")
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-                PYTHONPATH=REPO + (os.pathsep + path if path else ""))
-
-
 def _run(what: str, cmd: list[str], log: str) -> str:
     t0 = time.time()
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=recipe_env(), capture_output=True, text=True)
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\n")
     if proc.returncode != 0:
@@ -127,12 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="the random release's seed")
     a = p.parse_args(argv)
     out = os.path.abspath(a.out)
-    if os.path.exists(out):  # a previous recipe run is replaced; anything else is left alone
-        if os.listdir(out) and not os.path.exists(os.path.join(out, "recipe.log")):
-            raise SystemExit(f"sft recipe: {out} exists and is not a recipe run; pick another --out")
-        shutil.rmtree(out)
-    os.makedirs(out)
-    log = os.path.join(out, "recipe.log")
+    log = fresh_output(out, "sft recipe")
     py = sys.executable
     hf_base, ckpt_init = os.path.join(out, "hf-base"), os.path.join(out, "ckpt-init")
     run, hf_tuned = os.path.join(out, "train"), os.path.join(out, "hf-tuned")

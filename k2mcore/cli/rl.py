@@ -25,7 +25,7 @@ def main(argv: Optional[list[str]] = None, *, faults=None) -> int:
     args = _parser().parse_args(argv)
 
     from k2mcore.config.loader import load_config
-    from k2mcore.errors import K2Error, TooManySkippedSteps
+    from k2mcore.errors import K2Error
     from k2mcore.parallel.layout import resolve_layout
 
     try:
@@ -39,20 +39,9 @@ def main(argv: Optional[list[str]] = None, *, faults=None) -> int:
         return 2
     from k2mcore.rl.loop import rl_train
 
-    try:
-        rl_train(cfg, layout, faults=faults)
-        # a clean exit: process groups torn down before the interpreter's own teardown, which
-        # otherwise races gloo's threads (an occasional "terminate called" abort at exit)
-        from k2mcore.parallel.groups import destroy_distributed
+    from .exits import run_to_exit
 
-        destroy_distributed()
-    except TooManySkippedSteps as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except K2Error as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_to_exit(PROG, lambda: rl_train(cfg, layout, faults=faults))
 
 
 if __name__ == "__main__":

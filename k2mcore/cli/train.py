@@ -74,7 +74,7 @@ def main(argv: Optional[list[str]] = None, *, faults=None) -> int:
     world_size = _world_size(parser, args.world_size)
 
     from k2mcore.config.loader import load_config
-    from k2mcore.errors import K2Error, TooManySkippedSteps
+    from k2mcore.errors import K2Error
     from k2mcore.parallel.layout import resolve_layout
 
     try:
@@ -89,21 +89,9 @@ def main(argv: Optional[list[str]] = None, *, faults=None) -> int:
     # megatron's import-time notices are filtered by compat.preimport, on its first import
     from k2mcore.training import train  # heavy (torch, megatron): only when training
 
-    try:
-        train(cfg, layout, faults=faults)
-        # a clean exit: process groups torn down before the interpreter's own teardown, which
-        # otherwise races gloo's threads (an occasional "terminate called" abort at exit)
-        from k2mcore.parallel.groups import destroy_distributed
+    from .exits import run_to_exit
 
-        destroy_distributed()
-    except TooManySkippedSteps as exc:  # the run went wrong, not its input
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except K2Error as exc:
-        # bad input found once ranks exist (a checkpoint or data file): one line, no traceback
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_to_exit(PROG, lambda: train(cfg, layout, faults=faults))
 
 
 if __name__ == "__main__":
