@@ -13,7 +13,7 @@
 4. `k2m-convert mcore-to-hf` of the last checkpoint to `<out>/hf`, and transformers' greedy
    generation on the held-out prompts must give the last held-out score again.
 
-    python tools/rl_recipe.py --out runs/rl [--rl-iters N] [--skip-export]
+    python tools/rl_recipe.py --out runs/rl [--rl-iters N] [--seed S] [--skip-export]
 
 Exit status 0 when the held-out reward rose by at least 0.4 and ended at 0.7 or more and
 transformers reproduced it (with --rl-iters below the recipe's, the thresholds are not checked).
@@ -152,6 +152,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(REPO, "runs", "rl"))
     p.add_argument("--rl-iters", type=int, default=RL["iters"])
+    p.add_argument("--seed", type=int, default=1234,
+                   help="train.seed of both runs: the initial weights, the SFT order, sampling")
     p.add_argument("--skip-export", action="store_true",
                    help="stop after k2m-rl (no HF export and transformers check)")
     a = p.parse_args(argv)
@@ -184,13 +186,15 @@ def main(argv=None) -> int:
             "data.num_workers=0", f"train.seq_length={SEQ_LENGTH}",
             f"train.global_batch_size={s['gbs']}", f"train.micro_batch_size={s['gbs'] // 2}",
             f"train.iters={s['iters']}", "train.eval_interval=0", "train.dtype=fp32",
+            f"train.seed={a.seed}",
             "optimizer.name=adamw", f"optimizer.lr={s['lr']}", f"optimizer.min_lr={s['lr']}",
             "optimizer.decay_style=constant", "optimizer.warmup_iters=0", "optimizer.weight_decay=0",
             f"checkpoint.interval={s['iters']}", "logging.tensorboard=false",
             "logging.interval=1000"]), log)
     _run(f"k2m-rl ({a.rl_iters} iterations)", _torchrun("k2mcore.cli.rl", 2) + [
         "--config", "k2-tiny"] + _sets(rl_config(out, data, os.path.join(sft_dir, "checkpoints"),
-                                                a.rl_iters)), log, echo=True)
+                                                a.rl_iters) + [f"train.seed={a.seed}"]),
+         log, echo=True)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     scores = [r["heldout_reward_mean"] for r in rows if "heldout_reward_mean" in r]
     first, last = scores[0], scores[-1]
