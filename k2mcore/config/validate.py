@@ -240,11 +240,11 @@ def _check_rl(cfg: K2Config) -> None:
                           f"rl.kl_coef > 0 (or leave rl.reference null)")
     if rl.tau is not None and not rl.tau > 0:
         raise ConfigError(f"rl.tau: must be > 0, got {_fmt(rl.tau)}")
-    for key in ("samples", "max_new_tokens"):
-        if getattr(rl, key) < (2 if key == "samples" else 1):
-            raise ConfigError(f"rl.{key}: must be >= {2 if key == 'samples' else 1} (a group "
-                              f"needs two answers)" if key == "samples" else
-                              f"rl.{key}: must be >= 1, got {getattr(rl, key)}")
+    if rl.samples < 2:
+        raise ConfigError(f"rl.samples: must be >= 2 (a group needs two answers), got "
+                          f"{rl.samples}")
+    if rl.max_new_tokens < 1:
+        raise ConfigError(f"rl.max_new_tokens: must be >= 1, got {rl.max_new_tokens}")
     if rl.heldout_interval < 0:
         raise ConfigError(f"rl.heldout_interval: must be >= 0, got {rl.heldout_interval}")
     if not rl.sync_bucket_mb > 0:

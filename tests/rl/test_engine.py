@@ -161,6 +161,18 @@ def test_reward_specs_and_the_judge_hook():
     ([{"prompt": "hi", "id": "a"}, {"prompt": "ho", "id": "a"}], [],
      "p.jsonl:2: id 'a' already used at line 1"),
     ([{"prompt": "hi"}], ["rl.reward=nomodule_xyz:fn"], "rl.reward='nomodule_xyz:fn': cannot import"),
+    ([{"prompt": "hi"}], ["rl.reward=k2mcore.rl.rewards:BUILTIN"], "is not callable"),
+    ([{"prompt": "hi"}], ["rl.reward=exact"], "rl.reward='exact': not one of exact_match, math"),
+    ([{"prompt": 3}], [], "p.jsonl:1: 'prompt' must be a string"),
+    ([{"prompt": "hi", "messages": []}], [], "p.jsonl:1: a prompt line has either 'prompt'"),
+    ([{"prompt": "hi", "answer": [1]}], [], "p.jsonl:1: 'answer' must be a string or a number"),
+    ([{"prompt": "hi", "id": True}], [], "p.jsonl:1: 'id' must be a string or an integer"),
+    ([{"prompt": "hi", "budget": 0}], [], "p.jsonl:1: 'budget' must be a positive integer"),
+    ([], [], "p.jsonl holds no prompt"),
+    ([{"prompt": "hi"}], ["rl.prompts=/nonexistent/p.jsonl"], "rl.prompts: /nonexistent/p.jsonl not found"),
+    ([{"prompt": "hi"}], ["rl.prompts=null"], "rl.prompts: k2m-rl needs a prompts file"),
+    ([{"prompt": "hi"}], ["data.tokenizer=assets:tokenizer/k2-tiny.tiktoken"],
+     "is not a tokenizer directory (k2m-rl renders prompts with its chat template)"),
     ([{"prompt": "hi"}], ["rl.samples=3"], "rl.samples=3 does not divide the rollout batch"),
     ([{"prompt": "hi"}], ["train.iters=3"], "train.iters=3: k2m-rl runs whole iterations"),
 ])
@@ -170,7 +182,7 @@ def test_k2m_rl_refuses_bad_input_in_one_line(tmp_path, capsys, lines, overrides
     from k2mcore.cli.rl import main
 
     path = tmp_path / "p.jsonl"
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) or "\n")
     args = ["--config", "k2-tiny"]
     for item in ["data.format=rollouts", "data.tokenizer=assets:tokenizer/k2-tiny",
                  f"rl.prompts={path}", "train.seq_length=64", "rl.max_new_tokens=16",

@@ -131,6 +131,16 @@ def _cfg(*overrides: str):
      "rl.temperature: must be > 0"),
     (("data.format=rollouts", "data.blend=x", "data.tokenizer=t", "data.packing=true"),
      "data.packing: true is not supported with data.format=rollouts"),
+    # the loop's keys (k2m-rl)
+    (("data.format=rollouts", "data.blend=null"),
+     "data.format: 'rollouts' needs data.blend (k2m-preprocess --rollouts output) or "
+     "rl.prompts (k2m-rl)"),
+    (("data.format=rollouts", "rl.samples=1"), "rl.samples: must be >= 2 (a group needs two"),
+    (("data.format=rollouts", "rl.max_new_tokens=0"), "rl.max_new_tokens: must be >= 1, got 0"),
+    (("data.format=rollouts", "rl.heldout_interval=-1"),
+     "rl.heldout_interval: must be >= 0, got -1"),
+    (("data.format=rollouts", "rl.sync_bucket_mb=0"), "rl.sync_bucket_mb: must be > 0"),
+    (("data.format=rollouts", "rl.temperature_final=0"), "rl.temperature_final: must be > 0"),
 ])
 def test_bad_rl_settings_get_one_line(overrides, needle):
     with pytest.raises(ConfigError) as err:
@@ -266,3 +276,17 @@ def test_routes_round_trip(tmp_path):
     assert row["routes"].shape == (32, 3, 2)
     assert row["routes"][:n].tolist() == data[2].routes
     assert (row["routes"][n:] == -1).all()
+
+
+def test_k2m_train_refuses_the_loops_prompts_without_rollout_files(tmp_path, capsys):
+    """rl.prompts is k2m-rl's: k2m-train on data.format=rollouts still needs rollout files."""
+    from k2mcore.cli.train import main
+
+    args = ["--config", "k2-tiny"]
+    for item in ("data.format=rollouts", "data.blend=null", f"rl.prompts={tmp_path}/p.jsonl",
+                 f"run.dir={tmp_path}/run", "train.eval_interval=0"):
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("k2m-train: error: data.blend: k2m-train trains on rollout files "
+                   "(k2m-preprocess --rollouts); k2m-rl generates its rollouts from rl.prompts")
